@@ -1,0 +1,47 @@
+# flmm: `make run` trains F-LMM on the embedded synthetic world; `make test` runs the test suite.
+# Both create the project virtualenv (.venv) on first use.
+PY      ?= python3
+VENV    := .venv
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PYTEST  := $(PYTHON) -m pytest
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run test test-slow test-all evidence bench clean clean-cache
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+venv: $(STAMP) ## create .venv with the pinned torch/torchvision and flmm (editable)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -c constraints.txt torch torchvision
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+run: venv ## train F-LMM on the synthetic world (builds world and tiny models on first use)
+	$(PYTHON) -m flmm.train
+
+test: venv ## fast test suite (everything not marked slow)
+	$(PYTEST) -m "not slow and not gpu" -q
+
+test-slow: venv ## slow tests: DDP on 2 CPU processes, the full default run, the notebook
+	$(PYTEST) -m "slow and not gpu" -q
+
+test-all: venv ## every CPU test
+	$(PYTEST) -m "not gpu" -q
+
+evidence: venv ## the synthetic world's evidence table (pretrained vs random LMM, coarse vs refined)
+	$(PYTHON) scripts/synthetic_evidence.py
+
+bench: venv ## attention-capture benchmark (time and memory, side by side)
+	$(PYTHON) benchmarks/attention_capture.py
+
+clean: ## remove run logs and caches of Python
+	rm -rf logs outputs multirun .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+clean-cache: ## remove the generated world and the cached tiny foundation models
+	rm -rf .cache data/synthetic_world

@@ -1,0 +1,242 @@
+"""The F-LMM LightningModule: frozen LMM + attention capture + U-Net mask head + SAM refiner."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flmm.checkpoint import check_metadata, checkpoint_metadata, load_trainable_state
+from flmm.heads import MaskHead, SamRefiner, TextPrompt
+from flmm.losses import bce_dice_loss
+from flmm.lmm import FrozenLMM
+from flmm.metrics import ReferSegMetric
+from flmm.types import GroundingBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictions:
+    """Mask logits for every real phrase of a batch, in batch order.
+
+    Attributes:
+        coarse: ``N x s x s`` mask-head logits over the square attention frame.
+        coarse_region: ``B`` tensors ``K_b x h_b x w_b``, ``coarse`` cropped to each image region.
+        refined: ``B`` tensors ``K_b x H_b x W_b``, SAM-refined logits at image resolution.
+    """
+
+    coarse: torch.Tensor
+    coarse_region: list[torch.Tensor]
+    refined: list[torch.Tensor]
+
+
+class FLMM(L.LightningModule):
+    """Grounds the phrases of a text on an image with a frozen LMM.
+
+    Args:
+        lmm: the frozen LMM adapter (never trained).
+        mask_head: U-Net from attention maps to coarse mask logits.
+        text_prompt: layer-weighted projection of phrase hidden states to SAM prompt tokens.
+        refiner: SAM with a frozen image encoder and trainable prompt encoder / mask decoder.
+        lr, betas, weight_decay: AdamW settings; ``warmup_ratio`` of the steps warm up linearly,
+            the rest follow a cosine to 0.
+    """
+
+    def __init__(
+        self,
+        lmm: FrozenLMM,
+        mask_head: MaskHead,
+        text_prompt: TextPrompt,
+        refiner: SamRefiner,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.03,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["lmm", "mask_head", "text_prompt", "refiner"])
+        self.lmm = lmm
+        self.mask_head = mask_head
+        self.text_prompt = text_prompt
+        self.refiner = refiner
+        self.metrics = nn.ModuleDict(
+            {f"{split}_{stage}": ReferSegMetric() for split in ("val", "test") for stage in ("coarse", "refined")}
+        )
+
+    @classmethod
+    def build(cls, lmm: FrozenLMM, sam: nn.Module, base_channels: int = 64, target_size: int = 64, **kwargs) -> FLMM:
+        """Build the trainable heads to fit ``lmm`` and ``sam``: the entry point configs use."""
+        mask_head = MaskHead(lmm.channels, base_channels=base_channels, target_size=target_size)
+        text_prompt = TextPrompt(lmm.hidden_size, lmm.num_text_layers, sam.prompt_encoder.embed_dim)
+        return cls(lmm, mask_head, text_prompt, SamRefiner(sam), **kwargs)
+
+    # ---------------------------------------------------------------- parameters and checkpoints
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The only modules F-LMM trains; checkpoints hold exactly their state."""
+        return {
+            "mask_head": self.mask_head,
+            "text_prompt": self.text_prompt,
+            "prompt_encoder": self.refiner.sam.prompt_encoder,
+            "mask_decoder": self.refiner.sam.mask_decoder,
+        }
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"trainable": trainable, "frozen": frozen}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{key}": value for name, module in self.trainable_modules().items() for key, value in module.state_dict().items()}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["flmm"] = checkpoint_metadata(self.lmm, self.refiner.sam)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_metadata(checkpoint.get("flmm"), checkpoint_metadata(self.lmm, self.refiner.sam))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: D102
+        if not strict:
+            raise ValueError("flmm loads checkpoints strictly; strict=False is not supported")
+        return load_trainable_state(self.trainable_modules(), state_dict)
+
+    # ---------------------------------------------------------------------------- forward pass
+    def forward(self, batch: GroundingBatch) -> Predictions:
+        capture = self.lmm(batch)
+        coarse = self.mask_head(capture.maps[capture.phrase_mask].float())
+        prompts = self.text_prompt(capture.hidden.float())
+        embeddings, input_sizes = self.refiner.embed_images(batch.images)
+        coarse_region, refined = [], []
+        for b, coarse_b in enumerate(coarse.split(batch.num_phrases)):
+            region = crop_region(coarse_b, capture.region[b])
+            texts = [prompts[b][capture.token_phrase[b] == k] for k in range(len(coarse_b))]
+            size = tuple(batch.images[b].shape[:2])
+            refined.append(self.refiner(embeddings[b : b + 1], region, texts, input_sizes[b], size))
+            coarse_region.append(region)
+        return Predictions(coarse, coarse_region, refined)
+
+    def losses(self, batch: GroundingBatch, pred: Predictions) -> dict[str, torch.Tensor]:
+        """BCE + Dice on the coarse logits (mask-head resolution) and the refined ones (image resolution)."""
+        size = pred.coarse.shape[-1]
+        frames = [square_frame(m, size) for m in batch.masks]
+        target = torch.cat([t for t, _ in frames])
+        weight = torch.cat([w.expand_as(t) for t, w in frames])
+        coarse_bce, coarse_dice = bce_dice_loss(pred.coarse, target, weight)
+        refined_bce, refined_dice = _refined_losses(pred.refined, batch.masks)
+        total = coarse_bce + coarse_dice + refined_bce + refined_dice
+        return {
+            "loss": total,
+            "coarse_bce": coarse_bce,
+            "coarse_dice": coarse_dice,
+            "refined_bce": refined_bce,
+            "refined_dice": refined_dice,
+        }
+
+    # ------------------------------------------------------------------------ lightning steps
+    def on_fit_start(self) -> None:
+        counts = self.parameter_counts()
+        log.info("parameters: %s trainable, %s frozen", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+        for logger in self.loggers:
+            logger.log_hyperparams({"params/trainable": counts["trainable"], "params/frozen": counts["frozen"]})
+
+    def training_step(self, batch: GroundingBatch, batch_idx: int) -> torch.Tensor:
+        losses = self.losses(batch, self(batch))
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch), prog_bar=False)
+        self.log("train/loss", losses["loss"], batch_size=len(batch), prog_bar=True)
+        return losses["loss"]
+
+    def validation_step(self, batch: GroundingBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: GroundingBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: GroundingBatch, split: str) -> None:
+        pred = self(batch)
+        losses = self.losses(batch, pred)
+        self.log(f"{split}/loss", losses["loss"], batch_size=len(batch), sync_dist=True)
+        for b, target in enumerate(batch.masks):
+            coarse = upsample_logits(pred.coarse_region[b], target.shape[-2:])
+            self.metrics[f"{split}_coarse"].update(coarse > 0, target, batch.meta[b])
+            self.metrics[f"{split}_refined"].update(pred.refined[b] > 0, target, batch.meta[b])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _log_metrics(self, split: str) -> None:
+        for stage in ("coarse", "refined"):
+            metric = self.metrics[f"{split}_{stage}"]
+            values = metric.compute()
+            prefix = f"{split}/" if stage == "refined" else f"{split}/coarse_"
+            self.log_dict({f"{prefix}{k}": v for k, v in values.items()}, sync_dist=False)
+            metric.reset()
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = warmup_cosine(total, hp.warmup_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float):
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to 0."""
+    warmup = max(1, round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def crop_region(logits: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Crop ``K x s x s`` square-frame logits to the image's top-left ``region`` (fractions h, w)."""
+    s = logits.shape[-1]
+    h = max(1, round(float(region[0]) * s))
+    w = max(1, round(float(region[1]) * s))
+    return logits[:, :h, :w]
+
+
+def square_frame(masks: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place ``K x H x W`` masks at the top-left of a square frame and resize it to ``size``.
+
+    Returns the ``K x size x size`` float targets and a ``1 x size x size`` validity weight that is
+    1 over the image region and 0 over the padding.
+    """
+    k, h, w = masks.shape
+    side = max(h, w)
+    frame = masks.new_zeros((k, side, side), dtype=torch.float32)
+    frame[:, :h, :w] = masks.float()
+    valid = frame.new_zeros((1, 1, side, side))
+    valid[..., :h, :w] = 1.0
+    target = (F.interpolate(frame[None], size=(size, size), mode="area")[0] > 0.5).float()
+    weight = (F.interpolate(valid, size=(size, size), mode="area")[0] > 0.5).float()
+    return target, weight
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize ``K x h x w`` logits to ``K x size``."""
+    return F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def _refined_losses(refined: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCE + Dice over every phrase at its image's resolution, averaged over phrases."""
+    bce, dice, n = 0.0, 0.0, 0
+    for logits, target in zip(refined, masks):
+        b, d = bce_dice_loss(logits, target.float())
+        bce, dice, n = bce + b * len(logits), dice + d * len(logits), n + len(logits)
+    return bce / n, dice / n
