@@ -1,0 +1,55 @@
+"""COCO segmentations (polygon, multi-polygon, RLE) to exact boolean masks, through pycocotools."""
+
+from __future__ import annotations
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+
+def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> dict:
+    """Encode a COCO ``segmentation`` as one compressed RLE for an ``height x width`` image.
+
+    Accepts a list of polygons ``[[x1, y1, x2, y2, ...], ...]`` (polygons with fewer than three
+    points are dropped, as they cover nothing and pycocotools would read four numbers as a box),
+    an uncompressed RLE (``counts`` a list) or a compressed RLE (``counts`` a string or bytes).
+    """
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if not polygons:
+            return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        if isinstance(segmentation["counts"], list):
+            return mask_utils.frPyObjects(segmentation, height, width)
+        return {"size": list(segmentation["size"]), "counts": segmentation["counts"]}
+    raise ValueError(f"unsupported COCO segmentation of type {type(segmentation).__name__}")
+
+
+def rle_area(rle: dict) -> int:
+    """Number of foreground pixels of a compressed RLE, without decoding it."""
+    return int(mask_utils.area(rle))
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """Decode a compressed RLE to an ``H x W`` bool mask."""
+    return mask_utils.decode(rle).astype(bool)
+
+
+def segmentation_to_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
+    """Decode a COCO ``segmentation`` to an ``height x width`` bool mask (pixel-exact)."""
+    return decode_rle(segmentation_to_rle(segmentation, height, width))
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """Encode an ``H x W`` bool mask as a JSON-ready compressed RLE (``counts`` a str)."""
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def mask_to_bbox(mask: np.ndarray) -> list[float]:
+    """COCO ``[x, y, w, h]`` box of an ``H x W`` bool mask (zeros for an empty mask)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    x0, y0 = float(xs.min()), float(ys.min())
+    return [x0, y0, float(xs.max()) + 1 - x0, float(ys.max()) + 1 - y0]
