@@ -8,14 +8,12 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 from torch import nn
 
+from flmm.errors import CheckpointMismatchError
+
 log = logging.getLogger(__name__)
 
 # Metadata fields that must match exactly: a head trained on other attention maps is meaningless.
 SHAPE_KEYS = ("family", "channels", "grid", "hidden_size", "num_text_layers", "sam_prompt_dim")
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint does not fit the configured LMM or SAM."""
 
 
 def flmm_version() -> str:

@@ -16,14 +16,14 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from flmm.checkpoint import CheckpointMismatchError
+from flmm.errors import FlmmUserError
 
 log = logging.getLogger(__name__)
 
 CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
 
 # Errors caused by the user's input (paths, configs, checkpoints): reported as one message.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, CheckpointMismatchError)
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, FlmmUserError)
 
 
 def exit_on_user_error(fn: Callable, *args, **kwargs):
@@ -82,3 +82,10 @@ def write_metrics(metrics: dict, output_dir: str) -> dict[str, float]:
         table.add_row(k, f"{v:.4f}")
     Console(stderr=True).print(table)
     return values
+
+
+def write_records(records: list[dict], output_dir: str) -> Path:
+    """Write per-phrase test records (IoUs and tags) as ``test_phrases.jsonl`` in the run folder."""
+    out = Path(output_dir) / "test_phrases.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out

@@ -1,0 +1,16 @@
+"""Errors caused by a user's input (paths, configs, checkpoints).
+
+Entry points report these as one message naming the problem and the fix, without a traceback.
+"""
+
+
+class FlmmUserError(Exception):
+    """Base class of errors whose message tells the user what to change."""
+
+
+class CheckpointMismatchError(FlmmUserError, RuntimeError):
+    """A checkpoint does not fit the configured LMM or SAM."""
+
+
+class ModelLoadError(FlmmUserError, RuntimeError):
+    """A model could not be loaded from the configured path or hub id."""
