@@ -15,7 +15,7 @@ from flmm.checkpoint import check_metadata, checkpoint_metadata, load_trainable_
 from flmm.heads import MaskHead, SamRefiner, TextPrompt
 from flmm.losses import bce_dice_loss
 from flmm.lmm import FrozenLMM
-from flmm.metrics import ReferSegMetric
+from flmm.metrics import ReferSegMetric, intersections_unions, ious_from_counts
 from flmm.types import GroundingBatch
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,15 @@ class FLMM(L.LightningModule):
         warmup_ratio: float = 0.03,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["lmm", "mask_head", "text_prompt", "refiner"])
+        # plain Python values only: checkpoints must load with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            {"lr": float(lr), "betas": [float(b) for b in betas], "weight_decay": float(weight_decay), "warmup_ratio": float(warmup_ratio)}
+        )
         self.lmm = lmm
         self.mask_head = mask_head
         self.text_prompt = text_prompt
         self.refiner = refiner
+        self.test_records: list[dict] = []  # per-phrase IoUs and tags of the last test run
         self.metrics = nn.ModuleDict(
             {f"{split}_{stage}": ReferSegMetric() for split in ("val", "test") for stage in ("coarse", "refined")}
         )
@@ -110,7 +114,7 @@ class FLMM(L.LightningModule):
     def forward(self, batch: GroundingBatch) -> Predictions:
         capture = self.lmm(batch)
         coarse = self.mask_head(capture.maps[capture.phrase_mask].float())
-        prompts = self.text_prompt(capture.hidden.float())
+        prompts = self.text_prompt(capture.hidden.float(), layer_dim=1)
         embeddings, input_sizes = self.refiner.embed_images(batch.images)
         coarse_region, refined = [], []
         for b, coarse_b in enumerate(coarse.split(batch.num_phrases)):
@@ -147,7 +151,8 @@ class FLMM(L.LightningModule):
 
     def training_step(self, batch: GroundingBatch, batch_idx: int) -> torch.Tensor:
         losses = self.losses(batch, self(batch))
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch), prog_bar=False)
+        parts = {f"train/{k}": v for k, v in losses.items() if k != "loss"}
+        self.log_dict(parts, batch_size=len(batch))
         self.log("train/loss", losses["loss"], batch_size=len(batch), prog_bar=True)
         return losses["loss"]
 
@@ -162,12 +167,18 @@ class FLMM(L.LightningModule):
         losses = self.losses(batch, pred)
         self.log(f"{split}/loss", losses["loss"], batch_size=len(batch), sync_dist=True)
         for b, target in enumerate(batch.masks):
-            coarse = upsample_logits(pred.coarse_region[b], target.shape[-2:])
-            self.metrics[f"{split}_coarse"].update(coarse > 0, target, batch.meta[b])
-            self.metrics[f"{split}_refined"].update(pred.refined[b] > 0, target, batch.meta[b])
+            coarse = upsample_logits(pred.coarse_region[b], target.shape[-2:]) > 0
+            refined = pred.refined[b] > 0
+            self.metrics[f"{split}_coarse"].update(coarse, target)
+            self.metrics[f"{split}_refined"].update(refined, target)
+            if split == "test":
+                self.test_records.extend(phrase_records(batch.meta[b], batch.phrases(b), coarse, refined, target))
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_records = []
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
@@ -177,7 +188,7 @@ class FLMM(L.LightningModule):
             metric = self.metrics[f"{split}_{stage}"]
             values = metric.compute()
             prefix = f"{split}/" if stage == "refined" else f"{split}/coarse_"
-            self.log_dict({f"{prefix}{k}": v for k, v in values.items()}, sync_dist=False)
+            self.log_dict({f"{prefix}{k.lower()}": v for k, v in values.items()}, sync_dist=False)
             metric.reset()
 
     def configure_optimizers(self):
@@ -240,3 +251,14 @@ def _refined_losses(refined: list[torch.Tensor], masks: list[torch.Tensor]) -> t
         b, d = bce_dice_loss(logits, target.float())
         bce, dice, n = bce + b * len(logits), dice + d * len(logits), n + len(logits)
     return bce / n, dice / n
+
+
+def phrase_records(meta: dict, phrases: list[str], coarse: torch.Tensor, refined: torch.Tensor, target: torch.Tensor) -> list[dict]:
+    """One record per phrase: its text, tags (e.g. the synthetic world's ``kind``) and IoUs."""
+    coarse_iou = ious_from_counts(*intersections_unions(coarse, target))
+    refined_iou = ious_from_counts(*intersections_unions(refined, target))
+    tags = meta.get("tags") or [{} for _ in phrases]
+    return [
+        {"image_id": meta.get("image_id"), "phrase": p, **t, "iou_coarse": float(c), "iou_refined": float(r)}
+        for p, t, c, r in zip(phrases, tags, coarse_iou, refined_iou)
+    ]

@@ -11,7 +11,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from flmm.runtime import CONFIG_PATH, build_trainer, checkpoint_report, exit_on_user_error, write_metrics
+from flmm.runtime import CONFIG_PATH, build_trainer, checkpoint_report, exit_on_user_error, write_metrics, write_records
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if cfg.train else ""
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update(trainer.callback_metrics)
+        write_records(model.test_records, cfg.paths.output_dir)
     return write_metrics(metrics, cfg.paths.output_dir)
 
 

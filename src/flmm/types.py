@@ -67,6 +67,9 @@ class GroundingBatch:
     def num_phrases(self) -> list[int]:
         return [len(s) for s in self.spans]
 
+    def phrases(self, b: int) -> list[str]:
+        return [self.texts[b][s:e] for s, e in self.spans[b]]
+
     @classmethod
     def collate(cls, samples: list[GroundingSample]) -> GroundingBatch:
         return cls(
