@@ -29,7 +29,7 @@ TINY = [
     "data.batch_size=4",
     "model.lmm.name_or_path.pretrain_steps=2",
     "model.lmm.name_or_path.batch_size=4",
-    "model.sam.checkpoint.max_seconds=1",
+    "model.sam.checkpoint.pretrain_steps=2",
     "model.base_channels=8",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=2",
@@ -133,3 +133,25 @@ def test_real_run_without_sam_weights_names_the_checkpoint(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "sam_vit_l_0b3195.pth" in result.stderr and "model.sam.checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_trained_checkpoint_reloads_strictly_through_the_public_api(tiny_run):
+    import hydra
+
+    from flmm.lit_module import FLMM
+
+    root, cfg, _ = tiny_run
+    lmm, sam = hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
+    model = FLMM.from_checkpoint(str(root / "run" / "checkpoints" / "last.ckpt"), lmm, sam)
+    saved = torch.load(root / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    for key, value in model.trainable_state_dict().items():
+        assert torch.equal(value, saved["state_dict"][key]), key
+    with pytest.raises(CheckpointMismatchError, match="mask_head"):
+        model.load_state_dict({**saved["state_dict"], "mask_head.extra": torch.zeros(1)})
+
+
+def test_frozen_lmm_untouched_by_training(tiny_run):
+    root, _, metrics = tiny_run
+    report = json.loads((root / "run" / "chat_check.json").read_text())
+    assert report["unchanged"] and report["before"]["answers"] == report["after"]["answers"]
+    assert len(report["before"]["answers"]) == 4 and all(len(a) == 2 for a in report["before"]["answers"])

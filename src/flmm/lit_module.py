@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import lightning as L
@@ -80,6 +81,18 @@ class FLMM(L.LightningModule):
         text_prompt = TextPrompt(lmm.hidden_size, lmm.num_text_layers, sam.prompt_encoder.embed_dim)
         return cls(lmm, mask_head, text_prompt, SamRefiner(sam), **kwargs)
 
+    @classmethod
+    def from_checkpoint(cls, path: str, lmm: FrozenLMM, sam: nn.Module) -> FLMM:
+        """Rebuild F-LMM around ``lmm`` and ``sam`` and load a checkpoint written by training, strictly."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"F-LMM checkpoint not found: {path}; pass the .ckpt a training run wrote (ckpt_path=...)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        check_metadata(ckpt.get("flmm"), checkpoint_metadata(lmm, sam))
+        head = ckpt["flmm"]["mask_head"]
+        model = cls.build(lmm, sam, base_channels=head["base_channels"], target_size=head["target_size"], **ckpt.get("hyper_parameters", {}))
+        model.load_state_dict(ckpt["state_dict"])
+        return model.eval()
+
     # ---------------------------------------------------------------- parameters and checkpoints
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The only modules F-LMM trains; checkpoints hold exactly their state."""
@@ -101,6 +114,7 @@ class FLMM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["flmm"] = checkpoint_metadata(self.lmm, self.refiner.sam)
+        checkpoint["flmm"]["mask_head"] = {"base_channels": self.mask_head.base_channels, "target_size": self.mask_head.target_size}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_metadata(checkpoint.get("flmm"), checkpoint_metadata(self.lmm, self.refiner.sam))

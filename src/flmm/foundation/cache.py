@@ -29,10 +29,11 @@ def ensure_tiny_llava(cache_dir: str, pretrain_steps: int = 2000, seed: int = 0,
     return _build_once(out, lambda tmp: _build_llava(tmp, pretrain_steps, seed, batch_size, image_size))
 
 
-def ensure_tiny_sam(cache_dir: str, seed: int = 0, max_seconds: float = 150.0, image_size: int = 96) -> str:
+def ensure_tiny_sam(cache_dir: str, pretrain_steps: int = 600, seed: int = 0, image_size: int = 96) -> str:
     """Path of the tiny SAM state dict pretrained on the world's promptable segmentation."""
-    out = Path(cache_dir) / f"tiny_sam_seed{seed}.pth"
-    return _build_once(out, lambda tmp: pretrain_tiny_sam(tmp, world_scenes(image_size), seed=seed, max_seconds=max_seconds))
+    out = Path(cache_dir) / f"tiny_sam_seed{seed}_steps{pretrain_steps}.pth"
+    scenes = world_scenes(image_size)
+    return _build_once(out, lambda tmp: pretrain_tiny_sam(tmp, scenes, steps=pretrain_steps, seed=seed, max_seconds=None))
 
 
 def world_scenes(image_size: int):

@@ -46,7 +46,7 @@ class MaskHead(nn.Module):
 
     def __init__(self, in_channels: int, base_channels: int = 64, target_size: int = 64) -> None:
         super().__init__()
-        self.target_size = target_size
+        self.base_channels, self.target_size = base_channels, target_size
         widths = [base_channels * 2**i for i in range(4)]
         self.down = nn.ModuleList(
             [conv_block(c_in, c_out) for c_in, c_out in zip([in_channels, *widths], widths)]

@@ -154,6 +154,17 @@ class FrozenLMM(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @torch.no_grad()
+    def answer(self, image: torch.Tensor, question: str, max_new_tokens: int = 24) -> str:
+        """The frozen LMM's greedy answer to ``question`` about an ``H x W x 3`` uint8 image."""
+        arrays, _ = self._images([torch.as_tensor(image)])
+        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        text = self.processor.apply_chat_template([user], add_generation_prompt=True)
+        inputs = self.processor(images=arrays, text=[text], return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return self.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
     def prompt(self, text: str) -> tuple[str, int]:
         """The chat prompt with ``text`` as the assistant turn, and where ``text`` starts in it."""
 

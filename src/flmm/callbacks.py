@@ -1,0 +1,63 @@
+"""Callbacks that check F-LMM's central promise: training never changes the frozen LMM."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class FrozenLMMCheck(L.Callback):
+    """Fingerprint the frozen LMM and record its greedy answers before and after fitting.
+
+    Both must be identical; the comparison is written to ``chat_check.json`` in the run folder and
+    logged as ``lmm_unchanged`` (1 or 0). A difference fails the run.
+
+    Args:
+        questions: asked about each of the first ``num_images`` validation images.
+        max_new_tokens: length limit of each greedy answer.
+    """
+
+    def __init__(self, questions: list[str], num_images: int = 4, max_new_tokens: int = 24) -> None:
+        self.questions = list(questions)
+        self.num_images = num_images
+        self.max_new_tokens = max_new_tokens
+        self.before: dict | None = None
+
+    def snapshot(self, trainer: L.Trainer, lmm) -> dict:
+        images = [trainer.datamodule.val_sets[0][i].image for i in range(self.num_images)]
+        answers = [[lmm.answer(torch.from_numpy(img), q, self.max_new_tokens) for q in self.questions] for img in images]
+        return {"fingerprint": fingerprint(lmm), "answers": answers}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.before = self.snapshot(trainer, pl_module.lmm)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self.before is None:
+            return
+        after = self.snapshot(trainer, pl_module.lmm)
+        unchanged = after == self.before
+        report = {"questions": self.questions, "unchanged": unchanged, "before": self.before, "after": after}
+        out = Path(trainer.default_root_dir) / "chat_check.json"
+        out.write_text(json.dumps(report, indent=2))
+        for logger in trainer.loggers:
+            logger.log_metrics({"lmm_unchanged": float(unchanged)})
+        if not unchanged:
+            raise RuntimeError(f"the frozen LMM changed during training; see {out}")
+        log.info("frozen LMM unchanged by training: same weights, same greedy answers (%s)", out)
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's and buffer's bytes, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
