@@ -87,7 +87,7 @@ def test_refiner_gradients_reach_head_and_text(refiner):
     embeddings, input_sizes = refiner.embed_images([image])
     coarse = head(torch.rand(3, 4, 6, 10))
     text = [torch.randn(n, 64, requires_grad=True) for n in (2, 1, 2)]
-    refined = refiner(embeddings, coarse, text, input_sizes[0], (30, 50))
+    (refined,) = refiner(embeddings, [coarse], [text], input_sizes, [(30, 50)])
     assert refined.shape == (3, 30, 50)
     refined.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
@@ -102,9 +102,29 @@ def test_refiner_groups_phrases_exactly(refiner):
     coarse = torch.randn(3, 16, 16)
     text = [torch.randn(n, 64) for n in (3, 0, 3)]
     with torch.no_grad():
-        together = refiner(embeddings, coarse, text, input_sizes[0], (40, 40))
+        (together,) = refiner(embeddings, [coarse], [text], input_sizes, [(40, 40)])
         alone = [
-            refiner(embeddings, coarse[k : k + 1], text[k : k + 1], input_sizes[0], (40, 40))
+            refiner(embeddings, [coarse[k : k + 1]], [text[k : k + 1]], input_sizes, [(40, 40)])[0]
             for k in range(3)
         ]
     torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-4)
+
+
+def test_refiner_batches_images_like_upstream_one_image_calls(refiner):
+    """Folding image embeddings into dense prompts equals SAM's own per-image decoding."""
+    torch.manual_seed(2)
+    images = [torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8), torch.randint(0, 256, (50, 30, 3), dtype=torch.uint8)]
+    embeddings, input_sizes = refiner.embed_images(images)
+    coarse = [torch.randn(2, 8, 12), torch.randn(1, 10, 6)]
+    text = [[torch.randn(2, 64), torch.randn(1, 64)], [torch.randn(2, 64)]]
+    sam = refiner.sam
+    with torch.no_grad():
+        batched = refiner(embeddings, coarse, text, input_sizes, [(40, 60), (50, 30)])
+        for b in range(2):
+            for k in range(len(coarse[b])):
+                c = coarse[b][k : k + 1]
+                sparse, dense = sam.prompt_encoder(points=None, boxes=boxes_from_masks(c > 0, input_sizes[b]), masks=mask_prompt(sam, c, input_sizes[b]))
+                sparse = torch.cat([sparse, text[b][k][None]], dim=1)
+                low, _ = sam.mask_decoder(embeddings[b : b + 1], sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=False)
+                expected = sam.postprocess_masks(low, input_sizes[b], images[b].shape[:2])[:, 0]
+                torch.testing.assert_close(batched[b][k : k + 1], expected, rtol=1e-4, atol=1e-4)

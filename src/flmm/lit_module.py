@@ -130,13 +130,10 @@ class FLMM(L.LightningModule):
         coarse = self.mask_head(capture.maps[capture.phrase_mask].float())
         prompts = self.text_prompt(capture.hidden.float(), layer_dim=1)
         embeddings, input_sizes = self.refiner.embed_images(batch.images)
-        coarse_region, refined = [], []
-        for b, coarse_b in enumerate(coarse.split(batch.num_phrases)):
-            region = crop_region(coarse_b, capture.region[b])
-            texts = [prompts[b][capture.token_phrase[b] == k] for k in range(len(coarse_b))]
-            size = tuple(batch.images[b].shape[:2])
-            refined.append(self.refiner(embeddings[b : b + 1], region, texts, input_sizes[b], size))
-            coarse_region.append(region)
+        coarse_region = [crop_region(c, r) for c, r in zip(coarse.split(batch.num_phrases), capture.region)]
+        texts = [[prompts[b][capture.token_phrase[b] == k] for k in range(n)] for b, n in enumerate(batch.num_phrases)]
+        sizes = [tuple(image.shape[:2]) for image in batch.images]
+        refined = self.refiner(embeddings, coarse_region, texts, input_sizes, sizes)
         return Predictions(coarse, coarse_region, refined)
 
     def losses(self, batch: GroundingBatch, pred: Predictions) -> dict[str, torch.Tensor]:

@@ -8,6 +8,8 @@ to answer questions about them. Loss: next-token cross-entropy on the answer tok
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -18,6 +20,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm.data.synthetic.corpus import pretraining_pairs
+
+log = logging.getLogger(__name__)
 
 
 def chat_prompts(processor, prompt: str, answer: str) -> tuple[str, str]:
@@ -52,7 +56,7 @@ def pretrain_tiny_llava(
     warmup: int = 100,
     seed: int = 0,
     image_size: int = 96,
-    log_every: int = 50,
+    log_every: int = 100,
 ) -> list[float]:
     """Train the tiny LLaVA saved in ``model_dir`` for ``steps`` and ``save_pretrained`` it to ``out_dir``.
 
@@ -82,6 +86,8 @@ def pretrain_tiny_llava(
             scheduler.step()
             losses.append(loss.item())
             progress.update(task, advance=1, loss=float(np.mean(losses[-log_every:])))
+            if (step + 1) % log_every == 0:
+                log.info("tiny LLaVA step %d/%d, loss %.3f, %.0f s", step + 1, steps, np.mean(losses[-log_every:]), time.time() - start)
     model.eval()
     save_model(model, processor, out_dir, {"steps": steps, "seed": seed, "seconds": round(time.time() - start, 1), "final_loss": float(np.mean(losses[-log_every:])) if losses else None})
     return losses
@@ -89,8 +95,6 @@ def pretrain_tiny_llava(
 
 def save_model(model, processor, out_dir: str | Path, info: dict) -> None:
     """``save_pretrained`` model and processor, plus a small JSON of how it was trained."""
-    import json
-
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -64,7 +64,7 @@ def mask_prompt(sam: Sam, logits: torch.Tensor, input_size: tuple[int, int]) -> 
 class SamRefiner(nn.Module):
     """SAM with a frozen image encoder and a trainable prompt encoder and mask decoder.
 
-    Embed images once with ``embed_images``; ``forward`` refines all phrases of one image.
+    Embed images once with ``embed_images``; ``forward`` refines all phrases of a batch.
     """
 
     def __init__(self, sam: Sam) -> None:
@@ -90,58 +90,68 @@ class SamRefiner(nn.Module):
 
     def forward(
         self,
-        image_embedding: torch.Tensor,
-        coarse_logits: torch.Tensor,
-        text_embeds: list[torch.Tensor],
-        input_size: tuple[int, int],
-        original_size: tuple[int, int],
-    ) -> torch.Tensor:
-        """Refine the ``K`` phrases of one image.
+        embeddings: torch.Tensor,
+        coarse_logits: list[torch.Tensor],
+        text_embeds: list[list[torch.Tensor]],
+        input_sizes: list[tuple[int, int]],
+        original_sizes: list[tuple[int, int]],
+    ) -> list[torch.Tensor]:
+        """Refine every phrase of a batch of ``B`` images.
 
         Args:
-            image_embedding: ``1 x C x he x we`` from ``embed_images``.
-            coarse_logits: ``K x h x w`` mask-head logits over the image region (gradient flows).
-            text_embeds: ``K`` tensors ``T_k x P`` of text prompts (``P`` = SAM's prompt dim).
-            input_size: ``(h_in, w_in)`` of the image in SAM's input frame.
-            original_size: ``(H, W)`` of the image.
+            embeddings: ``B x C x he x we`` from ``embed_images``.
+            coarse_logits: ``B`` tensors ``K_b x h_b x w_b``, mask-head logits over each image
+                region (gradient flows through them).
+            text_embeds: per image, ``K_b`` tensors ``T_k x P`` of text prompts (``P`` = SAM's
+                prompt dim).
+            input_sizes: ``(h_in, w_in)`` of each image in SAM's input frame.
+            original_sizes: ``(H, W)`` of each image.
 
         Returns:
-            ``K x H x W`` refined logits.
+            ``B`` tensors ``K_b x H_b x W_b`` of refined logits.
         """
-        if not text_embeds:
-            return coarse_logits.new_zeros(0, *original_size)
-        masks = mask_prompt(self.sam, coarse_logits, input_size)
-        boxes = boxes_from_masks(coarse_logits.detach() > 0, input_size)
+        counts = [len(c) for c in coarse_logits]
+        owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        masks = torch.cat([mask_prompt(self.sam, c, s) for c, s in zip(coarse_logits, input_sizes)])
+        boxes = torch.cat([boxes_from_masks(c.detach() > 0, s) for c, s in zip(coarse_logits, input_sizes)])
+        texts = [t for per_image in text_embeds for t in per_image]
         groups = defaultdict(list)
-        for k, embeds in enumerate(text_embeds):
+        for k, embeds in enumerate(texts):
             groups[len(embeds)].append(k)
         order, outputs = [], []
         for ks in groups.values():
-            text = torch.stack([text_embeds[k] for k in ks])
-            outputs.append(self.decode(image_embedding, boxes[ks], masks[ks], text))
+            text = torch.stack([texts[k] for k in ks])
+            outputs.append(self.decode(embeddings[owner[ks]], boxes[ks], masks[ks], text))
             order += ks
-        low_res = torch.cat(outputs)[torch.argsort(torch.tensor(order))]
-        return self.sam.postprocess_masks(low_res, input_size, original_size)[:, 0]
+        low_res = torch.cat(outputs)[torch.argsort(torch.tensor(order))] if order else masks
+        return [
+            self.sam.postprocess_masks(m, s, o)[:, 0]
+            for m, s, o in zip(low_res.split(counts), input_sizes, original_sizes)
+        ]
 
     def decode(
         self,
-        image_embedding: torch.Tensor,
+        image_embeddings: torch.Tensor,
         boxes: torch.Tensor,
         masks: torch.Tensor,
         text: torch.Tensor,
     ) -> torch.Tensor:
         """SAM's prompt encoder + mask decoder for ``G`` prompts with ``T`` text tokens each.
 
+        ``image_embeddings``: ``G x C x he x we``, the embedding of each prompt's image;
         ``boxes``: ``G x 4``; ``masks``: ``G x 1 x M x M``; ``text``: ``G x T x P``.
         Returns ``G x 1 x M x M`` low-resolution logits.
         """
         sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=masks)
         sparse = torch.cat([sparse, text.to(sparse.dtype)], dim=1)
+        # SAM's decoder adds each dense prompt to ONE image embedding repeated per prompt. Folding
+        # every prompt's own image embedding into its dense prompt (and passing zeros as the shared
+        # one) is the same sum, and lets one call serve prompts from many images.
         logits, _ = self.sam.mask_decoder(
-            image_embeddings=image_embedding,
+            image_embeddings=torch.zeros_like(image_embeddings[:1]),
             image_pe=self.sam.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            dense_prompt_embeddings=dense + image_embeddings,
             multimask_output=False,
         )
         return logits
