@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
 from flmm.foundation.tiny_llava import build_tiny_llava
+from flmm.runtime import CONFIG_PATH
+from flmm.train import train
 from flmm.types import GroundingBatch, GroundingSample
 
 
@@ -49,3 +55,44 @@ def ragged_batch() -> GroundingBatch:
             make_sample("red", ["red"], 50, 50, seed=2),
         ]
     )
+
+
+# ------------------------------------------------------------ the real configs, at a tiny size
+CONF = Path(CONFIG_PATH)
+# Small enough for the fast suite, through every real code path: world generation, tiny LLaVA
+# build + pretraining, tiny SAM build + pretraining, F-LMM fit, checkpoint, test.
+TINY = [
+    "data.n_train=24",
+    "data.n_val=8",
+    "data.n_test=8",
+    "data.batch_size=4",
+    "model.lmm.name_or_path.pretrain_steps=2",
+    "model.lmm.name_or_path.batch_size=4",
+    "model.sam.checkpoint.pretrain_steps=2",
+    "model.base_channels=8",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.accelerator=cpu",
+]
+
+
+def compose_cfg(root: Path, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(root / "run")
+        cfg.hydra.runtime.output_dir = str(root / "run")
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flmm")
+    cfg = compose_cfg(root, TINY)
+    metrics = train(cfg)
+    return root, cfg, metrics
+
+

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_train import TINY
+from conftest import TINY
 
 
 @pytest.mark.slow

@@ -9,45 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+
+from conftest import CONF, compose_cfg
 
 from flmm.errors import CheckpointMismatchError
-from flmm.runtime import CONFIG_PATH
-from flmm.train import train
-
-CONF = Path(CONFIG_PATH)
-# Small enough for the fast suite, through every real code path: world generation, tiny LLaVA
-# build + pretraining, tiny SAM build + pretraining, F-LMM fit, checkpoint, test.
-TINY = [
-    "data.n_train=24",
-    "data.n_val=8",
-    "data.n_test=8",
-    "data.batch_size=4",
-    "model.lmm.name_or_path.pretrain_steps=2",
-    "model.lmm.name_or_path.batch_size=4",
-    "model.sam.checkpoint.pretrain_steps=2",
-    "model.base_channels=8",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.accelerator=cpu",
-]
-
-
-def compose_cfg(root: Path, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(root / "run")
-        cfg.hydra.runtime.output_dir = str(root / "run")
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
@@ -72,14 +40,6 @@ def test_trainer_callbacks_and_loggers_instantiate(tmp_path, logger):
     cfg = compose_cfg(tmp_path, [f"logger={logger}", "trainer.accelerator=cpu"])
     trainer = build_trainer(cfg)
     assert trainer.checkpoint_callback is not None and trainer.loggers
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flmm")
-    cfg = compose_cfg(root, TINY)
-    metrics = train(cfg)
-    return root, cfg, metrics
 
 
 def test_default_run_end_to_end(tiny_run):
@@ -155,3 +115,20 @@ def test_frozen_lmm_untouched_by_training(tiny_run):
     report = json.loads((root / "run" / "chat_check.json").read_text())
     assert report["unchanged"] and report["before"]["answers"] == report["after"]["answers"]
     assert len(report["before"]["answers"]) == 4 and all(len(a) == 2 for a in report["before"]["answers"])
+
+
+def test_ground_returns_masks_per_phrase_and_rejects_absent_phrases(tiny_run):
+    import hydra
+
+    from flmm.lit_module import FLMM
+
+    root, cfg, _ = tiny_run
+    lmm, sam = hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
+    model = FLMM.from_checkpoint(str(root / "run" / "checkpoints" / "last.ckpt"), lmm, sam)
+    image = np.zeros((80, 96, 3), dtype=np.uint8)
+    out = model.ground(image, "the red circle. the blue square.", ["the red circle", "the blue square"])
+    assert out.spans == [(0, 14), (16, 31)]
+    assert out.masks.shape == out.coarse.shape == (2, 80, 96)
+    assert out.attention.shape == (2, lmm.num_layers, lmm.channels // lmm.num_layers, *lmm.grid)
+    with pytest.raises(ValueError, match="'the green star' is not in the text"):
+        model.ground(image, "the red circle.", ["the green star"])

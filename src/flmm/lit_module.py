@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +18,7 @@ from flmm.heads import MaskHead, SamRefiner, TextPrompt
 from flmm.losses import bce_dice_loss
 from flmm.lmm import FrozenLMM
 from flmm.metrics import ReferSegMetric, intersections_unions, ious_from_counts
-from flmm.types import GroundingBatch
+from flmm.types import CaptureOutput, GroundingBatch, GroundingSample
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,40 @@ class Predictions:
     coarse: torch.Tensor
     coarse_region: list[torch.Tensor]
     refined: list[torch.Tensor]
+
+
+@dataclass
+class Grounding:
+    """What :meth:`FLMM.ground` returns for ``K`` phrases of one ``H x W`` image.
+
+    Attributes:
+        phrases, spans: the phrases and their character spans in the text.
+        attention: ``K x L x H_heads x h x w`` word-to-image attention (rows merged per phrase).
+        coarse: ``K x H x W`` mask-head probabilities.
+        refined: ``K x H x W`` SAM-refined probabilities; ``refined > 0.5`` are the masks.
+    """
+
+    phrases: list[str]
+    spans: list[tuple[int, int]]
+    attention: torch.Tensor
+    coarse: torch.Tensor
+    refined: torch.Tensor
+
+    @property
+    def masks(self) -> torch.Tensor:
+        return self.refined > 0.5
+
+
+def phrase_spans(text: str, phrases: list[str]) -> list[tuple[int, int]]:
+    """Character spans of ``phrases`` in ``text``, each found after the previous one."""
+    spans, start = [], 0
+    for phrase in phrases:
+        at = text.find(phrase, start)
+        if not phrase or at < 0:
+            raise ValueError(f"phrase {phrase!r} is not in the text {text!r} (after position {start}); pass phrases exactly as they appear in the text, in order")
+        spans.append((at, at + len(phrase)))
+        start = at + len(phrase)
+    return spans
 
 
 class FLMM(L.LightningModule):
@@ -126,7 +161,10 @@ class FLMM(L.LightningModule):
 
     # ---------------------------------------------------------------------------- forward pass
     def forward(self, batch: GroundingBatch) -> Predictions:
-        capture = self.lmm(batch)
+        return self.predict(batch, self.lmm(batch))
+
+    def predict(self, batch: GroundingBatch, capture: CaptureOutput) -> Predictions:
+        """Coarse and refined logits from what the frozen LMM captured for ``batch``."""
         coarse = self.mask_head(capture.maps[capture.phrase_mask].float())
         prompts = self.text_prompt(capture.hidden.float(), layer_dim=1)
         embeddings, input_sizes = self.refiner.embed_images(batch.images)
@@ -135,6 +173,21 @@ class FLMM(L.LightningModule):
         sizes = [tuple(image.shape[:2]) for image in batch.images]
         refined = self.refiner(embeddings, coarse_region, texts, input_sizes, sizes)
         return Predictions(coarse, coarse_region, refined)
+
+    @torch.no_grad()
+    def ground(self, image: np.ndarray, text: str, phrases: list[str]) -> Grounding:
+        """Masks for ``phrases`` of ``text`` on an ``H x W x 3`` uint8 ``image``.
+
+        Phrases are matched in order, each after the previous one, exactly as written in ``text``.
+        """
+        spans = phrase_spans(text, phrases)
+        empty = np.zeros((len(spans), *image.shape[:2]), dtype=bool)
+        batch = GroundingBatch.collate([GroundingSample(image, text, spans, empty)]).to(self.device)
+        capture = self.lmm(batch)
+        pred = self.predict(batch, capture)
+        attention = capture.maps[0, : len(spans)].unflatten(1, (self.lmm.num_layers, -1)).cpu()
+        coarse = upsample_logits(pred.coarse_region[0], image.shape[:2]).sigmoid().cpu()
+        return Grounding(list(phrases), spans, attention, coarse, pred.refined[0].sigmoid().cpu())
 
     def losses(self, batch: GroundingBatch, pred: Predictions) -> dict[str, torch.Tensor]:
         """BCE + Dice on the coarse logits (mask-head resolution) and the refined ones (image resolution)."""

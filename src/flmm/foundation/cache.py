@@ -48,6 +48,7 @@ def world_scenes(image_size: int):
 
 def _build_llava(tmp: Path, steps: int, seed: int, batch_size: int, image_size: int) -> None:
     init = tmp.parent / f"{tmp.name}-init"
+    _remove(init)
     build_tiny_llava(init, vocabulary(), image_size=image_size, seed=seed)
     if steps:
         pretrain_tiny_llava(init, tmp, steps=steps, batch_size=batch_size, seed=seed, image_size=image_size)

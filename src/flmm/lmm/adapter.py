@@ -129,6 +129,11 @@ class FrozenLMM(nn.Module):
         return super().train(False)
 
     @property
+    def num_layers(self) -> int:
+        """``L``: decoder layers of the text model."""
+        return len(self.layers)
+
+    @property
     def channels(self) -> int:
         """``L * H``: attention channels per phrase (all decoder layers x heads)."""
         return len(self.layers) * self.text_config.num_attention_heads
