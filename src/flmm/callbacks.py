@@ -8,7 +8,11 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from flmm.lit_module import upsample_logits
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +65,45 @@ def fingerprint(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+class MaskOverlays(L.Callback):
+    """Log image / target / coarse / refined overlays of the first validation batch to W&B.
+
+    A no-op unless a ``WandbLogger`` is among the trainer's loggers.
+
+    Args:
+        max_images: overlays logged per validation epoch.
+    """
+
+    def __init__(self, max_images: int = 4) -> None:
+        self.max_images = max_images
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        if wandb is None or batch_idx != 0 or not trainer.is_global_zero:
+            return
+        with torch.no_grad():
+            pred = pl_module(batch)
+        panels, captions = [], []
+        for b in range(min(self.max_images, len(batch))):
+            coarse = upsample_logits(pred.coarse_region[b], batch.masks[b].shape[-2:]) > 0
+            panels.append(overlay_row(batch.images[b], [batch.masks[b], coarse, pred.refined[b] > 0]))
+            captions.append(" | ".join(batch.phrases(b)))
+        wandb.log_image(key="val/overlays", images=panels, caption=captions, step=trainer.global_step)
+
+
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240]], dtype=np.float32)
+
+
+def overlay(image: torch.Tensor, masks: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
+    """``H x W x 3`` uint8: ``image`` with each of the ``K x H x W`` masks tinted in its own colour."""
+    out = image.cpu().numpy().astype(np.float32)
+    for k, mask in enumerate(masks.cpu().numpy().astype(bool)):
+        out[mask] = (1 - alpha) * out[mask] + alpha * PALETTE[k % len(PALETTE)]
+    return out.round().astype(np.uint8)
+
+
+def overlay_row(image: torch.Tensor, mask_sets: list[torch.Tensor]) -> np.ndarray:
+    """The image, then one overlay per mask set (e.g. target, coarse, refined), side by side."""
+    return np.concatenate([image.cpu().numpy()] + [overlay(image, m) for m in mask_sets], axis=1)

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
 
 # Errors caused by the user's input (paths, configs, checkpoints): reported as one message.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, FlmmUserError)
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, FlmmUserError)
 
 
 def exit_on_user_error(fn: Callable, *args, **kwargs):
