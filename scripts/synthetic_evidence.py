@@ -30,7 +30,15 @@ RUNS = {"pretrained": [], "random": ["model/lmm=tiny_random"]}
 def train(name: str, out: Path, extra: list[str]) -> tuple[Path, float]:
     """Run `python -m flmm.train` into ``out/name``; returns the run folder and its wall time."""
     run_dir = out / name
-    cmd = [sys.executable, "-m", "flmm.train", f"hydra.run.dir={run_dir}", f"task_name=evidence_{name}", *RUNS[name], *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flmm.train",
+        f"hydra.run.dir={run_dir}",
+        f"task_name=evidence_{name}",
+        *RUNS[name],
+        *extra,
+    ]
     print("$", " ".join(cmd), flush=True)
     start = time.time()
     subprocess.run(cmd, check=True)
@@ -65,13 +73,17 @@ def groups(records: list[dict]) -> dict[str, np.ndarray]:
     kinds = np.array([r.get("kind", "") for r in records])
     out = {
         "all": np.ones(len(records), bool),
-        "colour alone cannot resolve": np.array([not r.get("colour_resolvable", True) for r in records]),
+        "colour alone cannot resolve": np.array(
+            [not r.get("colour_resolvable", True) for r in records]
+        ),
     }
     out.update({f"kind: {k}": kinds == k for k in sorted(set(kinds))})
     return out
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean of ``a - b`` and its 95% percentile interval over ``n`` resamples of the phrases."""
     diff = a - b
     rng = np.random.default_rng(seed)
@@ -88,11 +100,25 @@ def table(keys: list[tuple], runs: dict[str, dict], refs: dict[tuple, dict]) -> 
         if not sel.any():
             continue
         ks = [k for k, s in zip(keys, sel) if s]
-        col = {f"{run}_{stage}": 100 * np.array([runs[run][k][f"iou_{stage}"] for k in ks]) for run in runs for stage in ("refined", "coarse")}
-        ref = {r: 100 * np.array([refs[k][r] for k in ks]) for r in ("trivial_whole_image", "colour_only_oracle", "shape_only_oracle")}
+        col = {
+            f"{run}_{stage}": 100 * np.array([runs[run][k][f"iou_{stage}"] for k in ks])
+            for run in runs
+            for stage in ("refined", "coarse")
+        }
+        ref = {
+            r: 100 * np.array([refs[k][r] for k in ks])
+            for r in ("trivial_whole_image", "colour_only_oracle", "shape_only_oracle")
+        }
         gap = paired_bootstrap(col["pretrained_refined"], col["random_refined"])
-        summary[name] = {"n": len(ks), **{c: float(v.mean()) for c, v in {**col, **ref}.items()}, "gap": gap}
-        cells = [f"{col[c].mean():.1f}" for c in ("pretrained_refined", "pretrained_coarse", "random_refined", "random_coarse")]
+        summary[name] = {
+            "n": len(ks),
+            **{c: float(v.mean()) for c, v in {**col, **ref}.items()},
+            "gap": gap,
+        }
+        cells = [
+            f"{col[c].mean():.1f}"
+            for c in ("pretrained_refined", "pretrained_coarse", "random_refined", "random_coarse")
+        ]
         cells.append(f"{gap[0]:+.1f} [{gap[1]:+.1f}, {gap[2]:+.1f}]")
         cells += [f"{v.mean():.1f}" for v in ref.values()]
         lines.append(f"| {name} | {len(ks)} | " + " | ".join(cells) + " |")
@@ -100,10 +126,14 @@ def table(keys: list[tuple], runs: dict[str, dict], refs: dict[tuple, dict]) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("logs/evidence"))
     parser.add_argument("--world", type=Path, default=Path("data/synthetic_world"))
-    parser.add_argument("--reuse", action="store_true", help="score existing runs in --out instead of training")
+    parser.add_argument(
+        "--reuse", action="store_true", help="score existing runs in --out instead of training"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to both runs")
     args = parser.parse_args()
     walls = {}
@@ -120,7 +150,11 @@ def main() -> None:
         text += "Wall times: " + ", ".join(f"{n} {s / 60:.1f} min" for n, s in walls.items()) + "\n"
     print(text)
     (args.out / "evidence.md").write_text(text)
-    (args.out / "evidence.json").write_text(json.dumps({"groups": summary, "chat_unchanged": chat["unchanged"], "wall_s": walls}, indent=2))
+    (args.out / "evidence.json").write_text(
+        json.dumps(
+            {"groups": summary, "chat_unchanged": chat["unchanged"], "wall_s": walls}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

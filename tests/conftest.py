@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -80,7 +79,9 @@ TINY = [
 
 def compose_cfg(root: Path, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True)
+        cfg = compose(
+            "train", overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True
+        )
     with open_dict(cfg):
         cfg.paths.output_dir = str(root / "run")
         cfg.hydra.runtime.output_dir = str(root / "run")
@@ -94,5 +95,3 @@ def tiny_run(tmp_path_factory):
     cfg = compose_cfg(root, TINY)
     metrics = train(cfg)
     return root, cfg, metrics
-
-

@@ -53,8 +53,12 @@ def _annotations() -> tuple[list[dict], dict[int, np.ndarray]]:
     crowd_22, rle_42 = _blob(30, 30, 3), _blob(36, 28, 4)
     anns = [
         (11, 1, [[2.0, 3.0, 20.0, 3.0, 20.0, 25.0, 2.0, 25.0]], 0),
-        (12, 1, [[25.0, 2.0, 35.0, 2.0, 30.0, 12.0],
-                 [36.5, 20.2, 47.3, 21.8, 44.0, 35.6, 38.1, 33.0]], 0),  # multi-polygon
+        (
+            12,
+            1,
+            [[25.0, 2.0, 35.0, 2.0, 30.0, 12.0], [36.5, 20.2, 47.3, 21.8, 44.0, 35.6, 38.1, 33.0]],
+            0,
+        ),  # multi-polygon
         (13, 1, _uncompressed_rle(crowd_1), 1),
         (14, 1, [[0.0, 30.0, 10.0, 30.0, 10.0, 39.0]], 0),  # never referred
         (21, 2, _compressed_rle(rle_21), 0),
@@ -67,8 +71,15 @@ def _annotations() -> tuple[list[dict], dict[int, np.ndarray]]:
         (61, 6, [[1.0, 1.0, 10.0, 1.0, 10.0, 10.0]], 0),
     ]
     records = [
-        {"id": i, "image_id": img, "category_id": 1, "segmentation": seg, "iscrowd": crowd,
-         "area": 0.0, "bbox": [0.0, 0.0, 1.0, 1.0]}
+        {
+            "id": i,
+            "image_id": img,
+            "category_id": 1,
+            "segmentation": seg,
+            "iscrowd": crowd,
+            "area": 0.0,
+            "bbox": [0.0, 0.0, 1.0, 1.0],
+        }
         for i, img, seg, crowd in anns
     ]
     return records, {13: crowd_1, 21: rle_21, 22: crowd_22, 42: rle_42}
@@ -97,11 +108,18 @@ def _refs() -> list[dict]:
             sent = raw.strip().lower()
             sentences.append({"raw": raw, "sent": sent, "tokens": sent.split(), "sent_id": sent_id})
             sent_id += 1
-        refs.append({
-            "ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "category_id": 1,
-            "split": split, "sent_ids": [s["sent_id"] for s in sentences], "sentences": sentences,
-            "file_name": IMAGES[image_id][0].rsplit(".", 1)[0] + f"_{ann_id}.jpg",
-        })
+        refs.append(
+            {
+                "ref_id": ref_id,
+                "ann_id": ann_id,
+                "image_id": image_id,
+                "category_id": 1,
+                "split": split,
+                "sent_ids": [s["sent_id"] for s in sentences],
+                "sentences": sentences,
+                "file_name": IMAGES[image_id][0].rsplit(".", 1)[0] + f"_{ann_id}.jpg",
+            }
+        )
     return refs
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY
 
 
@@ -16,8 +15,15 @@ from conftest import TINY
 def test_ddp_two_cpu_processes(tmp_path):
     overrides = [o for o in TINY if not o.startswith("trainer.accelerator")]
     cmd = [
-        sys.executable, "-m", "flmm.train", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
-        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides,
+        sys.executable,
+        "-m",
+        "flmm.train",
+        f"paths.root_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        *overrides,
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

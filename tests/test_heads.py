@@ -113,7 +113,10 @@ def test_refiner_groups_phrases_exactly(refiner):
 def test_refiner_batches_images_like_upstream_one_image_calls(refiner):
     """Folding image embeddings into dense prompts equals SAM's own per-image decoding."""
     torch.manual_seed(2)
-    images = [torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8), torch.randint(0, 256, (50, 30, 3), dtype=torch.uint8)]
+    images = [
+        torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8),
+        torch.randint(0, 256, (50, 30, 3), dtype=torch.uint8),
+    ]
     embeddings, input_sizes = refiner.embed_images(images)
     coarse = [torch.randn(2, 8, 12), torch.randn(1, 10, 6)]
     text = [[torch.randn(2, 64), torch.randn(1, 64)], [torch.randn(2, 64)]]
@@ -123,8 +126,18 @@ def test_refiner_batches_images_like_upstream_one_image_calls(refiner):
         for b in range(2):
             for k in range(len(coarse[b])):
                 c = coarse[b][k : k + 1]
-                sparse, dense = sam.prompt_encoder(points=None, boxes=boxes_from_masks(c > 0, input_sizes[b]), masks=mask_prompt(sam, c, input_sizes[b]))
+                sparse, dense = sam.prompt_encoder(
+                    points=None,
+                    boxes=boxes_from_masks(c > 0, input_sizes[b]),
+                    masks=mask_prompt(sam, c, input_sizes[b]),
+                )
                 sparse = torch.cat([sparse, text[b][k][None]], dim=1)
-                low, _ = sam.mask_decoder(embeddings[b : b + 1], sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=False)
+                low, _ = sam.mask_decoder(
+                    embeddings[b : b + 1],
+                    sam.prompt_encoder.get_dense_pe(),
+                    sparse,
+                    dense,
+                    multimask_output=False,
+                )
                 expected = sam.postprocess_masks(low, input_sizes[b], images[b].shape[:2])[:, 0]
                 torch.testing.assert_close(batched[b][k : k + 1], expected, rtol=1e-4, atol=1e-4)

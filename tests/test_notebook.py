@@ -24,7 +24,16 @@ def test_notebook_executes(tiny_run, monkeypatch):
     root, _, _ = tiny_run
     monkeypatch.setenv("FLMM_HOME", str(root))
     monkeypatch.setenv("FLMM_CKPT", str(root / "run" / "checkpoints" / "last.ckpt"))
-    monkeypatch.setenv("FLMM_SAM", str(next((root / ".cache" / "flmm" / "foundation").glob("tiny_sam*.pth"))))
+    monkeypatch.setenv(
+        "FLMM_SAM", str(next((root / ".cache" / "flmm" / "foundation").glob("tiny_sam*.pth")))
+    )
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    assert any("IoU coarse" in "".join(o.get("text", "") for o in c.get("outputs", [])) for c in nb.cells)
+    NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    ).execute()
+    assert any(
+        "IoU coarse" in "".join(o.get("text", "") for o in c.get("outputs", [])) for c in nb.cells
+    )

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
+from refer_fixtures import IMAGES, write_refer_fixture
 
 from flmm.data import ReferDataModule, ReferDataset, join_sentences, load_refer
 from flmm.types import GroundingBatch
-from refer_fixtures import IMAGES, write_refer_fixture
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,9 @@ def test_samples_carry_their_refs_masks(fixture):
 def test_reference_protocol_first_sentences_per_image(fixture):
     data = dataset(fixture, protocol="reference")
     assert [data[i].text for i in range(len(data))] == [
-        "the left box. two triangles. the crowd.", "the blob.", "the triangle.",
+        "the left box. two triangles. the crowd.",
+        "the blob.",
+        "the triangle.",
     ]
     first = data[0]
     assert first.phrases == ["the left box", "two triangles", "the crowd"]
@@ -77,8 +79,11 @@ def test_train_protocol_picks_one_sentence_once_seeded(fixture):
     assert len({tuple(t) for t in texts.values()}) > 1
     data = dataset(fixture, protocol="train", seed=3)
     assert [data[0].text for _ in range(3)] == [data[0].text] * 3  # chosen once, not per access
-    sentences = {1: ["the left box", "box on the left side", "leftmost box"],
-                 2: ["two triangles", "the pair of triangles"], 3: ["the crowd"]}
+    sentences = {
+        1: ["the left box", "box on the left side", "leftmost box"],
+        2: ["two triangles", "the pair of triangles"],
+        3: ["the crowd"],
+    }
     for phrase, ref_id in zip(data[0].phrases, data[0].meta["ref_ids"]):
         assert phrase in sentences[ref_id]
 
@@ -140,8 +145,15 @@ def test_unknown_protocol(fixture):
 
 def test_datamodule_batches(fixture):
     root, info = fixture
-    dm = ReferDataModule(root, info["image_dir"], val_split=["val", "train"], test_split="val",
-                         val_protocol="per_sentence", batch_size=2, max_eval_samples=4)
+    dm = ReferDataModule(
+        root,
+        info["image_dir"],
+        val_split=["val", "train"],
+        test_split="val",
+        val_protocol="per_sentence",
+        batch_size=2,
+        max_eval_samples=4,
+    )
     dm.setup("fit")
     dm.setup("test")
     batch = next(iter(dm.train_dataloader()))

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from flmm.errors import CheckpointMismatchError
 from flmm.foundation.pretrain_sam import pretrain_tiny_sam
 from flmm.heads import build_sam
-from flmm.errors import CheckpointMismatchError
 
 
 def shapes_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -52,9 +52,16 @@ def resolve(objects, text: str) -> list[int]:
         group = noun(SINGULAR[m[2]])
         want = "large" if m[1] == "larger" else "small"
         return [i for i in group if objects[i].size == want] if len(group) == 2 else []
-    extremes = {"leftmost": ("x", min), "rightmost": ("x", max), "topmost": ("y", min),
-                "bottommost": ("y", max), "on the left": ("x", min), "on the right": ("x", max),
-                "at the top": ("y", min), "at the bottom": ("y", max)}
+    extremes = {
+        "leftmost": ("x", min),
+        "rightmost": ("x", max),
+        "topmost": ("y", min),
+        "bottommost": ("y", max),
+        "on the left": ("x", min),
+        "on the right": ("x", max),
+        "at the top": ("y", min),
+        "at the bottom": ("y", max),
+    }
     if m := re.fullmatch(r"(leftmost|rightmost|topmost|bottommost) (.+)", body):
         axis, pick = extremes[m[1]]
         group = noun(m[2])
@@ -63,8 +70,12 @@ def resolve(objects, text: str) -> list[int]:
         landmark = noun(m[3])
         if len(landmark) != 1:
             return []
-        axis, sign = {"left of": ("x", -1), "right of": ("x", 1), "above": ("y", -1),
-                      "below": ("y", 1)}[m[2]]
+        axis, sign = {
+            "left of": ("x", -1),
+            "right of": ("x", 1),
+            "above": ("y", -1),
+            "below": ("y", 1),
+        }[m[2]]
         ref = coord(landmark[0], axis)
         return [i for i in noun(m[1]) if sign * (coord(i, axis) - ref) > 0]
     if m := re.fullmatch(r"(.+) (on the left|on the right|at the top|at the bottom)", body):
@@ -107,15 +118,24 @@ def test_every_expression_resolves_to_exactly_its_target():
                 assert e.colour_resolvable == (colours.count(scene.objects[t].colour) == 1)
                 kinds[e.kind] += 1
     assert set(kinds) == {
-        "colour_shape", "shape_only", "colour_only", "size", "position", "relational"
+        "colour_shape",
+        "shape_only",
+        "colour_only",
+        "size",
+        "position",
+        "relational",
     }
     assert kinds["relational"] > 50 and kinds["size"] > 50
 
 
 def test_sampled_expressions_mostly_need_more_than_colour():
     rng = np.random.default_rng(0)
-    sampled = [e for s in scenes(200) for t in range(len(s.objects))
-               for e in sample_expressions(s, t, rng, 3)]
+    sampled = [
+        e
+        for s in scenes(200)
+        for t in range(len(s.objects))
+        for e in sample_expressions(s, t, rng, 3)
+    ]
     assert np.mean([not e.colour_resolvable for e in sampled]) >= 0.4
     assert len({e.text for e in sampled}) > 300
 

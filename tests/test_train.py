@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import CONF, compose_cfg
 
 from flmm.errors import CheckpointMismatchError
+
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
@@ -44,7 +44,14 @@ def test_trainer_callbacks_and_loggers_instantiate(tmp_path, logger):
 
 def test_default_run_end_to_end(tiny_run):
     root, cfg, metrics = tiny_run
-    for key in ("val/ciou", "val/giou", "val/coarse_giou", "test/ciou", "test/giou", "test/coarse_ciou"):
+    for key in (
+        "val/ciou",
+        "val/giou",
+        "val/coarse_giou",
+        "test/ciou",
+        "test/giou",
+        "test/coarse_ciou",
+    ):
         assert key in metrics and 0.0 <= metrics[key] <= 100.0
     assert json.loads((root / "run" / "metrics.json").read_text()) == metrics
     assert (root / "data" / "synthetic_world" / "synthetic" / "instances.json").exists()
@@ -52,7 +59,9 @@ def test_default_run_end_to_end(tiny_run):
 
 def test_checkpoint_holds_only_trainable_state(tiny_run):
     root, cfg, _ = tiny_run
-    ckpt = torch.load(root / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(
+        root / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     prefixes = {k.split(".", 1)[0] for k in ckpt["state_dict"]}
     assert prefixes == {"mask_head", "text_prompt", "prompt_encoder", "mask_decoder"}
     meta = ckpt["flmm"]
@@ -64,7 +73,9 @@ def test_checkpoint_for_another_lmm_is_refused(tiny_run):
     from flmm.checkpoint import check_metadata
 
     root, _, _ = tiny_run
-    saved = torch.load(root / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["flmm"]
+    saved = torch.load(
+        root / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )["flmm"]
     other = dict(saved, lmm_id="llava-hf/llava-1.5-7b-hf", channels=1024, grid=[24, 24])
     with pytest.raises(CheckpointMismatchError, match="llava-1.5-7b-hf.*channels: checkpoint"):
         check_metadata(saved, other)
@@ -103,7 +114,9 @@ def test_trained_checkpoint_reloads_strictly_through_the_public_api(tiny_run):
     root, cfg, _ = tiny_run
     lmm, sam = hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
     model = FLMM.from_checkpoint(str(root / "run" / "checkpoints" / "last.ckpt"), lmm, sam)
-    saved = torch.load(root / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    saved = torch.load(
+        root / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     for key, value in model.trainable_state_dict().items():
         assert torch.equal(value, saved["state_dict"][key]), key
     with pytest.raises(CheckpointMismatchError, match="mask_head"):
@@ -114,7 +127,9 @@ def test_frozen_lmm_untouched_by_training(tiny_run):
     root, _, metrics = tiny_run
     report = json.loads((root / "run" / "chat_check.json").read_text())
     assert report["unchanged"] and report["before"]["answers"] == report["after"]["answers"]
-    assert len(report["before"]["answers"]) == 4 and all(len(a) == 2 for a in report["before"]["answers"])
+    assert len(report["before"]["answers"]) == 4 and all(
+        len(a) == 2 for a in report["before"]["answers"]
+    )
 
 
 def test_ground_returns_masks_per_phrase_and_rejects_absent_phrases(tiny_run):
@@ -126,7 +141,9 @@ def test_ground_returns_masks_per_phrase_and_rejects_absent_phrases(tiny_run):
     lmm, sam = hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
     model = FLMM.from_checkpoint(str(root / "run" / "checkpoints" / "last.ckpt"), lmm, sam)
     image = np.zeros((80, 96, 3), dtype=np.uint8)
-    out = model.ground(image, "the red circle. the blue square.", ["the red circle", "the blue square"])
+    out = model.ground(
+        image, "the red circle. the blue square.", ["the red circle", "the blue square"]
+    )
     assert out.spans == [(0, 14), (16, 31)]
     assert out.masks.shape == out.coarse.shape == (2, 80, 96)
     assert out.attention.shape == (2, lmm.num_layers, lmm.channels // lmm.num_layers, *lmm.grid)

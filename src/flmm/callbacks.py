@@ -36,7 +36,10 @@ class FrozenLMMCheck(L.Callback):
 
     def snapshot(self, trainer: L.Trainer, lmm) -> dict:
         images = [trainer.datamodule.val_sets[0][i].image for i in range(self.num_images)]
-        answers = [[lmm.answer(torch.from_numpy(img), q, self.max_new_tokens) for q in self.questions] for img in images]
+        answers = [
+            [lmm.answer(torch.from_numpy(img), q, self.max_new_tokens) for q in self.questions]
+            for img in images
+        ]
         return {"fingerprint": fingerprint(lmm), "answers": answers}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -48,7 +51,12 @@ class FrozenLMMCheck(L.Callback):
             return
         after = self.snapshot(trainer, pl_module.lmm)
         unchanged = after == self.before
-        report = {"questions": self.questions, "unchanged": unchanged, "before": self.before, "after": after}
+        report = {
+            "questions": self.questions,
+            "unchanged": unchanged,
+            "before": self.before,
+            "after": after,
+        }
         out = Path(trainer.default_root_dir) / "chat_check.json"
         out.write_text(json.dumps(report, indent=2))
         for logger in trainer.loggers:
@@ -79,7 +87,9 @@ class MaskOverlays(L.Callback):
     def __init__(self, max_images: int = 4) -> None:
         self.max_images = max_images
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         if wandb is None or batch_idx != 0 or not trainer.is_global_zero:
             return
@@ -88,12 +98,19 @@ class MaskOverlays(L.Callback):
         panels, captions = [], []
         for b in range(min(self.max_images, len(batch))):
             coarse = upsample_logits(pred.coarse_region[b], batch.masks[b].shape[-2:]) > 0
-            panels.append(overlay_row(batch.images[b], [batch.masks[b], coarse, pred.refined[b] > 0]))
+            panels.append(
+                overlay_row(batch.images[b], [batch.masks[b], coarse, pred.refined[b] > 0])
+            )
             captions.append(" | ".join(batch.phrases(b)))
-        wandb.log_image(key="val/overlays", images=panels, caption=captions, step=trainer.global_step)
+        wandb.log_image(
+            key="val/overlays", images=panels, caption=captions, step=trainer.global_step
+        )
 
 
-PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240]], dtype=np.float32)
+PALETTE = np.array(
+    [[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240]],
+    dtype=np.float32,
+)
 
 
 def overlay(image: torch.Tensor, masks: torch.Tensor, alpha: float = 0.5) -> np.ndarray:

@@ -44,7 +44,11 @@ def check_metadata(saved: dict | None, current: dict) -> None:
             "checkpoint has no 'flmm' metadata: it was not written by flmm, so there is no way to "
             "tell which LMM it belongs to. Train it with `python -m flmm.train`."
         )
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs configured {current[k]!r}" for k in SHAPE_KEYS if saved.get(k) != current[k]]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs configured {current[k]!r}"
+        for k in SHAPE_KEYS
+        if saved.get(k) != current[k]
+    ]
     if diffs:
         raise CheckpointMismatchError(
             f"checkpoint was made for LMM {saved.get('lmm_id')!r} but the configured LMM is "
@@ -63,7 +67,9 @@ def load_trainable_state(modules: dict[str, nn.Module], state_dict: dict[str, to
     """Load ``state_dict`` (keys ``<module>.<param>``) strictly into the trainable ``modules``."""
     unknown = sorted({k.split(".", 1)[0] for k in state_dict} - set(modules))
     if unknown:
-        raise CheckpointMismatchError(f"checkpoint holds state for unknown modules {unknown}; expected {sorted(modules)}")
+        raise CheckpointMismatchError(
+            f"checkpoint holds state for unknown modules {unknown}; expected {sorted(modules)}"
+        )
     for name, module in modules.items():
         prefix = f"{name}."
         part = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -71,5 +77,7 @@ def load_trainable_state(modules: dict[str, nn.Module], state_dict: dict[str, to
             module.load_state_dict(part, strict=True)
         except RuntimeError as err:
             first = str(err).splitlines()[:4]
-            raise CheckpointMismatchError(f"checkpoint does not fit module {name!r}: {' '.join(first)}") from None
+            raise CheckpointMismatchError(
+                f"checkpoint does not fit module {name!r}: {' '.join(first)}"
+            ) from None
     return nn.modules.module._IncompatibleKeys([], [])

@@ -15,8 +15,8 @@ from torch import nn
 
 from flmm.checkpoint import check_metadata, checkpoint_metadata, load_trainable_state
 from flmm.heads import MaskHead, SamRefiner, TextPrompt
-from flmm.losses import bce_dice_loss
 from flmm.lmm import FrozenLMM
+from flmm.losses import bce_dice_loss
 from flmm.metrics import ReferSegMetric, intersections_unions, ious_from_counts
 from flmm.types import CaptureOutput, GroundingBatch, GroundingSample
 
@@ -66,7 +66,9 @@ def phrase_spans(text: str, phrases: list[str]) -> list[tuple[int, int]]:
     for phrase in phrases:
         at = text.find(phrase, start)
         if not phrase or at < 0:
-            raise ValueError(f"phrase {phrase!r} is not in the text {text!r} (after position {start}); pass phrases exactly as they appear in the text, in order")
+            raise ValueError(
+                f"phrase {phrase!r} is not in the text {text!r} (after position {start}); pass phrases exactly as they appear in the text, in order"
+            )
         spans.append((at, at + len(phrase)))
         start = at + len(phrase)
     return spans
@@ -98,7 +100,12 @@ class FLMM(L.LightningModule):
         super().__init__()
         # plain Python values only: checkpoints must load with torch.load(weights_only=True)
         self.save_hyperparameters(
-            {"lr": float(lr), "betas": [float(b) for b in betas], "weight_decay": float(weight_decay), "warmup_ratio": float(warmup_ratio)}
+            {
+                "lr": float(lr),
+                "betas": [float(b) for b in betas],
+                "weight_decay": float(weight_decay),
+                "warmup_ratio": float(warmup_ratio),
+            }
         )
         self.lmm = lmm
         self.mask_head = mask_head
@@ -106,11 +113,22 @@ class FLMM(L.LightningModule):
         self.refiner = refiner
         self.test_records: list[dict] = []  # per-phrase IoUs and tags of the last test run
         self.metrics = nn.ModuleDict(
-            {f"{split}_{stage}": ReferSegMetric() for split in ("val", "test") for stage in ("coarse", "refined")}
+            {
+                f"{split}_{stage}": ReferSegMetric()
+                for split in ("val", "test")
+                for stage in ("coarse", "refined")
+            }
         )
 
     @classmethod
-    def build(cls, lmm: FrozenLMM, sam: nn.Module, base_channels: int = 64, target_size: int = 64, **kwargs) -> FLMM:
+    def build(
+        cls,
+        lmm: FrozenLMM,
+        sam: nn.Module,
+        base_channels: int = 64,
+        target_size: int = 64,
+        **kwargs,
+    ) -> FLMM:
         """Build the trainable heads to fit ``lmm`` and ``sam``: the entry point configs use."""
         mask_head = MaskHead(lmm.channels, base_channels=base_channels, target_size=target_size)
         text_prompt = TextPrompt(lmm.hidden_size, lmm.num_text_layers, sam.prompt_encoder.embed_dim)
@@ -120,11 +138,19 @@ class FLMM(L.LightningModule):
     def from_checkpoint(cls, path: str, lmm: FrozenLMM, sam: nn.Module) -> FLMM:
         """Rebuild F-LMM around ``lmm`` and ``sam`` and load a checkpoint written by training, strictly."""
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"F-LMM checkpoint not found: {path}; pass the .ckpt a training run wrote (ckpt_path=...)")
+            raise FileNotFoundError(
+                f"F-LMM checkpoint not found: {path}; pass the .ckpt a training run wrote (ckpt_path=...)"
+            )
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         check_metadata(ckpt.get("flmm"), checkpoint_metadata(lmm, sam))
         head = ckpt["flmm"]["mask_head"]
-        model = cls.build(lmm, sam, base_channels=head["base_channels"], target_size=head["target_size"], **ckpt.get("hyper_parameters", {}))
+        model = cls.build(
+            lmm,
+            sam,
+            base_channels=head["base_channels"],
+            target_size=head["target_size"],
+            **ckpt.get("hyper_parameters", {}),
+        )
         model.load_state_dict(ckpt["state_dict"])
         return model.eval()
 
@@ -144,12 +170,19 @@ class FLMM(L.LightningModule):
         return {"trainable": trainable, "frozen": frozen}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{key}": value for name, module in self.trainable_modules().items() for key, value in module.state_dict().items()}
+        return {
+            f"{name}.{key}": value
+            for name, module in self.trainable_modules().items()
+            for key, value in module.state_dict().items()
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["flmm"] = checkpoint_metadata(self.lmm, self.refiner.sam)
-        checkpoint["flmm"]["mask_head"] = {"base_channels": self.mask_head.base_channels, "target_size": self.mask_head.target_size}
+        checkpoint["flmm"]["mask_head"] = {
+            "base_channels": self.mask_head.base_channels,
+            "target_size": self.mask_head.target_size,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_metadata(checkpoint.get("flmm"), checkpoint_metadata(self.lmm, self.refiner.sam))
@@ -168,8 +201,13 @@ class FLMM(L.LightningModule):
         coarse = self.mask_head(capture.maps[capture.phrase_mask].float())
         prompts = self.text_prompt(capture.hidden.float(), layer_dim=1)
         embeddings, input_sizes = self.refiner.embed_images(batch.images)
-        coarse_region = [crop_region(c, r) for c, r in zip(coarse.split(batch.num_phrases), capture.region)]
-        texts = [[prompts[b][capture.token_phrase[b] == k] for k in range(n)] for b, n in enumerate(batch.num_phrases)]
+        coarse_region = [
+            crop_region(c, r) for c, r in zip(coarse.split(batch.num_phrases), capture.region)
+        ]
+        texts = [
+            [prompts[b][capture.token_phrase[b] == k] for k in range(n)]
+            for b, n in enumerate(batch.num_phrases)
+        ]
         sizes = [tuple(image.shape[:2]) for image in batch.images]
         refined = self.refiner(embeddings, coarse_region, texts, input_sizes, sizes)
         return Predictions(coarse, coarse_region, refined)
@@ -209,9 +247,15 @@ class FLMM(L.LightningModule):
     # ------------------------------------------------------------------------ lightning steps
     def on_fit_start(self) -> None:
         counts = self.parameter_counts()
-        log.info("parameters: %s trainable, %s frozen", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+        log.info(
+            "parameters: %s trainable, %s frozen",
+            f"{counts['trainable']:,}",
+            f"{counts['frozen']:,}",
+        )
         for logger in self.loggers:
-            logger.log_hyperparams({"params/trainable": counts["trainable"], "params/frozen": counts["frozen"]})
+            logger.log_hyperparams(
+                {"params/trainable": counts["trainable"], "params/frozen": counts["frozen"]}
+            )
 
     def training_step(self, batch: GroundingBatch, batch_idx: int) -> torch.Tensor:
         losses = self.losses(batch, self(batch))
@@ -236,7 +280,9 @@ class FLMM(L.LightningModule):
             self.metrics[f"{split}_coarse"].update(coarse, target)
             self.metrics[f"{split}_refined"].update(refined, target)
             if split == "test":
-                self.test_records.extend(phrase_records(batch.meta[b], batch.phrases(b), coarse, refined, target))
+                self.test_records.extend(
+                    phrase_records(batch.meta[b], batch.phrases(b), coarse, refined, target)
+                )
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
@@ -258,11 +304,16 @@ class FLMM(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         hp = self.hparams
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = warmup_cosine(total, hp.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float):
@@ -305,10 +356,14 @@ def square_frame(masks: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Te
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinearly resize ``K x h x w`` logits to ``K x size``."""
-    return F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+    return F.interpolate(
+        logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False
+    )[0]
 
 
-def _refined_losses(refined: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _refined_losses(
+    refined: list[torch.Tensor], masks: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BCE + Dice over every phrase at its image's resolution, averaged over phrases."""
     bce, dice, n = 0.0, 0.0, 0
     for logits, target in zip(refined, masks):
@@ -317,12 +372,24 @@ def _refined_losses(refined: list[torch.Tensor], masks: list[torch.Tensor]) -> t
     return bce / n, dice / n
 
 
-def phrase_records(meta: dict, phrases: list[str], coarse: torch.Tensor, refined: torch.Tensor, target: torch.Tensor) -> list[dict]:
+def phrase_records(
+    meta: dict,
+    phrases: list[str],
+    coarse: torch.Tensor,
+    refined: torch.Tensor,
+    target: torch.Tensor,
+) -> list[dict]:
     """One record per phrase: its text, tags (e.g. the synthetic world's ``kind``) and IoUs."""
     coarse_iou = ious_from_counts(*intersections_unions(coarse, target))
     refined_iou = ious_from_counts(*intersections_unions(refined, target))
     tags = meta.get("tags") or [{} for _ in phrases]
     return [
-        {"image_id": meta.get("image_id"), "phrase": p, **t, "iou_coarse": float(c), "iou_refined": float(r)}
+        {
+            "image_id": meta.get("image_id"),
+            "phrase": p,
+            **t,
+            "iou_coarse": float(c),
+            "iou_refined": float(r),
+        }
         for p, t, c, r in zip(phrases, tags, coarse_iou, refined_iou)
     ]

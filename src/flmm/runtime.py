@@ -44,7 +44,11 @@ def instantiate_group(group: DictConfig | None) -> list:
     """Instantiate every ``_target_`` entry of a callbacks/logger group."""
     if not group:
         return []
-    return [hydra.utils.instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+    return [
+        hydra.utils.instantiate(c)
+        for c in group.values()
+        if isinstance(c, DictConfig) and "_target_" in c
+    ]
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
@@ -57,7 +61,14 @@ def checkpoint_report(trainer: L.Trainer, model) -> None:
     """Log trainable vs frozen parameters and the size of the checkpoints written."""
     counts = model.parameter_counts()
     callback = trainer.checkpoint_callback
-    paths = {p for p in (getattr(callback, "best_model_path", ""), getattr(callback, "last_model_path", "")) if p}
+    paths = {
+        p
+        for p in (
+            getattr(callback, "best_model_path", ""),
+            getattr(callback, "last_model_path", ""),
+        )
+        if p
+    }
     sizes = {Path(p).name: Path(p).stat().st_size / 2**20 for p in paths if Path(p).exists()}
     log.info(
         "trainable parameters %s, frozen %s; checkpoints: %s",
@@ -71,7 +82,9 @@ def checkpoint_report(trainer: L.Trainer, model) -> None:
 
 def write_metrics(metrics: dict, output_dir: str) -> dict[str, float]:
     """Write ``metrics.json`` in the run folder and print the figures as a table."""
-    values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in sorted(metrics.items())}
+    values = {
+        k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in sorted(metrics.items())
+    }
     out = Path(output_dir) / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(values, indent=2))

@@ -11,7 +11,14 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from flmm.runtime import CONFIG_PATH, build_trainer, checkpoint_report, exit_on_user_error, write_metrics, write_records
+from flmm.runtime import (
+    CONFIG_PATH,
+    build_trainer,
+    checkpoint_report,
+    exit_on_user_error,
+    write_metrics,
+    write_records,
+)
 
 log = logging.getLogger(__name__)
 

@@ -74,8 +74,15 @@ class ReferDataModule(L.LightningDataModule):
         if self._annotations is None:
             self._annotations = load_refer(self.root, self.dataset, self.split_by)
         data = ReferDataset(
-            self.root, self.image_dir, self.dataset, self.split_by, split, protocol,
-            seed=self.seed, max_phrases=self.max_phrases, annotations=self._annotations,
+            self.root,
+            self.image_dir,
+            self.dataset,
+            self.split_by,
+            split,
+            protocol,
+            seed=self.seed,
+            max_phrases=self.max_phrases,
+            annotations=self._annotations,
         )
         return data if limit is None else Subset(data, range(min(limit, len(data))))
 
@@ -93,8 +100,12 @@ class ReferDataModule(L.LightningDataModule):
 
     def _loader(self, data: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
-            data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            collate_fn=GroundingBatch.collate, persistent_workers=self.num_workers > 0,
+            data,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=GroundingBatch.collate,
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -23,17 +23,32 @@ from flmm.foundation.tiny_llava import build_tiny_llava
 log = logging.getLogger(__name__)
 
 
-def ensure_tiny_llava(cache_dir: str, pretrain_steps: int = 2000, seed: int = 0, batch_size: int = 32, image_size: int = 96) -> str:
+def ensure_tiny_llava(
+    cache_dir: str,
+    pretrain_steps: int = 2000,
+    seed: int = 0,
+    batch_size: int = 32,
+    image_size: int = 96,
+) -> str:
     """Path of the tiny LLaVA pretrained for ``pretrain_steps`` (0: random weights), built if missing."""
     out = Path(cache_dir) / f"tiny_llava_seed{seed}_steps{pretrain_steps}"
-    return _build_once(out, lambda tmp: _build_llava(tmp, pretrain_steps, seed, batch_size, image_size))
+    return _build_once(
+        out, lambda tmp: _build_llava(tmp, pretrain_steps, seed, batch_size, image_size)
+    )
 
 
-def ensure_tiny_sam(cache_dir: str, pretrain_steps: int = 600, seed: int = 0, image_size: int = 96) -> str:
+def ensure_tiny_sam(
+    cache_dir: str, pretrain_steps: int = 600, seed: int = 0, image_size: int = 96
+) -> str:
     """Path of the tiny SAM state dict pretrained on the world's promptable segmentation."""
     out = Path(cache_dir) / f"tiny_sam_seed{seed}_steps{pretrain_steps}.pth"
     scenes = world_scenes(image_size)
-    return _build_once(out, lambda tmp: pretrain_tiny_sam(tmp, scenes, steps=pretrain_steps, seed=seed, max_seconds=None))
+    return _build_once(
+        out,
+        lambda tmp: pretrain_tiny_sam(
+            tmp, scenes, steps=pretrain_steps, seed=seed, max_seconds=None
+        ),
+    )
 
 
 def world_scenes(image_size: int):
@@ -51,7 +66,9 @@ def _build_llava(tmp: Path, steps: int, seed: int, batch_size: int, image_size: 
     _remove(init)
     build_tiny_llava(init, vocabulary(), image_size=image_size, seed=seed)
     if steps:
-        pretrain_tiny_llava(init, tmp, steps=steps, batch_size=batch_size, seed=seed, image_size=image_size)
+        pretrain_tiny_llava(
+            init, tmp, steps=steps, batch_size=batch_size, seed=seed, image_size=image_size
+        )
         shutil.rmtree(init)
     else:
         init.rename(tmp)

@@ -28,7 +28,9 @@ def chat_prompts(processor, prompt: str, answer: str) -> tuple[str, str]:
     """The chat-template text with and without the answer (the latter ends at the answer's start)."""
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
     prefix = processor.apply_chat_template([user], add_generation_prompt=True)
-    full = processor.apply_chat_template([user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}])
+    full = processor.apply_chat_template(
+        [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    )
     return prefix, full
 
 
@@ -73,7 +75,13 @@ def pretrain_tiny_llava(
     pairs = pretraining_pairs(rng, image_size=image_size)
     losses: list[float] = []
     start = time.time()
-    columns = (TextColumn("pretraining tiny LLaVA"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("pretraining tiny LLaVA"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns) as progress:
         task = progress.add_task("pretrain", total=steps, loss=float("nan"))
         for step in range(steps):
@@ -87,9 +95,25 @@ def pretrain_tiny_llava(
             losses.append(loss.item())
             progress.update(task, advance=1, loss=float(np.mean(losses[-log_every:])))
             if (step + 1) % log_every == 0:
-                log.info("tiny LLaVA step %d/%d, loss %.3f, %.0f s", step + 1, steps, np.mean(losses[-log_every:]), time.time() - start)
+                log.info(
+                    "tiny LLaVA step %d/%d, loss %.3f, %.0f s",
+                    step + 1,
+                    steps,
+                    np.mean(losses[-log_every:]),
+                    time.time() - start,
+                )
     model.eval()
-    save_model(model, processor, out_dir, {"steps": steps, "seed": seed, "seconds": round(time.time() - start, 1), "final_loss": float(np.mean(losses[-log_every:])) if losses else None})
+    save_model(
+        model,
+        processor,
+        out_dir,
+        {
+            "steps": steps,
+            "seed": seed,
+            "seconds": round(time.time() - start, 1),
+            "final_loss": float(np.mean(losses[-log_every:])) if losses else None,
+        },
+    )
     return losses
 
 

@@ -113,7 +113,9 @@ class SamRefiner(nn.Module):
         counts = [len(c) for c in coarse_logits]
         owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
         masks = torch.cat([mask_prompt(self.sam, c, s) for c, s in zip(coarse_logits, input_sizes)])
-        boxes = torch.cat([boxes_from_masks(c.detach() > 0, s) for c, s in zip(coarse_logits, input_sizes)])
+        boxes = torch.cat(
+            [boxes_from_masks(c.detach() > 0, s) for c, s in zip(coarse_logits, input_sizes)]
+        )
         texts = [t for per_image in text_embeds for t in per_image]
         groups = defaultdict(list)
         for k, embeds in enumerate(texts):

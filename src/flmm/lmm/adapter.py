@@ -168,7 +168,9 @@ class FrozenLMM(nn.Module):
         inputs = self.processor(images=arrays, text=[text], return_tensors="pt").to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return self.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return self.processor.decode(
+            out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
 
     def prompt(self, text: str) -> tuple[str, int]:
         """The chat prompt with ``text`` as the assistant turn, and where ``text`` starts in it."""

@@ -20,8 +20,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 25),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
-           "diamond": "diamonds", "cross": "crosses"}
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "diamond": "diamonds",
+    "cross": "crosses",
+}
 SIZES = ("small", "large")
 SIZE_RADIUS = {"small": 0.085, "large": 0.15}  # half extent, as a fraction of the image side
 SHARE_COLOUR, SHARE_SHAPE = 0.4, 0.35  # chance that a distractor copies a colour / a shape
@@ -100,8 +105,10 @@ def _place(
         reach = 1.21 * r  # encloses every shape (the square's corners reach 0.85 * sqrt(2))
         for _ in range(100):
             c = tuple(rng.uniform(reach + 1, size - reach - 1, size=2))
-            if all(np.hypot(c[0] - o[0], c[1] - o[1]) >= reach + 1.21 * ro + GAP
-                   for o, ro in zip(centers, radii)):
+            if all(
+                np.hypot(c[0] - o[0], c[1] - o[1]) >= reach + 1.21 * ro + GAP
+                for o, ro in zip(centers, radii)
+            ):
                 centers.append(c)
                 break
         else:

@@ -51,12 +51,18 @@ class _Writer:
         self.images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
         for t, obj in enumerate(scene.objects):
             ann_id = len(self.annotations) + 1
-            self.annotations.append({
-                "id": ann_id, "image_id": image_id, "category_id": SHAPES.index(obj.shape) + 1,
-                "segmentation": mask_to_rle(obj.mask), "area": int(obj.mask.sum()),
-                "bbox": mask_to_bbox(obj.mask), "iscrowd": 0,
-                "attributes": {"shape": obj.shape, "colour": obj.colour, "size": obj.size},
-            })
+            self.annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": SHAPES.index(obj.shape) + 1,
+                    "segmentation": mask_to_rle(obj.mask),
+                    "area": int(obj.mask.sum()),
+                    "bbox": mask_to_bbox(obj.mask),
+                    "iscrowd": 0,
+                    "attributes": {"shape": obj.shape, "colour": obj.colour, "size": obj.size},
+                }
+            )
             expressions = sample_expressions(scene, t, rng, int(rng.integers(1, 4)))
             if expressions:
                 self._add_ref(expressions, self.annotations[-1], split, file_name)
@@ -67,23 +73,37 @@ class _Writer:
         sentences = []
         for e in expressions:
             self.n_sentences += 1
-            sentences.append({
-                "raw": e.text, "sent": e.text, "tokens": words(e.text), "sent_id": self.n_sentences,
-                "kind": e.kind, "colour_resolvable": e.colour_resolvable,
-            })
-        self.refs.append({
-            "ref_id": len(self.refs) + 1, "ann_id": ann["id"], "image_id": ann["image_id"],
-            "category_id": ann["category_id"], "split": split,
-            "sent_ids": [s["sent_id"] for s in sentences], "sentences": sentences,
-            "file_name": file_name.replace(".png", f"_{ann['id']}.png"),
-        })
+            sentences.append(
+                {
+                    "raw": e.text,
+                    "sent": e.text,
+                    "tokens": words(e.text),
+                    "sent_id": self.n_sentences,
+                    "kind": e.kind,
+                    "colour_resolvable": e.colour_resolvable,
+                }
+            )
+        self.refs.append(
+            {
+                "ref_id": len(self.refs) + 1,
+                "ann_id": ann["id"],
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"],
+                "split": split,
+                "sent_ids": [s["sent_id"] for s in sentences],
+                "sentences": sentences,
+                "file_name": file_name.replace(".png", f"_{ann['id']}.png"),
+            }
+        )
 
     def finish(self, manifest: dict) -> None:
         categories = [
             {"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)
         ]
         instances = {
-            "images": self.images, "annotations": self.annotations, "categories": categories
+            "images": self.images,
+            "annotations": self.annotations,
+            "categories": categories,
         }
         folder = self.root / DATASET
         (folder / "instances.json").write_text(json.dumps(instances))
@@ -103,8 +123,13 @@ def write_world(
     root = Path(root)
     if root.exists():
         raise FileExistsError(f"{root} exists; remove it or write the world elsewhere")
-    manifest = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed,
-                "image_size": image_size}
+    manifest = {
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "seed": seed,
+        "image_size": image_size,
+    }
     tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -128,8 +153,13 @@ def ensure_world(
     """Write the world at ``root`` unless the same world (same parameters) is already there."""
     root = Path(root)
     manifest_path = root / DATASET / "world.json"
-    wanted = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed,
-              "image_size": image_size}
+    wanted = {
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "seed": seed,
+        "image_size": image_size,
+    }
     if not root.exists():
         return write_world(root, n_train, n_val, n_test, seed, image_size)
     found = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
@@ -166,12 +196,23 @@ class SyntheticDataModule(ReferDataModule):
     """
 
     def __init__(
-        self, root: str | Path, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
-        world_seed: int = 0, image_size: int = 96, **kwargs,
+        self,
+        root: str | Path,
+        n_train: int = 2000,
+        n_val: int = 200,
+        n_test: int = 200,
+        world_seed: int = 0,
+        image_size: int = 96,
+        **kwargs,
     ) -> None:
         super().__init__(root, Path(root) / "images", dataset=DATASET, split_by=SPLIT_BY, **kwargs)
-        self.world = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": world_seed,
-                      "image_size": image_size}
+        self.world = {
+            "n_train": n_train,
+            "n_val": n_val,
+            "n_test": n_test,
+            "seed": world_seed,
+            "image_size": image_size,
+        }
 
     def prepare_data(self) -> None:
         ensure_world(self.root, **self.world)
