@@ -189,7 +189,7 @@ class FLMM(L.LightningModule):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: D102
         if not strict:
-            raise ValueError("flmm loads checkpoints strictly; strict=False is not supported")
+            raise ValueError("flmm loads checkpoints strictly; non-strict loading is not supported")
         return load_trainable_state(self.trainable_modules(), state_dict)
 
     # ---------------------------------------------------------------------------- forward pass
