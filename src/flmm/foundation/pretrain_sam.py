@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
-from flmm.foundation.tiny_sam import build_tiny_sam
+from flmm.heads.sam_build import build_tiny_sam
 from flmm.heads.sam_refiner import boxes_from_masks, mask_prompt, preprocess_image
 from flmm.losses import bce_dice_loss
 
