@@ -41,6 +41,8 @@ def test_overlays_are_logged_only_to_wandb(tiny_run, tmp_path, monkeypatch):
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("validate")
     batch = next(iter(datamodule.val_dataloader()))
+    with torch.no_grad():
+        pred = model(batch)
     logged = []
     monkeypatch.setattr(WandbLogger, "log_image", lambda self, **kw: logged.append(kw))
 
@@ -48,10 +50,10 @@ def test_overlays_are_logged_only_to_wandb(tiny_run, tmp_path, monkeypatch):
         is_global_zero, global_step = True, 0
         loggers = [CSVLogger(tmp_path)]
 
-    MaskOverlays(max_images=2).on_validation_batch_end(Trainer, model, None, batch, 0)
+    MaskOverlays(max_images=2).on_validation_batch_end(Trainer, model, pred, batch, 0)
     assert not logged
     Trainer.loggers = [WandbLogger(save_dir=str(tmp_path), offline=True, project="flmm-test")]
-    MaskOverlays(max_images=2).on_validation_batch_end(Trainer, model, None, batch, 0)
+    MaskOverlays(max_images=2).on_validation_batch_end(Trainer, model, pred, batch, 0)
     (call,) = logged
     assert call["key"] == "val/overlays" and len(call["images"]) == 2
     h, w = batch.images[0].shape[:2]

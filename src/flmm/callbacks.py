@@ -78,6 +78,8 @@ def fingerprint(module: torch.nn.Module) -> str:
 class MaskOverlays(L.Callback):
     """Log image / target / coarse / refined overlays of the first validation batch to W&B.
 
+    Uses the predictions ``validation_step`` returns, so nothing is computed twice.
+
     A no-op unless a ``WandbLogger`` is among the trainer's loggers.
 
     Args:
@@ -93,8 +95,7 @@ class MaskOverlays(L.Callback):
         wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         if wandb is None or batch_idx != 0 or not trainer.is_global_zero:
             return
-        with torch.no_grad():
-            pred = pl_module(batch)
+        pred = outputs  # the Predictions validation_step returned for this batch
         panels, captions = [], []
         for b in range(min(self.max_images, len(batch))):
             coarse = upsample_logits(pred.coarse_region[b], batch.masks[b].shape[-2:]) > 0

@@ -264,13 +264,13 @@ class FLMM(L.LightningModule):
         self.log("train/loss", losses["loss"], batch_size=len(batch), prog_bar=True)
         return losses["loss"]
 
-    def validation_step(self, batch: GroundingBatch, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+    def validation_step(self, batch: GroundingBatch, batch_idx: int) -> Predictions:
+        return self._evaluate(batch, "val")
 
     def test_step(self, batch: GroundingBatch, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def _evaluate(self, batch: GroundingBatch, split: str) -> None:
+    def _evaluate(self, batch: GroundingBatch, split: str) -> Predictions:
         pred = self(batch)
         losses = self.losses(batch, pred)
         self.log(f"{split}/loss", losses["loss"], batch_size=len(batch), sync_dist=True)
@@ -283,6 +283,7 @@ class FLMM(L.LightningModule):
                 self.test_records.extend(
                     phrase_records(batch.meta[b], batch.phrases(b), coarse, refined, target)
                 )
+        return pred
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
