@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from flmm.errors import ConfigError
 from flmm.lmm import FrozenLMM, get_family, list_lmms
 from flmm.types import GroundingBatch, GroundingSample
 
@@ -17,7 +18,7 @@ def lmm(tiny_llava_dir) -> FrozenLMM:
 
 def test_registry_lists_llava_and_rejects_unknown():
     assert "llava" in list_lmms()
-    with pytest.raises(KeyError, match="known families: .*llava"):
+    with pytest.raises(ConfigError, match="known families: .*llava"):
         get_family("no-such-family")
 
 

@@ -14,3 +14,11 @@ class CheckpointMismatchError(FlmmUserError, RuntimeError):
 
 class ModelLoadError(FlmmUserError, RuntimeError):
     """A model could not be loaded from the configured path or hub id."""
+
+
+class DataError(FlmmUserError, ValueError):
+    """A data file is corrupt or disagrees with its annotations; the message names file and record."""
+
+
+class ConfigError(FlmmUserError, ValueError):
+    """A configured value is not one of those allowed; the message lists them."""

@@ -68,7 +68,7 @@ def capture(
     num_phrases: int,
     merge: str = "mean",
 ) -> Iterator[Capture]:
-    """Activate capture for the forward passes run inside the ``with`` block (see :class:`Capture`)."""
+    """Activate capture for the forward passes inside the ``with`` block (see :class:`Capture`)."""
     state = Capture(rows, row_phrase, image_cols, num_phrases, merge)
     token = _ACTIVE.set(state)
     try:
@@ -189,7 +189,7 @@ def register() -> None:
 
 
 def use_capture(model: PreTrainedModel, text_config: str = "text_config") -> None:
-    """Switch the text decoder of ``model`` (its ``text_config`` sub-model) to ``"flmm_capture"``."""
+    """Switch the text decoder of ``model`` (its ``text_config`` sub-model) to flmm_capture."""
     register()
     model.set_attn_implementation({text_config: IMPLEMENTATION})
     impl = getattr(model.config, text_config)._attn_implementation

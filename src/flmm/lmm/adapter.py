@@ -1,4 +1,4 @@
-"""One generic adapter that turns a frozen HF vision-language model into a grounding feature extractor.
+"""One generic adapter turning a frozen HF vision-language model into a grounding feature extractor.
 
 ``FrozenLMM(batch) -> CaptureOutput``: the image and an instruction go in the user turn, the text to
 ground in the assistant turn (teacher forcing); one frozen forward over the whole batch captures the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,10 @@ import torch
 import transformers
 from torch import nn
 
-from flmm.attention.capture import capture, phrase_rows, use_capture
-from flmm.errors import ModelLoadError
-from flmm.lmm.families import Family, get_family, grid_shape
+from flmm.attention.capture import MERGES, capture, phrase_rows, use_capture
+from flmm.errors import ConfigError, ModelLoadError
+from flmm.lmm import grids
+from flmm.lmm.families import Family, family_of_model_type, get_family, list_lmms
 from flmm.types import CaptureOutput, GroundingBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,9 +34,25 @@ def _check_source(name_or_path: str) -> None:
     looks_local = name_or_path.startswith(("/", ".", "~")) or not HUB_ID.match(name_or_path)
     if looks_local and not path.exists():
         raise FileNotFoundError(
-            f"LMM path {str(path)!r} does not exist. Point model.lmm.name_or_path=... at a directory saved with "
-            "save_pretrained (or a HF hub id such as 'llava-hf/llava-1.5-7b-hf'); a tiny local one "
-            "can be built with flmm.foundation.tiny_llava.build_tiny_llava(out_dir)."
+            f"LMM path {str(path)!r} does not exist. Point model.lmm.name_or_path=... at a "
+            "directory saved with save_pretrained (or a HF hub id such as "
+            "'llava-hf/llava-1.5-7b-hf'); a tiny local one of any family can be built with "
+            "flmm.foundation.tiny_models.build_tiny_lmm(out_dir, family)."
+        )
+
+
+def _check_model_type(name_or_path: str, family: Family, trust_remote_code: bool) -> None:
+    """Raise :class:`ModelLoadError` when the checkpoint is not a model of ``family``."""
+    config = transformers.AutoConfig.from_pretrained(
+        name_or_path, trust_remote_code=trust_remote_code
+    )
+    expected = getattr(transformers, family.model_class).config_class.model_type
+    if config.model_type != expected:
+        match = family_of_model_type(config.model_type)
+        fix = f"model.lmm.family={match}" if match else f"one of: {', '.join(list_lmms())}"
+        raise ModelLoadError(
+            f"{name_or_path!r} holds a {config.model_type!r} model, but the {family.name!r} family "
+            f"loads {expected!r} models; set {fix}"
         )
 
 
@@ -59,6 +77,7 @@ class FrozenLMM(nn.Module):
         text_layers: keep hidden states of the last ``text_layers`` decoder layers (None = all).
         merge: ``"mean"`` or ``"max"`` over the tokens of a phrase.
         instruction: user-turn instruction (the family's default when None).
+        grid_size: side ``F`` of the output attention grid (the family's rule when None).
     """
 
     def __init__(
@@ -70,6 +89,7 @@ class FrozenLMM(nn.Module):
         text_layers: int | None = None,
         merge: str = "mean",
         instruction: str | None = None,
+        grid_size: int | None = None,
     ) -> None:
         super().__init__()
         self.model, self.processor, self.family, self._model_id = model, processor, family, model_id
@@ -80,10 +100,15 @@ class FrozenLMM(nn.Module):
         total = len(self.layers)
         self._text_layers = total if text_layers is None else text_layers
         if not 1 <= self._text_layers <= total:
-            raise ValueError(f"text_layers must be in [1, {total}], got {text_layers}")
-        self.image_token_id = getattr(model.config, family.image_token_attr)
-        self._grid = grid_shape(family, model.config)
+            raise ConfigError(f"model.lmm.text_layers must be in [1, {total}], got {text_layers}")
+        if merge not in MERGES:
+            raise ConfigError(f"model.lmm.merge must be one of {MERGES}, got {merge!r}")
+        self.image_token_id = processor.image_token_id
         processor.tokenizer.padding_side = "right"
+        side = self._default_grid_side() if grid_size is None else grid_size
+        if side < 1:
+            raise ConfigError(f"model.lmm.grid_size must be a positive integer, got {grid_size}")
+        self._grid = (side, side)
         use_capture(model, family.text_config)
         self.model.requires_grad_(False)
         self.eval()
@@ -98,20 +123,23 @@ class FrozenLMM(nn.Module):
         merge: str = "mean",
         instruction: str | None = None,
         trust_remote_code: bool = False,
+        grid_size: int | None = None,
     ) -> FrozenLMM:
-        """Load model and processor with ``from_pretrained`` (a local dir or a hub id)."""
+        """Load model and processor with ``from_pretrained`` (a local dir or a hub id).
+
+        Remote code shipped with a checkpoint runs only with ``trust_remote_code=True``.
+        """
         name_or_path = str(name_or_path)
         fam = get_family(family)
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            raise ConfigError(f"model.lmm.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         _check_source(name_or_path)
-        model_cls = getattr(transformers, fam.model_class)
-        processor_cls = getattr(transformers, fam.processor_class)
         try:
-            model = model_cls.from_pretrained(
+            _check_model_type(name_or_path, fam, trust_remote_code)
+            model = getattr(transformers, fam.model_class).from_pretrained(
                 name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
             )
-            processor = processor_cls.from_pretrained(
+            processor = getattr(transformers, fam.processor_class).from_pretrained(
                 name_or_path, trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError, KeyError) as err:
@@ -119,10 +147,12 @@ class FrozenLMM(nn.Module):
                 "local directory" if Path(name_or_path).exists() else "hub id (no such local path)"
             )
             raise ModelLoadError(
-                f"could not load a {fam.model_class} / {fam.processor_class} ({family!r} family) from "
-                f"{where} {name_or_path!r}: {err}\nCheck model.lmm.name_or_path=... and model.lmm.family=..."
+                f"could not load a {fam.model_class} / {fam.processor_class} ({family!r} family) "
+                f"from {where} {name_or_path!r}: {err}\n"
+                "Check model.lmm.name_or_path=... and model.lmm.family=...; code shipped with a "
+                "checkpoint runs only with model.lmm.trust_remote_code=true"
             ) from err
-        return cls(model, processor, fam, name_or_path, text_layers, merge, instruction)
+        return cls(model, processor, fam, name_or_path, text_layers, merge, instruction, grid_size)
 
     def train(self, mode: bool = True) -> FrozenLMM:
         """Always stays in eval mode: the LMM is frozen."""
@@ -135,12 +165,38 @@ class FrozenLMM(nn.Module):
 
     @property
     def channels(self) -> int:
-        """``L * H``: attention channels per phrase (all decoder layers x heads)."""
-        return len(self.layers) * self.text_config.num_attention_heads
+        """``L * H`` attention channels per phrase (all decoder layers x heads); ``2 * L * H`` for
+        any-res families (base and high-res grids)."""
+        parts = grids.PARTS[self.family.grid]
+        return parts * len(self.layers) * self.text_config.num_attention_heads
 
     @property
     def grid(self) -> tuple[int, int]:
+        """``(F, F)``: the square frame every attention map is placed on."""
         return self._grid
+
+    def _default_grid_side(self) -> int:
+        """The family's frame side: the token grid of a probe image (``"square"``), ``fine_scale``
+        x the base tile's grid (``"anyres"``) or the family's fixed ``grid_size``."""
+        if self.family.grid == "anyres":
+            return self.family.fine_scale * grids.base_side(self.model.config)
+        if self.family.grid != "square":
+            return self.family.grid_size
+        probe = np.zeros((64, 64, 3), dtype=np.uint8)
+        enc = self._process([probe], [self.prompt("a")[0]])
+        count = int((enc["input_ids"][0] == self.image_token_id).sum())
+        return grids.square(self, enc, 0, count)[0].height
+
+    def _process(self, images: list[np.ndarray], texts: list[str]):
+        """The processor on images and prompts, right-padded, with the family's extra arguments."""
+        return self.processor(
+            images=images,
+            text=texts,
+            return_tensors="pt",
+            padding=True,
+            input_data_format="channels_last",
+            **self.family.processor_kwargs,
+        )
 
     @property
     def hidden_size(self) -> int:
@@ -165,7 +221,7 @@ class FrozenLMM(nn.Module):
         arrays, _ = self._images([torch.as_tensor(image)])
         user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
         text = self.processor.apply_chat_template([user], add_generation_prompt=True)
-        inputs = self.processor(images=arrays, text=[text], return_tensors="pt").to(self.device)
+        inputs = self._process(arrays, [text]).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         return self.processor.decode(
@@ -192,16 +248,15 @@ class FrozenLMM(nn.Module):
         return full, start
 
     def _images(self, images: list[torch.Tensor]) -> tuple[list[np.ndarray], torch.Tensor]:
-        """Processor-ready images (padded to a square if the family needs it) and ``B x 2`` region."""
+        """Processor-ready images (padded to a square if the family needs it) and ``B x 2`` region:
+        the fraction ``(H/S, W/S)`` of the square frame (``S = max(H, W)``) the image covers."""
         arrays = [img.cpu().numpy() for img in images]
-        region = torch.ones(len(arrays), 2)
+        region = torch.tensor([[a.shape[0], a.shape[1]] for a in arrays], dtype=torch.float32)
+        region = region / region.amax(1, keepdim=True)
         if not self.family.pad_to_square:
             return arrays, region
         mean = getattr(self.processor.image_processor, "image_mean", None) or [0.0, 0.0, 0.0]
         fill = np.round(np.asarray(mean) * 255).astype(np.uint8)
-        for b, arr in enumerate(arrays):
-            side = max(arr.shape[:2])
-            region[b] = torch.tensor([arr.shape[0] / side, arr.shape[1] / side])
         return [pad_to_square(a, fill) for a in arrays], region
 
     def _token_phrase(
@@ -237,26 +292,47 @@ class FrozenLMM(nn.Module):
                 token_phrase[b, torch.tensor(hits) + n - len(tail)] = k
         return token_phrase
 
-    def _image_cols(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``B x P`` positions of the image tokens (``P = h * w``)."""
+    def image_columns(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """``B x P`` sequence positions of the image tokens and each sample's count ``P_b``
+        (``P = max P_b``; shorter rows repeat their last position)."""
         is_image = input_ids == self.image_token_id
-        expected = self._grid[0] * self._grid[1]
-        counts = is_image.sum(1)
-        if not bool((counts == expected).all()):
-            raise RuntimeError(
-                f"expected {expected} image tokens per sample, got {counts.tolist()}"
-            )
-        return is_image.nonzero()[:, 1].view(len(input_ids), expected)
+        counts = is_image.sum(1).tolist()
+        if min(counts) == 0:
+            raise RuntimeError(f"a sample has no image tokens (counts {counts})")
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        keyed = torch.where(is_image, positions, positions + input_ids.shape[1])
+        cols = keyed.sort(1).values[:, : max(counts)]
+        last = cols.gather(1, torch.tensor(counts, device=cols.device)[:, None] - 1)
+        return torch.where(cols < input_ids.shape[1], cols, last), counts
+
+    def layouts(
+        self, enc: dict, counts: list[int]
+    ) -> list[list[tuple[grids.TokenGrid, torch.Tensor]]]:
+        """Per sample, its image-token grids and their positions among its image tokens."""
+        return [grids.layout(self, enc, b, n) for b, n in enumerate(counts)]
+
+    def to_grid(self, maps: torch.Tensor, layouts: list, region: torch.Tensor) -> torch.Tensor:
+        """``B x K x L x H x P`` captured attention -> ``B x K x C x F x F`` on the square frame.
+
+        Grids of square-padded families cover the whole frame; the others cover the image and
+        are resampled onto its ``region`` (top-left) of the frame.
+        """
+        side = self._grid[0]
+        out = []
+        for b, layout in enumerate(layouts):
+            box = (side, side)
+            if not self.family.pad_to_square:
+                box = tuple(max(1, round(float(f) * side)) for f in region[b])
+            out.append(grids.to_frame(maps[b], layout, side, box))
+        return torch.stack(out)
 
     def encode(self, batch: GroundingBatch) -> dict[str, torch.Tensor]:
-        """Model inputs (right-padded ``input_ids``, ``attention_mask``, ``pixel_values``) on the
-        model's device, plus ``token_phrase`` (``B x N``, -1 outside phrases) and ``region`` (``B x 2``).
-        """
+        """Model inputs (right-padded ``input_ids``, ``attention_mask``, ``pixel_values`` and the
+        family's extras) on the model's device, plus ``token_phrase`` (``B x N``, -1 outside
+        phrases) and ``region`` (``B x 2``)."""
         prompts = [self.prompt(text) for text in batch.texts]
         images, region = self._images(batch.images)
-        enc = self.processor(
-            images=images, text=[p for p, _ in prompts], return_tensors="pt", padding=True
-        )
+        enc = self._process(images, [p for p, _ in prompts])
         enc["token_phrase"] = self._token_phrase(prompts, batch, enc)
         enc["region"] = region
         enc = {k: v.to(self.device) for k, v in enc.items()}
@@ -270,7 +346,8 @@ class FrozenLMM(nn.Module):
         token_phrase, region = inputs.pop("token_phrase"), inputs.pop("region")
         rows, row_phrase = phrase_rows(token_phrase)
         num_phrases = max(batch.num_phrases)
-        image_cols = self._image_cols(inputs["input_ids"])
+        image_cols, counts = self.image_columns(inputs["input_ids"])
+        layouts = self.layouts(inputs, counts)
         hidden: list[torch.Tensor] = []
         hooks = [
             layer.register_forward_hook(self._hidden_hook(rows, hidden))
@@ -285,7 +362,7 @@ class FrozenLMM(nn.Module):
         maps = state.stacked()  # B x K x L x H x P
         keep = (row_phrase >= 0)[:, None, :, None]
         return CaptureOutput(
-            maps=maps.flatten(2, 3).unflatten(-1, self._grid).float(),
+            maps=self.to_grid(maps.float(), layouts, region),
             phrase_mask=torch.arange(num_phrases, device=self.device)[None]
             < torch.tensor(batch.num_phrases, device=self.device)[:, None],
             hidden=(torch.stack(hidden, 1) * keep).float(),
@@ -302,3 +379,47 @@ class FrozenLMM(nn.Module):
             store.append(states.gather(1, rows[..., None].expand(-1, -1, states.shape[-1])))
 
         return hook
+
+    # -------------------------------------------- conversation: chat, visual chain of thought
+    def chat_inputs(
+        self, images: list[np.ndarray], question: str, answer_prefix: str = ""
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs of one user turn (``images`` in order, then ``question``), ready to generate
+        the assistant turn, which starts with ``answer_prefix``.
+
+        Each image is ``H x W x 3`` uint8; several images need a processor that takes several
+        image entries in one turn (LLaVA's does).
+        """
+        arrays, _ = self._images([torch.as_tensor(np.ascontiguousarray(i)) for i in images])
+        content = [{"type": "image"} for _ in arrays] + [{"type": "text", "text": question}]
+        user = {"role": "user", "content": content}
+        text = self.processor.apply_chat_template([user], add_generation_prompt=True)
+        text = text + answer_prefix
+        inputs = self.processor(images=arrays, text=[text], return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    @torch.no_grad()
+    def generate(
+        self, images: list[np.ndarray], question: str, answer_prefix: str = "", **gen
+    ) -> str:
+        """The LMM's answer to ``question`` about ``images`` via HF ``generate`` (the new text
+        after ``answer_prefix``).
+
+        ``gen`` goes to ``generate`` unchanged (``max_new_tokens``, ``do_sample``, ``top_p``,
+        ``streamer``...).
+        """
+        inputs = self.chat_inputs(images, question, answer_prefix)
+        out = self.model.generate(**inputs, **gen)
+        new = out[0, inputs["input_ids"].shape[1] :]
+        return self.processor.decode(new, skip_special_tokens=True)
+
+    @contextmanager
+    def user_turn(self, question: str):
+        """Within the block, prompts put ``question`` in the user turn instead of the instruction,
+        so :meth:`forward` captures the attention of an actual conversation (not thread-safe)."""
+        saved, self.instruction = self.instruction, question
+        try:
+            yield self
+        finally:
+            self.instruction = saved

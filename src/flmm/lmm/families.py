@@ -1,12 +1,18 @@
 """What differs between HF vision-language model families, kept as data (one row per family).
 
-A new family is a new :class:`Family` row in :data:`FAMILIES`; the generic adapter
-(:class:`flmm.lmm.adapter.FrozenLMM`) reads only these fields.
+A new family is a new :class:`Family` row in :data:`FAMILIES` (plus a ``conf/model/lmm/*.yaml``);
+the generic adapter (:class:`flmm.lmm.adapter.FrozenLMM`) reads only these fields, and the grid
+rules it names live in :mod:`flmm.lmm.grids`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import transformers
+
+from flmm.errors import ConfigError
+from flmm.lmm.grids import GRIDS
 
 DEFAULT_INSTRUCTION = "Please give me a description of the image."
 
@@ -19,39 +25,111 @@ class Family:
         name: registry key (``model.lmm.family=...``).
         model_class: ``transformers`` class name of the full model.
         processor_class: ``transformers`` class name of the processor.
+        checkpoints: real hub checkpoints of the family (documentation and configs).
+        grid: the rule laying image tokens out on 2-D grids (a key of
+            :data:`flmm.lmm.grids.GRIDS`): ``"square"`` one ``S x S`` grid, ``S^2`` = the image
+            tokens the processor inserts; ``"anyres"`` the base ``S x S`` grid plus the unpadded
+            high-res grid without its newline tokens; ``"thw"`` the merged ``image_grid_thw`` grid.
+        pad_to_square: pad images to a square (top-left) before the processor, so that its
+            resize/crop keeps the whole image and the grid covers the square frame; otherwise the
+            grids cover the image itself and are resampled onto its region of the frame.
+        fine_scale: any-res: the output grid side is ``fine_scale`` x the base grid side.
+        grid_size: the output grid side when the token grid has no fixed size (``"thw"``).
+        processor_kwargs: keyword arguments for every processor call.
         text_config: name of the text sub-config (the decoder that gets ``"flmm_capture"``).
         decoder_layers: attribute path from the full model to its decoder layer list.
-        image_token_attr: config attribute holding the image token id.
-        grid: how image tokens map to a 2-D grid; ``"square"`` = ``(S, S)`` with
-            ``S = vision_config.image_size // vision_config.patch_size``, row-major.
-        pad_to_square: pad images to a square (top-left) before the processor, so that its
-            resize/crop keeps the whole image.
         instruction: default user-turn instruction.
     """
 
     name: str
     model_class: str
     processor_class: str
-    text_config: str
-    decoder_layers: str
-    image_token_attr: str
-    grid: str
-    pad_to_square: bool
+    checkpoints: tuple[str, ...]
+    grid: str = "square"
+    pad_to_square: bool = True
+    fine_scale: int = 1
+    grid_size: int | None = None
+    processor_kwargs: dict = field(default_factory=dict)
+    text_config: str = "text_config"
+    decoder_layers: str = "model.language_model.layers"
     instruction: str = DEFAULT_INSTRUCTION
+
+    def __post_init__(self) -> None:
+        if self.grid not in GRIDS:
+            raise ValueError(f"family {self.name!r}: grid must be one of {sorted(GRIDS)}")
+        if self.grid == "thw" and not self.grid_size:
+            raise ValueError(f"family {self.name!r}: the 'thw' grid rule needs a grid_size")
 
 
 FAMILIES: dict[str, Family] = {
-    "llava": Family(
-        name="llava",
-        model_class="LlavaForConditionalGeneration",
-        processor_class="LlavaProcessor",
-        text_config="text_config",
-        decoder_layers="model.language_model.layers",
-        image_token_attr="image_token_id",
-        grid="square",
-        pad_to_square=True,
-    ),
+    f.name: f
+    for f in (
+        Family(
+            "llava",
+            "LlavaForConditionalGeneration",
+            "LlavaProcessor",
+            ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf"),
+        ),
+        Family(
+            "llava_next",
+            "LlavaNextForConditionalGeneration",
+            "LlavaNextProcessor",
+            ("llava-hf/llava-v1.6-vicuna-7b-hf", "llava-hf/llava-v1.6-mistral-7b-hf"),
+            grid="anyres",
+            pad_to_square=False,
+            fine_scale=2,
+        ),
+        Family(
+            "llava_onevision",
+            "LlavaOnevisionForConditionalGeneration",
+            "LlavaOnevisionProcessor",
+            (
+                "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+                "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+            ),
+            grid="anyres",
+            pad_to_square=False,
+            fine_scale=2,
+        ),
+        Family(
+            "qwen2_5_vl",
+            "Qwen2_5_VLForConditionalGeneration",
+            "Qwen2_5_VLProcessor",
+            ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
+            grid="thw",
+            pad_to_square=False,
+            grid_size=32,
+        ),
+        Family(
+            "internvl",
+            "InternVLForConditionalGeneration",
+            "InternVLProcessor",
+            ("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-8B-hf"),
+            processor_kwargs={"crop_to_patches": False},
+        ),
+        Family(
+            "deepseek_vl",
+            "DeepseekVLForConditionalGeneration",
+            "DeepseekVLProcessor",
+            ("deepseek-community/deepseek-vl-1.3b-chat",),
+        ),
+        Family(
+            "deepseek_vl_hybrid",
+            "DeepseekVLHybridForConditionalGeneration",
+            "DeepseekVLHybridProcessor",
+            ("deepseek-community/deepseek-vl-7b-chat",),
+        ),
+    )
 }
+
+
+def family_of_model_type(model_type: str) -> str | None:
+    """The registered family whose model class has HF config ``model_type`` (None if none)."""
+    for family in FAMILIES.values():
+        config_class = getattr(transformers, family.model_class).config_class
+        if config_class.model_type == model_type:
+            return family.name
+    return None
 
 
 def list_lmms() -> list[str]:
@@ -60,18 +138,11 @@ def list_lmms() -> list[str]:
 
 
 def get_family(name: str) -> Family:
-    """The :class:`Family` registered under ``name``; a clear ``KeyError`` listing known names."""
+    """The :class:`Family` registered under ``name``; a :class:`ConfigError` lists known names."""
     try:
         return FAMILIES[name]
     except KeyError:
-        raise KeyError(
-            f"unknown LMM family {name!r}; known families: {', '.join(list_lmms())}"
+        raise ConfigError(
+            f"unknown LMM family {name!r}; known families: {', '.join(list_lmms())} "
+            "(set model.lmm.family=...)"
         ) from None
-
-
-def grid_shape(family: Family, config) -> tuple[int, int]:
-    """``(h, w)`` of the image-token grid of a model with this family and HF ``config``."""
-    if family.grid == "square":
-        side = config.vision_config.image_size // config.vision_config.patch_size
-        return side, side
-    raise ValueError(f"family {family.name!r} has an unknown grid rule {family.grid!r}")

@@ -1,0 +1,358 @@
+"""Every registered LMM family, through a tiny model of its real HF classes saved and reloaded.
+
+Parametrised over ``list_lmms()``: a new family row is tested automatically
+(``pytest -k registry``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import CONF, TINY, compose_cfg, make_sample
+from omegaconf import OmegaConf
+
+from flmm.errors import ConfigError, ModelLoadError
+from flmm.foundation.tiny_models import build_tiny_lmm
+from flmm.heads import build_sam
+from flmm.lit_module import FLMM
+from flmm.lmm import Family, FrozenLMM, get_family, list_lmms
+from flmm.lmm.grids import PARTS
+from flmm.train import train
+from flmm.types import GroundingBatch
+
+FAMILIES = list_lmms()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory):
+    """``family -> folder`` of a random tiny model of that family, each built once per session."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_lmm(tmp_path_factory.mktemp(f"tiny_{family}"), family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_lmms(tiny_dirs):
+    """``family -> FrozenLMM`` loaded from its saved folder, each loaded once per session."""
+    loaded: dict[str, FrozenLMM] = {}
+
+    def get(family: str) -> FrozenLMM:
+        if family not in loaded:
+            loaded[family] = FrozenLMM.from_pretrained(tiny_dirs(family), family=family)
+        return loaded[family]
+
+    return get
+
+
+@pytest.fixture
+def shapes_batch() -> GroundingBatch:
+    """A wide, a tall and a square image; 2, 3 and 1 phrases."""
+    return GroundingBatch.collate(
+        [
+            make_sample("The red circle, left.", ["red circle", "left"], 60, 90, seed=0),
+            make_sample(
+                "a blue square and a green star on the right top",
+                ["blue square", "green star", "right top"],
+                90,
+                40,
+                seed=1,
+            ),
+            make_sample("red", ["red"], 50, 50, seed=2),
+        ]
+    )
+
+
+def test_registry_lists_every_family():
+    assert set(FAMILIES) == {
+        "llava",
+        "llava_next",
+        "llava_onevision",
+        "qwen2_5_vl",
+        "internvl",
+        "deepseek_vl",
+        "deepseek_vl_hybrid",
+    }
+    with pytest.raises(ConfigError, match="known families: .*qwen2_5_vl"):
+        get_family("minigemini")
+    with pytest.raises(ValueError, match="grid must be one of"):
+        Family("new", "NewForConditionalGeneration", "NewProcessor", (), grid="hexagonal")
+    with pytest.raises(ValueError, match="needs a grid_size"):
+        Family("new", "NewForConditionalGeneration", "NewProcessor", (), grid="thw")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_loads_frozen_with_contract_shapes(family, tiny_lmms, shapes_batch):
+    lmm = tiny_lmms(family)
+    config = lmm.model.config.text_config
+    parts = PARTS[get_family(family).grid]
+    assert lmm.channels == parts * config.num_hidden_layers * config.num_attention_heads
+    assert parts == (2 if family in ("llava_next", "llava_onevision") else 1)
+    assert not any(p.requires_grad for p in lmm.parameters()) and not lmm.training
+    out = lmm(shapes_batch)
+    assert out.maps.shape == (3, 3, lmm.channels, *lmm.grid)
+    assert out.maps[~out.phrase_mask].abs().sum() == 0
+    expected = torch.tensor([[60 / 90, 1.0], [1.0, 40 / 90], [1.0, 1.0]])
+    assert torch.allclose(out.region.cpu(), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_maps_stay_inside_the_image_region(family, tiny_lmms, shapes_batch):
+    """Grids of unpadded families land on the image's top-left region of the frame only;
+    those of square-padded families cover the whole frame (the model saw the padded square)."""
+    lmm = tiny_lmms(family)
+    maps = lmm(shapes_batch).maps
+    side = lmm.grid[0]
+    tall = maps[1, 0].sum(0)  # a 90 x 40 image: columns right of 40/90 of the frame are padding
+    inside = round(side * 40 / 90)
+    if get_family(family).pad_to_square:
+        assert (tall > 0).all()
+    else:
+        assert tall[:, inside:].abs().sum() == 0 and (tall[:, :inside] > 0).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_image_tokens_match_processor_and_model(family, tiny_lmms, shapes_batch):
+    """Grids against the processor's own outputs and the model's own placement of features."""
+    lmm = tiny_lmms(family)
+    enc = lmm.encode(shapes_batch)
+    cols, counts = lmm.image_columns(enc["input_ids"])
+    layouts = lmm.layouts(enc, counts)
+    for b, (layout, count) in enumerate(zip(layouts, counts)):
+        on_grid = torch.cat([index for _, index in layout])
+        assert len(set(on_grid.tolist())) == len(on_grid) <= count
+        assert torch.equal(
+            enc["input_ids"][b, cols[b, :count]], torch.full((count,), lmm.image_token_id)
+        )
+        grid = layout[-1][0]
+        height, width = shapes_batch.images[b].shape[:2]
+        if not get_family(family).pad_to_square:  # the grid follows the image's aspect ratio
+            assert (grid.height > grid.width) == (height > width)
+            assert (grid.height < grid.width) == (height < width)
+    check = GRID_CHECKS.get(get_family(family).grid)
+    if check:
+        check(lmm, enc, cols, counts, layouts)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_chat_still_answers(family, tiny_lmms, shapes_batch):
+    """The frozen model's own greedy generation works through the adapter, as before capture."""
+    lmm = tiny_lmms(family)
+    image = shapes_batch.images[0]
+    answer = lmm.answer(image, "what is in the image?", max_new_tokens=3)
+    assert isinstance(answer, str) and answer.strip()
+    assert lmm.generate([image.numpy()], "what is in the image?", max_new_tokens=3) == answer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_extreme_aspect_ratios(family, tiny_lmms):
+    """Slivers and a 1-pixel image: grids still agree with the processor and the model."""
+    batch = GroundingBatch.collate(
+        [make_sample("red circle", ["red"], h, w, seed=i) for i, (h, w) in enumerate(SLIVERS)]
+    )
+    lmm = tiny_lmms(family)
+    enc = lmm.encode(batch)
+    cols, counts = lmm.image_columns(enc["input_ids"])
+    layouts = lmm.layouts(enc, counts)
+    GRID_CHECKS[get_family(family).grid](lmm, enc, cols, counts, layouts)
+    maps = lmm(batch).maps
+    assert maps.shape == (len(SLIVERS), 1, lmm.channels, *lmm.grid) and maps.isfinite().all()
+    assert (maps.flatten(2).sum(-1) > 0).all()
+
+
+SLIVERS = [(8, 100), (100, 8), (500, 20), (1, 1)]
+
+
+def _square_check(lmm, enc, cols, counts, layouts):
+    for (grid, index), count in zip([lay[0] for lay in layouts], counts):
+        assert grid.height * grid.width == count and (grid.height, grid.width) == lmm.grid
+
+
+def _anyres_check(lmm, enc, cols, counts, layouts):
+    """Newline embeddings sit exactly at the image tokens that no grid covers."""
+    seen: list[torch.Tensor] = []
+
+    def keep_input(module, args, kwargs):
+        seen.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    hook = lmm.layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            lmm.model(**{k: v for k, v in enc.items() if k not in ("token_phrase", "region")})
+    finally:
+        hook.remove()
+    newline = lmm.model.model.image_newline
+    for b, (layout, count) in enumerate(zip(layouts, counts)):
+        embeds = seen[0][b, cols[b, :count]]
+        is_newline = torch.isclose(embeds, newline.to(embeds)).all(-1)
+        off_grid = torch.ones(count, dtype=torch.bool)
+        off_grid[torch.cat([index for _, index in layout])] = False
+        assert torch.equal(is_newline, off_grid) and int(off_grid.sum()) == layout[1][0].height
+        base = layout[0][0]
+        assert (
+            base.height * base.width
+            == (
+                lmm.model.config.vision_config.image_size
+                // lmm.model.config.vision_config.patch_size
+            )
+            ** 2
+        )
+
+
+def _thw_check(lmm, enc, cols, counts, layouts):
+    """The grid rows/cols equal the model's own 2-D rope positions of the image tokens."""
+    positions, _ = lmm.model.model.get_rope_index(
+        enc["input_ids"],
+        enc["mm_token_type_ids"],
+        enc["image_grid_thw"],
+        attention_mask=enc["attention_mask"],
+    )
+    merge = lmm.processor.image_processor.merge_size
+    for b, (layout, count) in enumerate(zip(layouts, counts)):
+        ((grid, index),) = layout
+        assert [grid.height * merge, grid.width * merge] == enc["image_grid_thw"][b, 1:].tolist()
+        rows = positions[1, b, cols[b, :count]][index]
+        cols_ = positions[2, b, cols[b, :count]][index]
+        assert torch.equal(
+            (rows - rows.min()).view(grid.height, grid.width),
+            torch.arange(grid.height)[:, None].expand(-1, grid.width),
+        )
+        assert torch.equal(
+            (cols_ - cols_.min()).view(grid.height, grid.width),
+            torch.arange(grid.width)[None].expand(grid.height, -1),
+        )
+
+
+GRID_CHECKS = {"square": _square_check, "anyres": _anyres_check, "thw": _thw_check}
+
+
+def eager_raw(path, family: str, lmm: FrozenLMM, inputs: dict, token_phrase, cols, num_phrases):
+    """Reference: eager ``output_attentions=True``, phrase rows x image columns, mean per phrase."""
+    model_class = getattr(transformers, get_family(family).model_class)
+    eager = model_class.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        weights = torch.stack(eager(**inputs, output_attentions=True).attentions, 1)
+    batch, layers, heads = weights.shape[:3]
+    out = torch.zeros(batch, num_phrases, layers, heads, cols.shape[1])
+    for b in range(batch):
+        for k in range(num_phrases):
+            rows = (token_phrase[b] == k).nonzero()[:, 0]
+            if len(rows):
+                out[b, k] = weights[b][:, :, rows][..., cols[b]].mean(2)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_capture_matches_eager(family, tiny_dirs, tiny_lmms, shapes_batch):
+    lmm = tiny_lmms(family)
+    inputs = lmm.encode(shapes_batch)
+    token_phrase, region = inputs.pop("token_phrase"), inputs.pop("region")
+    cols, counts = lmm.image_columns(inputs["input_ids"])
+    raw = eager_raw(tiny_dirs(family), family, lmm, inputs, token_phrase, cols, 3)
+    expected = lmm.to_grid(raw, lmm.layouts(inputs, counts), region)
+    maps = lmm(shapes_batch).maps
+    assert maps.shape == expected.shape
+    assert (maps - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, shapes_batch, tmp_path):
+    """One optimiser step of the full F-LMM; the checkpoint records channels and grid, reloads."""
+    lmm = tiny_lmms(family)
+    torch.manual_seed(0)
+    model = FLMM.build(lmm, build_sam("tiny"), base_channels=8, lr=1e-3)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    first = model.mask_head.down[0][0].weight.detach().clone()
+    loss = model.losses(shapes_batch, model(shapes_batch))["loss"]
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(first, model.mask_head.down[0][0].weight)
+    assert first.shape[1] == lmm.channels
+    assert not any(p.grad is not None for p in lmm.parameters())
+    ckpt: dict = {"hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(ckpt)
+    assert ckpt["flmm"]["channels"] == lmm.channels and ckpt["flmm"]["grid"] == list(lmm.grid)
+    assert ckpt["flmm"]["family"] == family
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    again = FLMM.from_checkpoint(str(tmp_path / "last.ckpt"), lmm, build_sam("tiny"))
+    assert torch.equal(again.mask_head.down[0][0].weight, model.mask_head.down[0][0].weight)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_configs_name_real_checkpoints(family):
+    """A tiny config per family; real configs load the family's own hub checkpoints."""
+    real = {}
+    for path in (CONF / "model" / "lmm").glob("*.yaml"):
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        if "_target_" not in cfg:  # a delta over another lmm config
+            continue
+        assert cfg.get("trust_remote_code") is False, f"{path.name} must not trust remote code"
+        if cfg.get("family") == family and isinstance(cfg["name_or_path"], str):
+            real[path.stem] = cfg["name_or_path"]
+    assert real and set(real.values()) <= set(get_family(family).checkpoints)
+    tiny = OmegaConf.load(CONF / "model" / "lmm" / f"{family}_tiny.yaml")
+    assert tiny["family"] == family and tiny["name_or_path"]["family"] == family
+
+
+def test_registry_grid_size_override(tiny_dirs, shapes_batch):
+    lmm = FrozenLMM.from_pretrained(tiny_dirs("qwen2_5_vl"), family="qwen2_5_vl", grid_size=6)
+    assert lmm.grid == (6, 6) and lmm(shapes_batch).maps.shape[-2:] == (6, 6)
+    with pytest.raises(ConfigError, match="model.lmm.grid_size"):
+        FrozenLMM.from_pretrained(tiny_dirs("qwen2_5_vl"), family="qwen2_5_vl", grid_size=0)
+
+
+def test_registry_wrong_family_names_the_right_one(tiny_dirs):
+    with pytest.raises(ModelLoadError, match="model.lmm.family=qwen2_5_vl"):
+        FrozenLMM.from_pretrained(tiny_dirs("qwen2_5_vl"), family="llava")
+
+
+def test_registry_remote_code_is_not_run_by_default(tmp_path):
+    """A checkpoint that exists only as remote code is refused unless trust_remote_code=True."""
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "mini_gemini", "auto_map": {"AutoConfig": "remote.Config"}})
+    )
+    marker = tmp_path / "ran"
+    (tmp_path / "remote.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
+        FrozenLMM.from_pretrained(tmp_path, family="llava")
+    assert not marker.exists()
+
+
+def test_registry_tiny_config_composes_for_every_family(tmp_path):
+    for family in FAMILIES:
+        cfg = compose_cfg(tmp_path, [f"model={family}_tiny"])
+        assert cfg.model.lmm.family == family
+        assert cfg.model.lmm.name_or_path._target_.endswith("ensure_tiny_lmm")
+
+
+@pytest.fixture(scope="session")
+def world_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One root (synthetic world, foundation cache) shared by the end-to-end runs."""
+    return tmp_path_factory.mktemp("registry_runs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_train_one_epoch(family, world_root):
+    """``python -m flmm.train model=<family>_tiny``: fit, checkpoint and test on the world."""
+    shared = [f"paths.data_dir={world_root}/data", f"paths.foundation_dir={world_root}/foundation"]
+    overrides = [o for o in TINY if not o.startswith("model.lmm.")]
+    root = world_root / family
+    metrics = train(compose_cfg(root, [f"model={family}_tiny", *shared, *overrides]))
+    assert 0.0 <= metrics["test/giou"] <= 100.0
+    ckpt = torch.load(root / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["flmm"]["family"] == family
+    assert f"tiny_{family}" in ckpt["flmm"]["lmm_id"]
+    text = json.loads((Path(ckpt["flmm"]["lmm_id"]) / "config.json").read_text())["text_config"]
+    parts = PARTS[get_family(family).grid]
+    layers, heads = text["num_hidden_layers"], text["num_attention_heads"]
+    assert ckpt["flmm"]["channels"] == parts * layers * heads
