@@ -163,3 +163,18 @@ def test_datamodule_batches(fixture):
     assert [len(loader.dataset) for loader in val_loaders] == [4, 4]
     assert len(dm.test_dataloader().dataset) == 4
     assert len(dm.train_set) == 3
+
+
+def test_refcocog_umd_eval_sets(tmp_path):
+    images = write_refer_fixture(tmp_path, "refcocog", "umd")["image_dir"]
+    dm = ReferDataModule(tmp_path, images, "refcocog", "umd", eval_splits=["val", "testA"])
+    dm.prepare_eval()
+    sets = dm.eval_sets(["reference", "per_sentence", "lisa"])
+    assert [(s.dataset_name, s.split, s.protocol, len(s.data)) for s in sets] == [
+        ("refcocog", "val", "reference", 1),
+        ("refcocog", "val", "per_sentence", 5),
+        ("refcocog", "testA", "reference", 1),
+        ("refcocog", "testA", "per_sentence", 1),
+    ]
+    assert sets[0].data[0].text == "the rectangle. the noisy blob."
+    assert all(not s.skipped for s in sets)

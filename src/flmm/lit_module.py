@@ -12,12 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 
 from flmm.checkpoint import check_metadata, checkpoint_metadata, load_trainable_state
 from flmm.heads import MaskHead, SamRefiner, TextPrompt
 from flmm.lmm import FrozenLMM
 from flmm.losses import bce_dice_loss
-from flmm.metrics import ReferSegMetric, intersections_unions, ious_from_counts
+from flmm.metrics import PNGRecallMetric, ReferSegMetric, intersections_unions, ious_from_counts
 from flmm.types import CaptureOutput, GroundingBatch, GroundingSample
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,20 @@ class FLMM(L.LightningModule):
         self.text_prompt = text_prompt
         self.refiner = refiner
         self.test_records: list[dict] = []  # per-phrase IoUs and tags of the last test run
+        self.feature_cache = None  # flmm.feature_cache.attach (data.cache_dir=...) sets it
         self.metrics = nn.ModuleDict(
             {
                 f"{split}_{stage}": ReferSegMetric()
+                for split in ("val", "test")
+                for stage in ("coarse", "refined")
+            }
+        )
+        # eval loss: mean over samples, summed over DDP ranks (uneven shards weigh right)
+        self.eval_loss = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
+        # PNG average recall per phrase group, for samples whose meta carries ``png_groups``
+        self.png_metrics = nn.ModuleDict(
+            {
+                f"{split}_{stage}": PNGRecallMetric()
                 for split in ("val", "test")
                 for stage in ("coarse", "refined")
             }
@@ -187,20 +199,28 @@ class FLMM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_metadata(checkpoint.get("flmm"), checkpoint_metadata(self.lmm, self.refiner.sam))
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: D102
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if not strict:
             raise ValueError("flmm loads checkpoints strictly; non-strict loading is not supported")
         return load_trainable_state(self.trainable_modules(), state_dict)
 
     # ---------------------------------------------------------------------------- forward pass
     def forward(self, batch: GroundingBatch) -> Predictions:
+        if self.feature_cache is not None:
+            return self.predict(batch, *self.feature_cache.lookup(batch))
         return self.predict(batch, self.lmm(batch))
 
-    def predict(self, batch: GroundingBatch, capture: CaptureOutput) -> Predictions:
-        """Coarse and refined logits from what the frozen LMM captured for ``batch``."""
+    def predict(
+        self, batch: GroundingBatch, capture: CaptureOutput, embedded: tuple | None = None
+    ) -> Predictions:
+        """Coarse and refined logits from what the frozen LMM captured for ``batch``.
+
+        ``embedded`` (SAM image embeddings and input sizes, e.g. from a feature cache) skips SAM's
+        image encoder.
+        """
         coarse = self.mask_head(capture.maps[capture.phrase_mask].float())
         prompts = self.text_prompt(capture.hidden.float(), layer_dim=1)
-        embeddings, input_sizes = self.refiner.embed_images(batch.images)
+        embeddings, input_sizes = embedded or self.refiner.embed_images(batch.images)
         coarse_region = [
             crop_region(c, r) for c, r in zip(coarse.split(batch.num_phrases), capture.region)
         ]
@@ -260,25 +280,31 @@ class FLMM(L.LightningModule):
     def training_step(self, batch: GroundingBatch, batch_idx: int) -> torch.Tensor:
         losses = self.losses(batch, self(batch))
         parts = {f"train/{k}": v for k, v in losses.items() if k != "loss"}
-        self.log_dict(parts, batch_size=len(batch))
-        self.log("train/loss", losses["loss"], batch_size=len(batch), prog_bar=True)
+        self.log_dict(parts, batch_size=len(batch), sync_dist=True)
+        self.log("train/loss", losses["loss"], batch_size=len(batch), prog_bar=True, sync_dist=True)
         return losses["loss"]
 
-    def validation_step(self, batch: GroundingBatch, batch_idx: int) -> Predictions:
+    def validation_step(
+        self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0
+    ) -> Predictions:
         return self._evaluate(batch, "val")
 
-    def test_step(self, batch: GroundingBatch, batch_idx: int) -> None:
+    def test_step(self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch: GroundingBatch, split: str) -> Predictions:
         pred = self(batch)
         losses = self.losses(batch, pred)
-        self.log(f"{split}/loss", losses["loss"], batch_size=len(batch), sync_dist=True)
+        self.eval_loss[split].update(losses["loss"].detach(), weight=len(batch))
         for b, target in enumerate(batch.masks):
             coarse = upsample_logits(pred.coarse_region[b], target.shape[-2:]) > 0
             refined = pred.refined[b] > 0
             self.metrics[f"{split}_coarse"].update(coarse, target)
             self.metrics[f"{split}_refined"].update(refined, target)
+            if "png_groups" in batch.meta[b]:
+                groups = batch.meta[b]["png_groups"]
+                self.png_metrics[f"{split}_coarse"].update(coarse, target, groups)
+                self.png_metrics[f"{split}_refined"].update(refined, target, groups)
             if split == "test":
                 self.test_records.extend(
                     phrase_records(batch.meta[b], batch.phrases(b), coarse, refined, target)
@@ -295,12 +321,19 @@ class FLMM(L.LightningModule):
         self._log_metrics("test")
 
     def _log_metrics(self, split: str) -> None:
+        self.log(f"{split}/loss", self.eval_loss[split].compute(), sync_dist=False)
+        self.eval_loss[split].reset()
         for stage in ("coarse", "refined"):
             metric = self.metrics[f"{split}_{stage}"]
             values = metric.compute()
             prefix = f"{split}/" if stage == "refined" else f"{split}/coarse_"
             self.log_dict({f"{prefix}{k.lower()}": v for k, v in values.items()}, sync_dist=False)
             metric.reset()
+            png = self.png_metrics[f"{split}_{stage}"]
+            if png.update_called:
+                values = png.compute()
+                self.log_dict({f"{prefix}{k.lower()}": v for k, v in values.items()})
+                png.reset()
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

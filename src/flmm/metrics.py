@@ -17,7 +17,6 @@ from torchmetrics.utilities import dim_zero_cat
 Masks = torch.Tensor | Sequence[torch.Tensor | np.ndarray]
 PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 PNG_GROUPS = ("all", "things", "stuff", "singular", "plural")
-RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 
 
 def intersections_unions(preds: Masks, targets: Masks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,19 +36,17 @@ def ious_from_counts(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
 
 
-def png_average_recall(
-    ious: np.ndarray | torch.Tensor, thresholds: np.ndarray = RECALL_THRESHOLDS
-) -> float:
-    """Area under the recall-vs-IoU-threshold curve (recall = fraction of IoUs >= threshold).
+def png_average_recall(ious: np.ndarray | torch.Tensor) -> float:
+    """PNG average recall: the area under recall(t) = fraction of IoUs >= t, for t in [0, 1].
 
-    ``ious`` are in [0, 1]; the area is normalised by the threshold range and returned in percent.
-    NaN when there are no IoUs.
+    Computed exactly: each IoU counts as recalled over thresholds ``[0, IoU]``, so the area is the
+    mean IoU (PNG's evaluation approximates it on a fine threshold grid). In percent; NaN when
+    there are no IoUs.
     """
     ious = np.asarray(torch.as_tensor(ious).cpu(), dtype=np.float64)
     if ious.size == 0:
         return float("nan")
-    recall = (ious[None, :] >= thresholds[:, None]).mean(axis=1)
-    return 100.0 * float(np.trapezoid(recall, thresholds) / (thresholds[-1] - thresholds[0]))
+    return 100.0 * float(np.clip(ious, 0.0, 1.0).mean())
 
 
 class ReferSegMetric(Metric):

@@ -1,4 +1,5 @@
-"""COCO segmentations (polygon, multi-polygon, RLE) to exact boolean masks, through pycocotools."""
+"""COCO segmentations (polygon, multi-polygon, RLE) to exact boolean masks, through pycocotools;
+COCO panoptic id maps (``rgb2id``)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,15 @@ def mask_to_bbox(mask: np.ndarray) -> list[float]:
         return [0.0, 0.0, 0.0, 0.0]
     x0, y0 = float(xs.min()), float(ys.min())
     return [x0, y0, float(xs.max()) + 1 - x0, float(ys.max()) + 1 - y0]
+
+
+def rgb2id(rgb: np.ndarray) -> np.ndarray:
+    """COCO panoptic id of each pixel of an ``H x W x 3`` uint8 id map: ``R + 256 G + 256^2 B``."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def id2rgb(ids: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rgb2id`: ``H x W`` ids (below 256^3) to an ``H x W x 3`` uint8 id map."""
+    ids = ids.astype(np.int64)
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)

@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from flmm.data.masks import decode_rle, rle_area, segmentation_to_rle
+from flmm.errors import ConfigError, DataError
 from flmm.types import GroundingSample
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class ReferDataset(Dataset):
         annotations: ReferAnnotations | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+            raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.image_dir = Path(image_dir)
         self.split, self.protocol = split, protocol
         self.ann = annotations if annotations is not None else load_refer(root, dataset, split_by)
@@ -236,9 +237,9 @@ class ReferDataset(Dataset):
             with Image.open(path) as img:
                 image = np.array(img.convert("RGB"))
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise ValueError(f"corrupt or unreadable {where}: {err}") from err
+            raise DataError(f"corrupt or unreadable {where}: {err}") from err
         if image.shape[:2] != (info["height"], info["width"]):
-            raise ValueError(
+            raise DataError(
                 f"{where} is {image.shape[1]}x{image.shape[0]} but instances.json says "
                 f"{info['width']}x{info['height']}"
             )

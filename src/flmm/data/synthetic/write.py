@@ -8,6 +8,8 @@
                                     sentence dict also holds ``kind`` and ``colour_resolvable``
     root/synthetic/world.json       the generation parameters, written last
     root/images/synthetic_%06d.png
+    root/panoptic_narrative_grounding/  the same scenes as PNG narratives (narratives.py)
+    root/pope/pope_*.json           POPE question sets of the test split (pope.py)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 from flmm.data.datamodule import ReferDataModule
@@ -26,6 +29,8 @@ from flmm.data.masks import mask_to_bbox, mask_to_rle
 from flmm.data.refer import ReferDataset
 from flmm.data.synthetic.corpus import words
 from flmm.data.synthetic.expressions import Expression, sample_expressions
+from flmm.data.synthetic.narratives import ensure_png_layout, write_png_layout
+from flmm.data.synthetic.pope import write_pope
 from flmm.data.synthetic.world import SHAPES, Scene, sample_scene
 from flmm.types import GroundingSample
 
@@ -141,6 +146,8 @@ def write_world(
             for _ in range(n):
                 writer.add(sample_scene(rng, image_size), split, rng)
         writer.finish(manifest)
+        write_png_layout(tmp)
+        write_pope(tmp, seed=seed)
         os.rename(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,14 +167,17 @@ def ensure_world(
         "seed": seed,
         "image_size": image_size,
     }
-    if not root.exists():
-        return write_world(root, n_train, n_val, n_test, seed, image_size)
-    found = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    if found != wanted:
-        raise FileExistsError(
-            f"{root} holds a different synthetic world ({found}) than asked for ({wanted}); "
-            "delete it or choose another `data.root=...`"
-        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{root}.lock"):  # concurrent jobs (ranks, sweep points) write it once
+        if not root.exists():
+            return write_world(root, n_train, n_val, n_test, seed, image_size)
+        found = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        if found != wanted:
+            raise FileExistsError(
+                f"{root} holds a different synthetic world ({found}) than asked for ({wanted}); "
+                "delete it or choose another `data.root=...`"
+            )
+        ensure_png_layout(root)  # worlds written before the PNG layout existed gain it here
     return root
 
 

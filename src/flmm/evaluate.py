@@ -1,0 +1,247 @@
+"""`python -m flmm.evaluate ckpt_path=... [overrides]`: score a trained F-LMM on every split.
+
+Instantiates the data and the frozen LMM + SAM, loads the checkpoint through
+:meth:`FLMM.from_checkpoint`, then runs one ``trainer.test`` per (split, protocol) of the
+dataset's evaluation sets: ``reference`` (first sentence per object, an image's objects in one
+sequence) and ``per_sentence`` (every sentence on its own); PNG has only ``reference`` (a
+narrative's segments in one sequence). Coarse (mask head) and refined (SAM) masks are both
+scored. Writes ``evaluation.json`` (every figure, the skipped records, the settings) and
+``metrics.json`` in the run folder, prints tables shaped like the paper's, and with
+``logger=wandb`` logs the tables and a few overlay images per split. See conf/evaluate.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from flmm.callbacks import overlay_row
+from flmm.data.datamodule import EvalSet
+from flmm.errors import ConfigError, FlmmUserError
+from flmm.lit_module import FLMM, upsample_logits
+from flmm.runtime import CONFIG_PATH, build_trainer, exit_on_user_error, write_metrics
+from flmm.types import GroundingBatch
+
+log = logging.getLogger(__name__)
+
+STAGES = ("refined", "coarse")
+PROTOCOLS = ("reference", "per_sentence")
+DISPLAY = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg", "png": "PNG"}
+PNG_COLUMNS = ("all", "things", "stuff", "singular", "plural")
+
+
+def load_model(cfg: DictConfig) -> FLMM:
+    """The frozen LMM and SAM of ``cfg.model`` with the trained state of ``cfg.ckpt_path``."""
+    if not cfg.get("ckpt_path"):
+        raise FlmmUserError(
+            "no checkpoint to evaluate: pass ckpt_path=<run>/checkpoints/<name>.ckpt "
+            "(written by `python -m flmm.train`)"
+        )
+    if not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"F-LMM checkpoint not found: {cfg.ckpt_path}; pass the .ckpt a training run wrote "
+            "(ckpt_path=logs/train/runs/<time>/checkpoints/last.ckpt)"
+        )
+    sam = hydra.utils.instantiate(cfg.model.sam)
+    lmm = hydra.utils.instantiate(cfg.model.lmm)
+    return FLMM.from_checkpoint(str(cfg.ckpt_path), lmm, sam)
+
+
+def split_metrics(callback_metrics: dict) -> dict[str, dict[str, float]]:
+    """One test run's ``test/<metric>`` and ``test/coarse_<metric>`` as ``{stage: {metric: v}}``."""
+    scores: dict[str, dict[str, float]] = {stage: {} for stage in STAGES}
+    for key, value in callback_metrics.items():
+        if not key.startswith("test/") or key == "test/loss":
+            continue
+        name = key[len("test/") :]
+        stage = "coarse" if name.startswith("coarse_") else "refined"
+        scores[stage][name.removeprefix("coarse_")] = float(value)
+    return scores
+
+
+class _EvalData(L.LightningDataModule):
+    """One evaluation set; its loader is built inside ``trainer.test``, once DDP has started, so
+    that each process scores its own shard."""
+
+    def __init__(self, datamodule, eval_set: EvalSet) -> None:
+        super().__init__()
+        self.source, self.eval_set = datamodule, eval_set
+
+    def test_dataloader(self):
+        return self.source.loader(self.eval_set.data)
+
+
+def evaluate_set(trainer: L.Trainer, model: FLMM, datamodule, eval_set: EvalSet) -> dict:
+    """Test ``model`` on one evaluation set; its scores per stage and the phrases scored."""
+    log.info("evaluating %s %s (%s)", eval_set.dataset_name, eval_set.split, eval_set.protocol)
+    trainer.test(model, datamodule=_EvalData(datamodule, eval_set), verbose=False)
+    scores = split_metrics(trainer.callback_metrics)
+    phrases = torch.tensor(float(len(model.test_records)), device=model.device)
+    scores["phrases"] = int(trainer.strategy.reduce(phrases, reduce_op="sum"))
+    scores["samples"] = len(eval_set.data)
+    return scores
+
+
+@torch.no_grad()
+def overlay_panels(model: FLMM, eval_set: EvalSet, n: int) -> tuple[list, list[str]]:
+    """Image | target | coarse | refined overlays of the first ``n`` samples of distinct images
+    (``per_sentence`` lists an image once per sentence), with captions."""
+    samples, seen = [], set()
+    for i in range(len(eval_set.data)):
+        if len(samples) == n:
+            break
+        sample = eval_set.data[i]
+        image_id = sample.meta.get("image_id", i)
+        if image_id not in seen:
+            seen.add(image_id)
+            samples.append(sample)
+    if not samples:
+        return [], []
+    batch = GroundingBatch.collate(samples).to(model.device)
+    pred = model(batch)
+    panels = []
+    for b, target in enumerate(batch.masks):
+        coarse = upsample_logits(pred.coarse_region[b], target.shape[-2:]) > 0
+        panels.append(overlay_row(batch.images[b], [target, coarse, pred.refined[b] > 0]))
+    return panels, [" | ".join(batch.phrases(b)) for b in range(len(batch))]
+
+
+def flat_figures(results: dict) -> dict[str, float]:
+    """``<dataset>/<split>/<protocol>/<stage>/<metric>`` -> value, for ``metrics.json``."""
+    return {
+        f"{name}/{split}/{protocol}/{stage}/{metric}": value
+        for name, splits in results.items()
+        for split, protocols in splits.items()
+        for protocol, scores in protocols.items()
+        for stage in STAGES
+        for metric, value in scores[stage].items()
+    }
+
+
+def refer_tables(results: dict, metric: str) -> Table:
+    """Paper-shaped table: one column per dataset split, one row per protocol and stage."""
+    columns = [
+        (name, split) for name, splits in results.items() if name != "png" for split in splits
+    ]
+    protocols = list(dict.fromkeys(p for n, s in columns for p in results[n][s]))
+    table = Table(title=f"{metric} (x100)")
+    table.add_column("protocol / masks")
+    for name, split in columns:
+        table.add_column(f"{DISPLAY.get(name, name)} {split}", justify="right")
+    for protocol in protocols:
+        for stage in STAGES:
+            row = [
+                _cell(results[n][s].get(protocol, {}).get(stage, {}).get(metric))
+                for n, s in columns
+            ]
+            table.add_row(f"{protocol} / {stage}", *row)
+    return table
+
+
+def png_table(results: dict) -> Table:
+    """PNG average recall (x100) for all / things / stuff / singular / plural, per stage."""
+    table = Table(title="PNG average recall (x100)")
+    table.add_column("split / masks")
+    for column in PNG_COLUMNS:
+        table.add_column(column, justify="right")
+    for split, protocols in results.get("png", {}).items():
+        for stage in STAGES:
+            scores = protocols["reference"][stage]
+            table.add_row(
+                f"{split} / {stage}", *[_cell(scores.get(f"ar/{c}")) for c in PNG_COLUMNS]
+            )
+    return table
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
+def report(results: dict, skipped: dict, cfg: DictConfig) -> dict[str, float]:
+    """Write ``evaluation.json`` and ``metrics.json``; print the tables and the skipped records."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"ckpt_path": str(cfg.ckpt_path), "protocols": list(cfg.protocols)}
+    settings["model"] = OmegaConf.to_container(cfg.model, resolve=True)
+    document = {"results": results, "skipped": skipped, "settings": settings}
+    (out / "evaluation.json").write_text(json.dumps(document, indent=2))
+    figures = write_metrics(flat_figures(results), str(out))
+    tables = [refer_tables(results, m) for m in ("ciou", "giou")] if _has_refer(results) else []
+    tables += [png_table(results)] if "png" in results else []
+    console = Console(width=200)
+    for table in tables:
+        console.print(table)
+    for key, reasons in skipped.items():
+        console.print(f"skipped in {key}: " + ", ".join(f"{r} {n}" for r, n in reasons.items()))
+    log.info("evaluation written to %s", out / "evaluation.json")
+    return figures
+
+
+def _has_refer(results: dict) -> bool:
+    return any(name != "png" for name in results)
+
+
+def log_to_wandb(wandb: WandbLogger, results: dict) -> None:
+    """Every figure as one W&B table (dataset, split, protocol, masks, metric, value)."""
+    rows = [key.split("/", 4) + [value] for key, value in flat_figures(results).items()]
+    columns = ["dataset", "split", "protocol", "masks", "metric", "value"]
+    wandb.log_table(key="evaluation", columns=columns, data=rows)
+
+
+def select_eval_sets(datamodule, protocols: list[str]) -> list[EvalSet]:
+    """The datamodule's evaluation sets under ``protocols``; a clear error for none or a typo."""
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown:
+        raise ConfigError(f"unknown protocols {unknown}: choose from protocols={list(PROTOCOLS)}")
+    eval_sets = datamodule.eval_sets(protocols)
+    if not eval_sets:
+        raise FlmmUserError(
+            f"no evaluation set: protocols {protocols} x splits {datamodule.eval_splits} "
+            f"(this dataset defines {list(datamodule.eval_protocols)}); set protocols=[...] "
+            "and data.eval_splits=[...]"
+        )
+    return eval_sets
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Score ``cfg.ckpt_path`` on every evaluation set of ``cfg.data``; returns the figures."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_eval()
+    eval_sets = select_eval_sets(datamodule, list(cfg.protocols))
+    model = load_model(cfg)
+    trainer = build_trainer(cfg)
+    wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+    results: dict = {}
+    skipped: dict = {}
+    for es in eval_sets:
+        scores = evaluate_set(trainer, model, datamodule, es)
+        results.setdefault(es.dataset_name, {}).setdefault(es.split, {})[es.protocol] = scores
+        if es.skipped:
+            skipped[f"{es.dataset_name}/{es.split}/{es.protocol}"] = dict(es.skipped)
+        if wandb is not None and trainer.is_global_zero and cfg.overlays:
+            panels, captions = overlay_panels(model, es, cfg.overlays)
+            key = f"overlays/{es.dataset_name}/{es.split}/{es.protocol}"
+            wandb.log_image(key=key, images=panels, caption=captions)
+    if wandb is not None and trainer.is_global_zero:
+        log_to_wandb(wandb, results)
+    return report(results, skipped, cfg) if trainer.is_global_zero else flat_figures(results)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    exit_on_user_error(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()
