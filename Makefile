@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 PYTEST  := $(PYTHON) -m pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test test-slow test-all evidence bench clean clean-cache
+.PHONY: help venv run test test-slow test-all evidence bench bench-cache clean clean-cache
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ evidence: venv ## the synthetic world's evidence table (pretrained vs random LMM
 
 bench: venv ## attention-capture benchmark (time and memory, side by side)
 	$(PYTHON) benchmarks/attention_capture.py
+
+bench-cache: venv ## frozen-feature cache: training-step time uncached vs cached, and the losses
+	$(PYTHON) benchmarks/feature_cache.py
 
 clean: ## remove run logs and caches of Python
 	rm -rf logs outputs multirun .pytest_cache

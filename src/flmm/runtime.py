@@ -11,11 +11,15 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
+from flmm.distributed import LoaderPosition
 from flmm.errors import FlmmUserError
 
 log = logging.getLogger(__name__)
@@ -51,10 +55,45 @@ def instantiate_group(group: DictConfig | None) -> list:
     ]
 
 
+def sweep_job() -> tuple[str, int, list[str]] | None:
+    """``(sweep folder, job number, overrides)`` of this Hydra multirun job; None outside one."""
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return str(hc.sweep.dir), int(hc.job.num), list(hc.overrides.task)
+
+
+def group_sweep_runs(cfg: DictConfig) -> None:
+    """In a multirun, W&B runs share a group (task + sweep folder) and carry their overrides as
+    tags, so one sweep is one group in the W&B UI, each run labelled by what it changed."""
+    wandb = (cfg.get("logger") or {}).get("wandb")
+    job = sweep_job()
+    if wandb is None or job is None:
+        return
+    sweep_dir, num, overrides = job
+    with open_dict(wandb):
+        wandb.group = wandb.get("group") or f"{cfg.task_name}-{Path(sweep_dir).name}"
+        wandb.name = f"{cfg.task_name}-{num}"
+        # W&B rejects tags longer than 64 characters
+        wandb.tags = [str(t)[:64] for t in [*(wandb.get("tags") or []), *overrides]]
+
+
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    """Instantiate ``cfg.trainer`` with the configured callbacks and loggers."""
+    group_sweep_runs(cfg)
+    callbacks = [*instantiate_group(cfg.get("callbacks")), LoaderPosition()]
     loggers = instantiate_group(cfg.get("logger"))
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def finish_loggers(trainer: L.Trainer) -> None:
+    """End this run's W&B run, so the next job of a multirun in this process starts its own
+    (Lightning's WandbLogger otherwise reuses the run still open)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()
 
 
 def checkpoint_report(trainer: L.Trainer, model) -> None:
@@ -102,3 +141,38 @@ def write_records(records: list[dict], output_dir: str) -> Path:
     out = Path(output_dir) / "test_phrases.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """The checkpoint ``fit`` resumes from (``cfg.ckpt_path``), checked before anything loads.
+
+    ``last`` is this run folder's ``last.ckpt`` if one was written; a fresh run starts from
+    scratch, so a requeued job can always pass it.
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+        folder = checkpoint.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints"
+        last = Path(folder) / "last.ckpt"
+        if not last.is_file():
+            log.info("ckpt_path=last: no %s yet, training from the start", last)
+            return None
+        log.info("resuming from %s", last)
+        return str(last)
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path} does not exist; pass a .ckpt a training run wrote, or "
+            "ckpt_path=last with hydra.run.dir=<the interrupted run's folder> to resume it"
+        )
+    return str(ckpt_path)
+
+
+def gather_records(records: list[dict]) -> list[dict]:
+    """Every rank's records (rank order) under DDP; ``records`` unchanged in one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return records
+    parts: list[list[dict] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, records)
+    return [r for part in parts for r in part]

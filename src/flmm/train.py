@@ -11,11 +11,15 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from flmm.feature_cache import attach
 from flmm.runtime import (
     CONFIG_PATH,
     build_trainer,
     checkpoint_report,
     exit_on_user_error,
+    finish_loggers,
+    gather_records,
+    resolve_ckpt_path,
     write_metrics,
     write_records,
 )
@@ -25,27 +29,36 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test F-LMM as configured; returns the final metrics."""
+    ckpt_path = resolve_ckpt_path(cfg) if cfg.train else None
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     model = hydra.utils.instantiate(cfg.model)
+    attach(model, getattr(datamodule, "cache_dir", None))
     trainer = build_trainer(cfg)
     if cfg.train:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         checkpoint_report(trainer, model)
     metrics = dict(trainer.callback_metrics)
+    records = []
     if cfg.test:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if cfg.train else ""
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update(trainer.callback_metrics)
-        write_records(model.test_records, cfg.paths.output_dir)
+        records = gather_records(model.test_records)
+    finish_loggers(trainer)
+    if not trainer.is_global_zero:  # metrics are synced; rank 0 writes the run folder's files
+        return {k: float(v) for k, v in metrics.items()}
+    if cfg.test:
+        write_records(records, cfg.paths.output_dir)
     return write_metrics(metrics, cfg.paths.output_dir)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = exit_on_user_error(train, cfg)
-    return metrics.get("val/giou")
+    # what a sweeper (hparams_search=...) optimises; NaN if the run logged no such metric
+    return metrics.get(cfg.get("optimized_metric") or "val/giou", float("nan"))
 
 
 if __name__ == "__main__":

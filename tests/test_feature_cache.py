@@ -1,0 +1,124 @@
+"""The frozen-feature cache: same predictions and losses, keys, atomic writes, a training run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY, compose_cfg
+
+from flmm.feature_cache import FeatureCache, attach, join_capture, split_capture
+from flmm.heads import build_sam
+from flmm.lit_module import FLMM
+from flmm.lmm import FrozenLMM
+from flmm.train import train
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llava_dir):
+    torch.manual_seed(0)
+    lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir))
+    return FLMM.build(lmm, build_sam("tiny"), base_channels=8).eval()
+
+
+def fp16_rounded(capture):
+    """The capture as the cache stores it: floating tensors rounded through fp16."""
+    return join_capture(split_capture(capture), capture.maps.device)
+
+
+def test_cached_predictions_match_the_frozen_models(model, ragged_batch, tmp_path):
+    with torch.no_grad():
+        plain = model(ragged_batch)
+        plain_loss = model.losses(ragged_batch, plain)["loss"]
+        cache = attach(model, tmp_path)
+        try:
+            filling = model(ragged_batch)  # computes and stores every entry
+            cached = model(ragged_batch)  # reads every entry back
+            rounded = model.predict(
+                ragged_batch,
+                fp16_rounded(model.lmm(ragged_batch)),
+                cache.embed_images(ragged_batch.images),
+            )
+        finally:
+            model.feature_cache = None
+    assert cache.misses == {"lmm": 3, "sam": 3} and cache.hits == {"lmm": 3, "sam": 6}
+    for a, b in zip(filling.refined, cached.refined):
+        assert torch.equal(a, b)
+    # the cache only rounds the frozen features to fp16: bitwise equal to that rounding ...
+    assert torch.equal(cached.coarse, rounded.coarse)
+    # ... and within fp16 rounding of the fp32 features (relative 2**-11 on the inputs)
+    cached_loss = model.losses(ragged_batch, cached)["loss"]
+    assert abs(float(cached_loss - plain_loss)) < 1e-3 * float(plain_loss)
+    assert torch.allclose(cached.coarse, plain.coarse, atol=2e-2)
+
+
+def test_keys_depend_on_image_text_spans_and_lmm_settings(model, ragged_batch, tmp_path):
+    cache = FeatureCache(tmp_path, model.lmm, model.refiner)
+    keys = {cache.sample_key(ragged_batch, b) for b in range(3)}
+    assert len(keys) == 3
+    shifted = ragged_batch.to("cpu")
+    shifted.spans = [[(0, 3)], *ragged_batch.spans[1:]]
+    assert cache.sample_key(shifted, 0) != cache.sample_key(ragged_batch, 0)
+    other = ragged_batch.to("cpu")
+    other.images = [ragged_batch.images[0].flip(0), *ragged_batch.images[1:]]
+    assert cache.sample_key(other, 0) != cache.sample_key(ragged_batch, 0)
+    assert cache.image_key(other.images[0]) != cache.image_key(ragged_batch.images[0])
+    model.lmm.merge = "max"
+    try:
+        other_settings = FeatureCache(tmp_path, model.lmm, model.refiner)
+    finally:
+        model.lmm.merge = "mean"
+    assert other_settings.lmm_id != cache.lmm_id and other_settings.sam_id == cache.sam_id
+    identity = json.loads((other_settings.lmm_store.folder / "identity.json").read_text())
+    assert identity["merge"] == "max" and identity["model_id"] == model.lmm.model_id
+
+
+def test_interrupted_write_leaves_no_entry_and_is_redone(
+    model, ragged_batch, tmp_path, monkeypatch
+):
+    cache = FeatureCache(tmp_path, model.lmm, model.refiner)
+    real_save = torch.save
+
+    def killed(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        raise KeyboardInterrupt("killed between writing and renaming")
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cache.capture(ragged_batch)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.tmp"))
+    # a corrupt entry (e.g. written by a broken disk) is recomputed, not trusted
+    key = cache.sample_key(ragged_batch, 0)
+    cache.lmm_store.path(key).parent.mkdir(parents=True, exist_ok=True)
+    cache.lmm_store.path(key).write_bytes(b"not a tensor file")
+    with torch.no_grad():
+        cache.capture(ragged_batch)
+    assert cache.misses["lmm"] == 3 + 3 and len(list(tmp_path.rglob("*.pt"))) == 3
+    assert cache.lmm_store.load(key)["maps"].dtype == torch.float16
+
+
+def test_unwritable_cache_dir_is_a_user_error(model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(Exception, match="data.cache_dir"):
+        FeatureCache(blocker / "cache", model.lmm, model.refiner)
+
+
+def test_training_with_data_cache_dir_fills_then_reads_the_cache(tmp_path):
+    cache_dir = tmp_path / "features"
+    overrides = [*TINY, "test=false", "callbacks=none"]
+    train(compose_cfg(tmp_path, [*overrides, "train=false"]))  # builds the foundation models
+    plain = train(compose_cfg(tmp_path, overrides))
+    overrides.append(f"data.cache_dir={cache_dir}")
+    filling = train(compose_cfg(tmp_path, overrides))
+    entries = {p: p.stat().st_mtime_ns for p in cache_dir.glob("*/*/*.pt")}
+    # 2 train batches + 1 val batch of 4 samples; SAM entries are per image
+    assert len([p for p in entries if p.parts[-3].startswith("lmm-")]) == 12
+    assert 0 < len([p for p in entries if p.parts[-3].startswith("sam-")]) <= 12
+    cached = train(compose_cfg(tmp_path, overrides))  # same seed: the same batches, all cached
+    assert {p: p.stat().st_mtime_ns for p in cache_dir.glob("*/*/*.pt")} == entries
+    for key in ("train/loss", "val/loss"):
+        assert cached[key] == filling[key]  # both read the stored fp16 features
+        assert abs(cached[key] - plain[key]) < 1e-3 * plain[key]  # fp16 rounding of the inputs

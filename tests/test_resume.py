@@ -1,0 +1,100 @@
+"""A run killed mid-epoch resumes from its last checkpoint and ends as the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import TINY
+
+TESTS = Path(__file__).resolve().parent
+# 2 epochs x 3 steps, a checkpoint after every step; the kill comes at step 4 (epoch 1, batch 1)
+RUN = [
+    *[o for o in TINY if not o.startswith(("trainer.max_epochs", "trainer.limit_train"))],
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+    "+callbacks.model_checkpoint.every_n_train_steps=1",
+    "callbacks.progress_bar=null",
+]
+KILL_STEP = 4
+
+
+class KillAtStep(L.Callback):
+    """Ends the process at once (``os._exit``: no clean-up, as SIGKILL) when training reaches
+    ``step``, i.e. right after the checkpoint of step ``step`` was written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os._exit(137)
+
+
+def run_train(root: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "flmm.train",
+        f"paths.root_dir={root}",
+        f"hydra.run.dir={run_dir}",
+        *RUN,
+        *overrides,
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS))
+    return subprocess.run(
+        cmd, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def trained_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return ckpt["state_dict"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    # build the tiny foundation models first: building them draws random numbers before the
+    # heads are initialised, so only runs that find them built start from the same weights
+    warm = run_train(tmp_path, tmp_path / "warm", "train=false", "test=false")
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    whole = run_train(tmp_path, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    crash = [f"+callbacks.kill._target_={__name__}.KillAtStep", f"+callbacks.kill.step={KILL_STEP}"]
+    first = run_train(tmp_path, killed, *crash)
+    assert first.returncode == 137, first.stderr[-3000:]
+    assert not (killed / "metrics.json").exists()
+    saved = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == KILL_STEP and saved["epoch"] == 1  # mid-epoch
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "batches": 1}
+    ]
+
+    resumed = run_train(tmp_path, killed, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    got = json.loads((killed / "metrics.json").read_text())
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    final, reference = trained_state(killed), trained_state(tmp_path / "whole")
+    assert final.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_ckpt_path_to_a_missing_file_is_a_user_error(tmp_path):
+    result = run_train(tmp_path, tmp_path / "run", f"ckpt_path={tmp_path / 'nope.ckpt'}")
+    assert result.returncode == 2
+    assert "flmm: error: ckpt_path=" in result.stderr and "ckpt_path=last" in result.stderr
+    assert "Traceback" not in result.stderr
