@@ -1,0 +1,324 @@
+"""Grounded conversation: ask a frozen LMM about an image, see where the things it names are.
+
+``chat`` generates the answer with the plain HF ``generate`` (KV cache, greedy or sampled, the
+text is exactly what ``generate`` gives), then runs one teacher-forced forward of the whole
+conversation (user: image + question, assistant: answer) with attention capture. The decoder is
+causal, so the rows of the answer tokens in that forward are the attention those tokens had while
+being generated. Phrases come from the user or from the keyword selector.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Thread
+
+import numpy as np
+import torch
+from transformers import TextIteratorStreamer, TextStreamer
+
+from flmm.errors import FlmmUserError
+from flmm.heads import build_sam
+from flmm.lit_module import FLMM, Grounding
+from flmm.lmm import FrozenLMM
+from flmm.selector import SELECTOR_FILE, KeywordSelector
+
+COT_QUESTION = "{question} What is the object most relevant to the question?"
+COT_PREFIX = "The object most relevant to the question is"
+SAM_VARIANTS = ("vit_b", "vit_l", "vit_h", "tiny")
+
+
+@dataclass
+class ChatResult:
+    """An answer and its grounded phrases on an ``H x W`` image.
+
+    Attributes:
+        question, answer: the user's question and the LMM's answer.
+        phrases, spans: the grounded phrases and their character spans in ``answer``.
+        masks: ``K x H x W`` bool, one per phrase.
+        missing: user phrases that the answer does not contain (not grounded).
+    """
+
+    question: str
+    answer: str
+    phrases: list[str]
+    spans: list[tuple[int, int]]
+    masks: np.ndarray
+    missing: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VisualCoT:
+    """Visual chain of thought: name the relevant object, ground it, ask again with its crop.
+
+    Attributes:
+        question: the user's question.
+        object_text: the LMM's "The object most relevant to the question is ..." completion.
+        mask: ``H x W`` bool mask of the object, None if nothing could be grounded.
+        box: ``(x0, y0, x1, y1)`` of the mask, expanded a little (pixels, end-exclusive).
+        answer: the final answer, given the whole image and the crop.
+    """
+
+    question: str
+    object_text: str
+    mask: np.ndarray | None
+    box: tuple[int, int, int, int] | None
+    answer: str
+
+
+class _CallbackStreamer(TextStreamer):
+    """A transformers streamer that hands each finished piece of text to ``on_text``."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+
+
+class GroundedChat:
+    """A trained F-LMM (``model.lmm`` is the frozen LMM) plus an optional keyword selector."""
+
+    def __init__(self, model: FLMM, selector: KeywordSelector | None = None) -> None:
+        self.model = model.eval()
+        self.lmm: FrozenLMM = model.lmm
+        self.selector = selector
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        lmm: str,
+        checkpoint: str,
+        sam: str | None = None,
+        family: str = "llava",
+        sam_variant: str | None = None,
+        selector: str | None = None,
+        device: str = "cpu",
+        **kw,
+    ) -> GroundedChat:
+        """Load the frozen LMM (``lmm``: hub id or folder), SAM and an F-LMM ``checkpoint``.
+
+        Args:
+            sam: SAM checkpoint; None = the synthetic world's cached tiny SAM.
+            sam_variant: ``vit_b|vit_l|vit_h|tiny``; None = read from the SAM file name.
+            selector: keyword selector file; None = ``selector.pt`` beside the checkpoint if any.
+            kw: passed to :meth:`FrozenLMM.from_pretrained` (``dtype``, ``text_layers``...).
+        """
+        sam = sam or default_sam_path()
+        model = FLMM.from_checkpoint(
+            checkpoint,
+            FrozenLMM.from_pretrained(lmm, family=family, **kw),
+            build_sam(sam_variant or sam_variant_of(sam), sam),
+        ).to(device)
+        beside = Path(checkpoint).with_name(SELECTOR_FILE)
+        path = selector or (beside if beside.is_file() else None)
+        keywords = KeywordSelector.load(path, model.lmm.hidden_size).to(device) if path else None
+        return cls(model, keywords)
+
+    # ---------------------------------------------------------------------------- answering
+    def answer(
+        self,
+        image: np.ndarray,
+        question: str,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        **gen,
+    ) -> str:
+        """The plain LMM answer (HF ``generate``); ``seed=`` fixes the sampling."""
+        return self._generate([image], question, max_new_tokens, do_sample, **gen)
+
+    def stream(
+        self,
+        image: np.ndarray,
+        question: str,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        **gen,
+    ) -> Iterator[str]:
+        """Yield the answer's text piece by piece as it is generated (same text as ``answer``)."""
+        check_image(image)
+        streamer = TextIteratorStreamer(
+            self.lmm.processor.tokenizer, skip_prompt=True, skip_special_tokens=True
+        )
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer, **gen)
+        failed: list[Exception] = []
+
+        def work() -> None:
+            try:
+                self._generate([image], question, **kwargs)
+            except Exception as err:  # noqa: BLE001 (re-raised in the caller, after the stream)
+                failed.append(err)
+                streamer.end()
+
+        worker = Thread(target=work)
+        worker.start()
+        yield from (piece for piece in streamer if piece)
+        worker.join()
+        if failed:
+            raise failed[0]
+
+    def _generate(
+        self,
+        images: list[np.ndarray],
+        question: str,
+        max_new_tokens: int,
+        do_sample: bool,
+        seed: int | None = None,
+        **gen,
+    ) -> str:
+        check_image(images[0])
+        if seed is not None:
+            torch.manual_seed(seed)
+        return self.lmm.generate(
+            images, question, max_new_tokens=max_new_tokens, do_sample=do_sample, **gen
+        )
+
+    # ---------------------------------------------------------------------------- grounding
+    def ground(
+        self, image: np.ndarray, text: str, phrases: list[str], question: str | None = None
+    ) -> Grounding:
+        """Masks for ``phrases`` of ``text``; with ``question``, ``text`` is its answer turn."""
+        check_image(image)
+        if question is None:
+            return self.model.ground(image, text, phrases)
+        with self.lmm.user_turn(question):
+            return self.model.ground(image, text, phrases)
+
+    def keywords(self, image: np.ndarray, question: str, answer: str) -> list[str]:
+        """The key phrases of ``answer`` that the keyword selector picks (in order)."""
+        if self.selector is None:
+            raise FlmmUserError(
+                "no keyword selector is loaded: pass phrases explicitly (--phrases ...), or train "
+                f"one with `python -m flmm.train_selector` and put {SELECTOR_FILE} beside the "
+                "F-LMM checkpoint"
+            )
+        with self.lmm.user_turn(question):
+            spans = self.selector.select(self.lmm, image, answer)
+        return [answer[s:e] for s, e in spans]
+
+    def chat(
+        self,
+        image: np.ndarray,
+        question: str,
+        phrases: list[str] | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        on_text: Callable[[str], None] | None = None,
+        **gen,
+    ) -> ChatResult:
+        """Answer ``question``, then ground ``phrases`` of the answer (the selector's if None).
+
+        ``on_text`` receives the answer's text pieces while it is generated; ``seed=`` fixes the
+        sampling; other ``gen`` settings go to HF ``generate``.
+        """
+        if on_text is not None:
+            gen["streamer"] = _CallbackStreamer(self.lmm.processor.tokenizer, on_text)
+        text = self.answer(image, question, max_new_tokens, do_sample, **gen)
+        if phrases is None:
+            found, missing = self.keywords(image, question, text), []
+        else:
+            found = sorted((p for p in phrases if p and p in text), key=text.find)
+            missing = [p for p in phrases if p not in found]
+        return self.grounded(image, question, text, found, missing)
+
+    def grounded(
+        self, image: np.ndarray, question: str, answer: str, phrases: list[str], missing=()
+    ) -> ChatResult:
+        """A :class:`ChatResult` grounding ``phrases`` of ``answer``, given in their order there."""
+        if not phrases:
+            empty = np.zeros((0, *image.shape[:2]), dtype=bool)
+            return ChatResult(question, answer, [], [], empty, list(missing))
+        out = self.ground(image, answer, phrases, question)
+        masks = out.masks.numpy()
+        return ChatResult(question, answer, out.phrases, out.spans, masks, list(missing))
+
+    # --------------------------------------------------------------- visual chain of thought
+    def visual_cot(self, image: np.ndarray, question: str, max_new_tokens: int = 32) -> VisualCoT:
+        """Ask for the most relevant object, ground it, crop its box, ask again with the crop."""
+        check_image(image)
+        ask = COT_QUESTION.format(question=question)
+        completion = self.lmm.generate(
+            [image], ask, answer_prefix=COT_PREFIX, max_new_tokens=max_new_tokens, do_sample=False
+        ).strip()
+        object_text = f"{COT_PREFIX} {completion}"
+        mask = self._object_mask(image, ask, object_text)
+        box = None if mask is None else expand_box(mask_box(mask), image.shape[:2])
+        if box is None:
+            final = self.answer(image, question, max_new_tokens)
+        else:
+            crop = image[box[1] : box[3], box[0] : box[2]]
+            final = self._generate([image, crop], question, max_new_tokens, False)
+        return VisualCoT(question, object_text, mask, box, final)
+
+    def _object_mask(self, image: np.ndarray, ask: str, object_text: str) -> np.ndarray | None:
+        """The object's mask, grounded in the turn that named it; None if empty or unnamed."""
+        phrase = object_phrase(object_text)
+        if not phrase:
+            return None
+        mask = self.ground(image, object_text, [phrase], ask).masks[0].numpy()
+        return mask if mask.any() else None
+
+
+def object_phrase(object_text: str) -> str:
+    """The object named by a visual-CoT completion: its first sentence after the prefix."""
+    return object_text.removeprefix(COT_PREFIX).split(".")[0].strip()
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` (end-exclusive) of the True pixels of a non-empty ``H x W`` mask."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def expand_box(
+    box: tuple[int, int, int, int], size: tuple[int, int], ratio: float = 0.1, min_pad: int = 4
+) -> tuple[int, int, int, int]:
+    """Grow ``box`` by ``ratio`` of its side (at least ``min_pad`` px), clipped to ``(H, W)``."""
+    x0, y0, x1, y1 = box
+    px = max(min_pad, round((x1 - x0) * ratio))
+    py = max(min_pad, round((y1 - y0) * ratio))
+    height, width = size
+    return max(0, x0 - px), max(0, y0 - py), min(width, x1 + px), min(height, y1 + py)
+
+
+def check_image(image) -> None:
+    """Raise a :class:`FlmmUserError` unless ``image`` is an ``H x W x 3`` uint8 array."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", type(image).__name__)
+        raise FlmmUserError(f"expected an H x W x 3 RGB image array, got {shape}")
+    if image.dtype != np.uint8 or min(image.shape[:2]) < 2:
+        raise FlmmUserError(
+            f"expected a uint8 RGB image of at least 2 x 2 pixels, got {image.dtype} {image.shape}"
+        )
+
+
+def sam_variant_of(path: str) -> str:
+    """SAM variant named in a checkpoint file name (``sam_vit_l_0b3195.pth`` -> ``vit_l``)."""
+    name = Path(path).name
+    found = [v for v in SAM_VARIANTS if v in name]
+    if len(found) != 1:
+        raise FlmmUserError(
+            f"cannot tell the SAM variant from the file name {name!r}; pass sam_variant= "
+            f"(one of {', '.join(SAM_VARIANTS)})"
+        )
+    return found[0]
+
+
+def flmm_home() -> Path:
+    """The project root used for the synthetic world's defaults (``$FLMM_HOME`` or cwd)."""
+    return Path(os.environ.get("FLMM_HOME", "."))
+
+
+def default_sam_path() -> str:
+    """The synthetic world's cached tiny SAM; a clear error if it was never built."""
+    path = flmm_home() / ".cache/flmm/foundation/tiny_sam_seed0_steps600.pth"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no SAM checkpoint given and the synthetic world's tiny SAM is not cached at {path}; "
+            "pass sam=/path/to/sam_vit_l_0b3195.pth, or run `make run` once to build it"
+        )
+    return str(path)

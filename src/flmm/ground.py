@@ -1,0 +1,249 @@
+"""`python -m flmm.ground IMAGE "question or phrase" [--phrases ...]`: grounded answers on the CLI.
+
+Modes: ``chat`` answers the question and grounds phrases of the answer (``--phrases``, else the
+keyword selector's); ``ground`` grounds ``--phrases`` of the given text (the whole text without
+them); ``cot`` runs the visual chain of thought; ``reason`` answers, then segments what the answer
+names (ReasonSeg style); ``auto`` (default) is ``chat`` for a question (ending in "?"), else
+``ground``. Prints the answer with the grounded phrases marked and writes an overlay PNG (one
+colour per phrase, with a legend). Defaults load the synthetic world's models and the newest F-LMM
+checkpoint under ``logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from flmm.callbacks import PALETTE, overlay
+from flmm.chat import (
+    COT_PREFIX,
+    ChatResult,
+    GroundedChat,
+    VisualCoT,
+    flmm_home,
+    object_phrase,
+)
+from flmm.errors import FlmmUserError
+from flmm.reasonseg import reason
+from flmm.runtime import exit_on_user_error
+
+MODES = ("auto", "chat", "ground", "cot", "reason")
+MAX_PIXELS = 4096 * 4096
+LEGEND_ROW = 18
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """``H x W x 3`` uint8 RGB from an image file; a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > max_pixels:
+                raise FlmmUserError(
+                    f"image {path} has {img.width} x {img.height} pixels, more than the limit of "
+                    f"{max_pixels:,}; resize it first"
+                )
+            return np.array(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise FlmmUserError(
+            f"cannot read {path} as an image ({err}); pass a PNG, JPEG or other PIL-readable file"
+        ) from err
+
+
+def render_overlay(
+    image: np.ndarray, masks: np.ndarray, phrases: list[str], min_side: int = 384
+) -> np.ndarray:
+    """The image with each of the ``K x H x W`` masks tinted in its colour, upscaled to at least
+    ``min_side`` pixels, above a legend (a colour swatch and the phrase per row)."""
+    tinted = overlay(torch.from_numpy(image), torch.from_numpy(np.asarray(masks, dtype=bool)))
+    scale = max(1, -(-min_side // max(image.shape[:2])))
+    picture = Image.fromarray(tinted).resize(
+        (image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST
+    )
+    canvas = Image.new("RGB", (picture.width, picture.height + LEGEND_ROW * len(phrases) + 4))
+    canvas.paste((255, 255, 255), (0, 0, *canvas.size))
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, phrase in enumerate(phrases):
+        top = picture.height + 2 + k * LEGEND_ROW
+        colour = tuple(int(c) for c in phrase_colour(k))
+        draw.rectangle((4, top + 2, 18, top + 14), fill=colour)
+        draw.text((24, top + 2), phrase, fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def phrase_colour(k: int) -> np.ndarray:
+    """RGB colour of the ``k``-th phrase (the overlay's palette)."""
+    return PALETTE[k % len(PALETTE)]
+
+
+def marked(result: ChatResult) -> str:
+    """The answer with each grounded phrase wrapped as ``[phrase]{k}`` (k = legend number)."""
+    out, last = "", 0
+    for k, (start, end) in enumerate(result.spans, 1):
+        out += f"{result.answer[last:start]}[{result.answer[start:end]}]{{{k}}}"
+        last = end
+    return out + result.answer[last:]
+
+
+def transcript(result: ChatResult, out: Path | None) -> str:
+    """What the CLI prints: question, marked answer, one line per phrase, the overlay's path."""
+    lines = [f"question: {result.question}"] if result.question else []
+    lines.append(f"{'answer' if result.question else 'text'}:   {marked(result)}")
+    for k, (phrase, span, mask) in enumerate(zip(result.phrases, result.spans, result.masks), 1):
+        rgb = ",".join(str(int(c)) for c in phrase_colour(k - 1))
+        box = mask_extent(mask)
+        lines.append(
+            f"  {k}. {phrase!r} chars {span[0]}-{span[1]}: {int(mask.sum())} px {box} rgb({rgb})"
+        )
+    lines += [f"  not in the answer, not grounded: {p!r}" for p in result.missing]
+    if out is not None:
+        lines.append(f"overlay: {out}")
+    return "\n".join(lines)
+
+
+def mask_extent(mask: np.ndarray) -> str:
+    """``box x0,y0-x1,y1`` of a mask, or ``empty``."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return "empty"
+    return f"box {xs.min()},{ys.min()}-{xs.max() + 1},{ys.max() + 1}"
+
+
+def default_checkpoint() -> Path:
+    """The newest F-LMM checkpoint under ``$FLMM_HOME/logs``; a clear error if there is none."""
+    found = sorted(
+        (flmm_home() / "logs").glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"no F-LMM checkpoint under {flmm_home() / 'logs'}; train one on the synthetic world "
+            "with `make run` (python -m flmm.train), or pass --checkpoint PATH"
+        )
+    return found[-1]
+
+
+def checkpoint_lmm(checkpoint: Path) -> str:
+    """The LMM id recorded in an F-LMM checkpoint (relative paths are under ``$FLMM_HOME``)."""
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"F-LMM checkpoint not found: {checkpoint}")
+    meta = torch.load(checkpoint, map_location="cpu", weights_only=True).get("flmm") or {}
+    if "lmm_id" not in meta:
+        raise FlmmUserError(f"{checkpoint} has no LMM id in its metadata; pass --lmm")
+    local = flmm_home() / meta["lmm_id"]
+    return str(local) if local.exists() else meta["lmm_id"]
+
+
+def load_chat(args: argparse.Namespace) -> GroundedChat:
+    """The :class:`GroundedChat` the command-line arguments describe."""
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    print(f"F-LMM checkpoint: {checkpoint}", file=sys.stderr)
+    return GroundedChat.from_pretrained(
+        args.lmm or checkpoint_lmm(checkpoint),
+        str(checkpoint),
+        sam=args.sam,
+        family=args.family,
+        sam_variant=args.sam_variant,
+        selector=args.selector,
+        device=args.device,
+    )
+
+
+def run(
+    chat: GroundedChat,
+    image: np.ndarray,
+    text: str,
+    phrases: list[str] | None = None,
+    mode: str = "auto",
+    max_new_tokens: int = 32,
+    sample: bool = False,
+    seed: int | None = None,
+) -> ChatResult:
+    """Run ``mode`` (see the module docstring) on ``image`` and ``text``; what to print and draw.
+
+    In ``cot`` mode the answer is the object sentence followed by the final answer, and the
+    grounded phrase is the object.
+    """
+    if mode not in MODES:
+        raise FlmmUserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "auto":
+        mode = "chat" if text.rstrip().endswith("?") else "ground"
+    if mode == "chat":
+        gen = {"do_sample": sample, "seed": seed}
+        return chat.chat(image, text, phrases, max_new_tokens, **gen)
+    if mode == "reason":
+        return reason(chat, image, text, max_new_tokens).result
+    if mode == "cot":
+        return cot_result(chat.visual_cot(image, text, max_new_tokens), image)
+    out = chat.ground(image, text, phrases or [text.strip()])
+    return ChatResult("", text, out.phrases, out.spans, out.masks.numpy())
+
+
+def cot_result(cot: VisualCoT, image: np.ndarray) -> ChatResult:
+    """A visual chain of thought as a :class:`ChatResult` grounding its object phrase."""
+    answer = f"{cot.object_text} Answer (whole image + crop {cot.box}): {cot.answer}"
+    if cot.mask is None:
+        return ChatResult(cot.question, answer, [], [], np.zeros((0, *image.shape[:2]), bool))
+    phrase = object_phrase(cot.object_text)
+    start = cot.object_text.index(phrase, len(COT_PREFIX))
+    return ChatResult(
+        cot.question, answer, [phrase], [(start, start + len(phrase))], cot.mask[None]
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flmm.ground", description=__doc__.split("\n")[0])
+    p.add_argument("image", help="image file (PNG, JPEG, ...)")
+    p.add_argument("text", help="a question (answered, then grounded) or a phrase to ground")
+    p.add_argument("--phrases", nargs="+", help="phrases to ground, exactly as in the text/answer")
+    p.add_argument("--mode", choices=MODES, default="auto")
+    p.add_argument("--out", default="overlay.png", help="overlay PNG to write")
+    add_model_args(p)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, help="seed for --sample")
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options that pick the models (shared by the ground, reasonseg and web commands)."""
+    p.add_argument("--checkpoint", help="F-LMM .ckpt (default: the newest under logs/)")
+    p.add_argument("--lmm", help="frozen LMM id or folder (default: the checkpoint's)")
+    p.add_argument("--family", default="llava")
+    p.add_argument("--sam", help="SAM checkpoint (default: the synthetic world's tiny SAM)")
+    p.add_argument("--sam-variant", choices=("vit_b", "vit_l", "vit_h", "tiny"))
+    p.add_argument("--selector", help="keyword selector (default: selector.pt beside the ckpt)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+
+    def go() -> None:
+        image = load_image(args.image)
+        result = run(
+            load_chat(args),
+            image,
+            args.text,
+            args.phrases,
+            args.mode,
+            args.max_new_tokens,
+            args.sample,
+            args.seed,
+        )
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(render_overlay(image, result.masks, result.phrases)).save(out)
+        print(transcript(result, out))
+
+    exit_on_user_error(go)
+
+
+if __name__ == "__main__":
+    main()
