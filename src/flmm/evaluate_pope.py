@@ -1,0 +1,74 @@
+"""`python -m flmm.evaluate_pope [overrides]`: POPE object hallucination, plain vs visual CoT.
+
+Loads the frozen LMM, SAM and an F-LMM checkpoint as :class:`flmm.chat.GroundedChat`, answers
+every question of each POPE file plainly and with visual chain of thought (answers appended to
+``answers/<file>.<mode>.jsonl`` as they come; a rerun with the same ``output_dir`` resumes), and
+writes ``pope_metrics.json`` and ``pope_table.md``. See conf/evaluate_pope.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from flmm.chat import GroundedChat
+from flmm.data.synthetic.pope import ensure_pope
+from flmm.pope import check_modes, check_settings, evaluate, format_table, read_sets
+from flmm.runtime import CONFIG_PATH, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+
+def resolve_path(node) -> str:
+    """A config value that is a path, or a ``_target_`` node building one (the tiny models)."""
+    return str(hydra.utils.instantiate(node) if OmegaConf.is_dict(node) else node)
+
+
+def build_chat(cfg: DictConfig) -> GroundedChat:
+    """:class:`GroundedChat` from ``cfg.model`` (LMM, SAM) and ``cfg.checkpoint``."""
+    if not Path(cfg.checkpoint).is_file():
+        raise FileNotFoundError(
+            f"F-LMM checkpoint {cfg.checkpoint!r} not found; pass checkpoint=... (a run's "
+            "logs/train/runs/<time>/checkpoints/*.ckpt)"
+        )
+    return GroundedChat.from_pretrained(
+        resolve_path(cfg.model.lmm.name_or_path),
+        cfg.checkpoint,
+        resolve_path(cfg.model.sam.checkpoint),
+        family=cfg.model.lmm.family,
+        sam_variant=cfg.model.sam.variant,
+        device=cfg.device,
+        dtype=cfg.model.lmm.dtype,
+    )
+
+
+def evaluate_pope(cfg: DictConfig) -> dict:
+    """Run the POPE evaluation as configured; returns ``metrics[file][mode]``."""
+    if cfg.synthetic_world:
+        ensure_pope(cfg.synthetic_world)
+    questions = read_sets(cfg.pope_dir, cfg.files, cfg.limit)
+    modes = check_modes(cfg.modes)
+    out = Path(cfg.output_dir)
+    lmm = OmegaConf.to_container(cfg.model.lmm, resolve=True)
+    settings = {"checkpoint": str(cfg.checkpoint), "lmm": lmm, "max_new_tokens": cfg.max_new_tokens}
+    check_settings(out, settings)
+    results = evaluate(build_chat(cfg), questions, cfg.image_dir, out, modes, cfg.max_new_tokens)
+    table = format_table(results)
+    (out / "pope_metrics.json").write_text(json.dumps(results, indent=2))
+    (out / "pope_table.md").write_text(table + "\n")
+    print(table)
+    log.info("POPE metrics written to %s", out / "pope_metrics.json")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate_pope")
+def main(cfg: DictConfig) -> None:
+    exit_on_user_error(evaluate_pope, cfg)
+
+
+if __name__ == "__main__":
+    main()
