@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from filelock import FileLock
 
 from flmm.data.synthetic.corpus import vocabulary
@@ -83,7 +84,10 @@ def _build_once(out: Path, build) -> str:
             tmp = out.parent / f".{out.name}.partial"
             _remove(tmp)
             log.info("building %s (cached for later runs)", out)
-            build(tmp)
+            # the global RNGs are left as they were, so a run that builds the models first
+            # initialises its heads exactly like a later run that finds them cached
+            with torch.random.fork_rng():
+                build(tmp)
             tmp.rename(out)
     return str(out)
 
