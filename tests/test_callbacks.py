@@ -48,7 +48,7 @@ def test_overlays_are_logged_only_to_wandb(tiny_run, tmp_path, monkeypatch):
 
     class Trainer:
         is_global_zero, global_step = True, 0
-        loggers = [CSVLogger(tmp_path)]
+        loggers = (CSVLogger(tmp_path),)
 
     MaskOverlays(max_images=2).on_validation_batch_end(Trainer, model, pred, batch, 0)
     assert not logged

@@ -43,7 +43,7 @@ def test_trainer_callbacks_and_loggers_instantiate(tmp_path, logger):
 
 
 def test_default_run_end_to_end(tiny_run):
-    root, cfg, metrics = tiny_run
+    root, _, metrics = tiny_run
     for key in (
         "val/ciou",
         "val/giou",
@@ -58,7 +58,7 @@ def test_default_run_end_to_end(tiny_run):
 
 
 def test_checkpoint_holds_only_trainable_state(tiny_run):
-    root, cfg, _ = tiny_run
+    root, _, _ = tiny_run
     ckpt = torch.load(
         root / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
     )
@@ -84,7 +84,9 @@ def test_checkpoint_for_another_lmm_is_refused(tiny_run):
 def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "flmm.train", f"paths.root_dir={cwd}", *overrides]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def test_real_run_without_data_stops_with_one_clear_message(tmp_path):
@@ -124,7 +126,7 @@ def test_trained_checkpoint_reloads_strictly_through_the_public_api(tiny_run):
 
 
 def test_frozen_lmm_untouched_by_training(tiny_run):
-    root, _, metrics = tiny_run
+    root, _, _ = tiny_run
     report = json.loads((root / "run" / "chat_check.json").read_text())
     assert report["unchanged"] and report["before"]["answers"] == report["after"]["answers"]
     assert len(report["before"]["answers"]) == 4 and all(
