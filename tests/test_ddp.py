@@ -97,6 +97,28 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert OmegaConf.load(ddp / ".hydra" / "config.yaml").trainer.devices == 2
 
 
+@pytest.mark.slow
+def test_sharded_lmm_trains_like_ddp(tmp_path):
+    """trainer=fsdp: the frozen LMM's weights sharded over 2 ranks, the heads under DDP."""
+    run_train(tmp_path, "warm", "train=false", "test=false")  # builds the foundation models
+    ddp_args = ["trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2"]
+    ddp = run_train(tmp_path, "ddp", "trainer=ddp", *ddp_args)
+    sharded = run_train(tmp_path, "sharded", "trainer=fsdp", *ddp_args)
+    expected = json.loads((ddp / "metrics.json").read_text())
+    got = json.loads((sharded / "metrics.json").read_text())
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+    one, two = (
+        torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for d in (ddp, sharded)
+    )
+    assert one.keys() == two.keys()  # only the trainable state, no LMM shards
+    assert max(float((v - two[k]).abs().max()) for k, v in one.items()) < 1e-4
+    assert json.loads((sharded / "chat_check.json").read_text())["unchanged"]
+    assert "4 decoder layers sharded over 2 ranks" in (sharded / "train.log").read_text()
+
+
 def test_eval_shards_are_unpadded_and_train_shards_follow_the_global_order():
     data = list(range(7))
     single = list(ShardSampler(data, shuffle=True, seed=3))

@@ -43,14 +43,20 @@ class FrozenLMMCheck(L.Callback):
         return {"fingerprint": fingerprint(lmm), "answers": answers}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.before = self.snapshot(trainer, pl_module.lmm)
+        # every rank takes part: with trainer=fsdp the LMM's layers are gathered collectively
+        self.before = self.snapshot(trainer, pl_module.lmm)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or self.before is None:
+        if self.before is None:
             return
         after = self.snapshot(trainer, pl_module.lmm)
         unchanged = after == self.before
+        if not trainer.is_global_zero:
+            if not unchanged:
+                raise RuntimeError(
+                    f"the frozen LMM changed during training on rank {trainer.global_rank}"
+                )
+            return
         report = {
             "questions": self.questions,
             "unchanged": unchanged,
@@ -67,9 +73,11 @@ class FrozenLMMCheck(L.Callback):
 
 
 def fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 over every parameter's and buffer's bytes, in state-dict order."""
+    """SHA-256 over every parameter's and buffer's bytes, in state-dict order (of this rank's
+    shards where the LMM is sharded)."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()
