@@ -53,24 +53,6 @@ def tiny_lmms(tiny_dirs):
     return get
 
 
-@pytest.fixture
-def shapes_batch() -> GroundingBatch:
-    """A wide, a tall and a square image; 2, 3 and 1 phrases."""
-    return GroundingBatch.collate(
-        [
-            make_sample("The red circle, left.", ["red circle", "left"], 60, 90, seed=0),
-            make_sample(
-                "a blue square and a green star on the right top",
-                ["blue square", "green star", "right top"],
-                90,
-                40,
-                seed=1,
-            ),
-            make_sample("red", ["red"], 50, 50, seed=2),
-        ]
-    )
-
-
 def test_registry_lists_every_family():
     assert set(FAMILIES) == {
         "llava",
@@ -90,14 +72,14 @@ def test_registry_lists_every_family():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_registry_loads_frozen_with_contract_shapes(family, tiny_lmms, shapes_batch):
+def test_registry_loads_frozen_with_contract_shapes(family, tiny_lmms, ragged_batch):
     lmm = tiny_lmms(family)
     config = lmm.model.config.text_config
     parts = PARTS[get_family(family).grid]
     assert lmm.channels == parts * config.num_hidden_layers * config.num_attention_heads
     assert parts == (2 if family in ("llava_next", "llava_onevision") else 1)
     assert not any(p.requires_grad for p in lmm.parameters()) and not lmm.training
-    out = lmm(shapes_batch)
+    out = lmm(ragged_batch)
     assert out.maps.shape == (3, 3, lmm.channels, *lmm.grid)
     assert out.maps[~out.phrase_mask].abs().sum() == 0
     expected = torch.tensor([[60 / 90, 1.0], [1.0, 40 / 90], [1.0, 1.0]])
@@ -105,11 +87,11 @@ def test_registry_loads_frozen_with_contract_shapes(family, tiny_lmms, shapes_ba
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_registry_maps_stay_inside_the_image_region(family, tiny_lmms, shapes_batch):
+def test_registry_maps_stay_inside_the_image_region(family, tiny_lmms, ragged_batch):
     """Grids of unpadded families land on the image's top-left region of the frame only;
     those of square-padded families cover the whole frame (the model saw the padded square)."""
     lmm = tiny_lmms(family)
-    maps = lmm(shapes_batch).maps
+    maps = lmm(ragged_batch).maps
     side = lmm.grid[0]
     tall = maps[1, 0].sum(0)  # a 90 x 40 image: columns right of 40/90 of the frame are padding
     inside = round(side * 40 / 90)
@@ -120,10 +102,10 @@ def test_registry_maps_stay_inside_the_image_region(family, tiny_lmms, shapes_ba
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_registry_image_tokens_match_processor_and_model(family, tiny_lmms, shapes_batch):
+def test_registry_image_tokens_match_processor_and_model(family, tiny_lmms, ragged_batch):
     """Grids against the processor's own outputs and the model's own placement of features."""
     lmm = tiny_lmms(family)
-    enc = lmm.encode(shapes_batch)
+    enc = lmm.encode(ragged_batch)
     cols, counts = lmm.image_columns(enc["input_ids"])
     layouts = lmm.layouts(enc, counts)
     for b, (layout, count) in enumerate(zip(layouts, counts)):
@@ -133,7 +115,7 @@ def test_registry_image_tokens_match_processor_and_model(family, tiny_lmms, shap
             enc["input_ids"][b, cols[b, :count]], torch.full((count,), lmm.image_token_id)
         )
         grid = layout[-1][0]
-        height, width = shapes_batch.images[b].shape[:2]
+        height, width = ragged_batch.images[b].shape[:2]
         if not get_family(family).pad_to_square:  # the grid follows the image's aspect ratio
             assert (grid.height > grid.width) == (height > width)
             assert (grid.height < grid.width) == (height < width)
@@ -143,10 +125,10 @@ def test_registry_image_tokens_match_processor_and_model(family, tiny_lmms, shap
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_registry_chat_still_answers(family, tiny_lmms, shapes_batch):
+def test_registry_chat_still_answers(family, tiny_lmms, ragged_batch):
     """The frozen model's own greedy generation works through the adapter, as before capture."""
     lmm = tiny_lmms(family)
-    image = shapes_batch.images[0]
+    image = ragged_batch.images[0]
     answer = lmm.answer(image, "what is in the image?", max_new_tokens=3)
     assert isinstance(answer, str) and answer.strip()
     assert lmm.generate([image.numpy()], "what is in the image?", max_new_tokens=3) == answer
@@ -251,20 +233,20 @@ def eager_raw(path, family: str, lmm: FrozenLMM, inputs: dict, token_phrase, col
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_registry_capture_matches_eager(family, tiny_dirs, tiny_lmms, shapes_batch):
+def test_registry_capture_matches_eager(family, tiny_dirs, tiny_lmms, ragged_batch):
     lmm = tiny_lmms(family)
-    inputs = lmm.encode(shapes_batch)
+    inputs = lmm.encode(ragged_batch)
     token_phrase, region = inputs.pop("token_phrase"), inputs.pop("region")
     cols, counts = lmm.image_columns(inputs["input_ids"])
     raw = eager_raw(tiny_dirs(family), family, lmm, inputs, token_phrase, cols, 3)
     expected = lmm.to_grid(raw, lmm.layouts(inputs, counts), region)
-    maps = lmm(shapes_batch).maps
+    maps = lmm(ragged_batch).maps
     assert maps.shape == expected.shape
     assert (maps - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, shapes_batch, tmp_path):
+def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, ragged_batch, tmp_path):
     """One optimiser step of the full F-LMM; the checkpoint records channels and grid, reloads."""
     lmm = tiny_lmms(family)
     torch.manual_seed(0)
@@ -272,7 +254,7 @@ def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, shape
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     first = model.mask_head.down[0][0].weight.detach().clone()
-    loss = model.losses(shapes_batch, model(shapes_batch))["loss"]
+    loss = model.losses(ragged_batch, model(ragged_batch))["loss"]
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss) and not torch.equal(first, model.mask_head.down[0][0].weight)
@@ -303,9 +285,9 @@ def test_registry_configs_name_real_checkpoints(family):
     assert tiny["family"] == family and tiny["name_or_path"]["family"] == family
 
 
-def test_registry_grid_size_override(tiny_dirs, shapes_batch):
+def test_registry_grid_size_override(tiny_dirs, ragged_batch):
     lmm = FrozenLMM.from_pretrained(tiny_dirs("qwen2_5_vl"), family="qwen2_5_vl", grid_size=6)
-    assert lmm.grid == (6, 6) and lmm(shapes_batch).maps.shape[-2:] == (6, 6)
+    assert lmm.grid == (6, 6) and lmm(ragged_batch).maps.shape[-2:] == (6, 6)
     with pytest.raises(ConfigError, match="model.lmm.grid_size"):
         FrozenLMM.from_pretrained(tiny_dirs("qwen2_5_vl"), family="qwen2_5_vl", grid_size=0)
 

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from flmm.data.datamodule import GroundingDataModule
 from flmm.data.masks import rgb2id
 from flmm.data.synthetic.narratives import PNG_DIR
-from flmm.data.synthetic.write import ensure_world
+from flmm.data.synthetic.write import ensure_world, world_spec
 from flmm.errors import ConfigError, DataError
 from flmm.types import GroundingSample
 
@@ -343,13 +343,7 @@ class SyntheticPNGDataModule(PNGDataModule):
     ) -> None:
         super().__init__(Path(world_root) / PNG_DIR, **kwargs)
         self.world_root = Path(world_root)
-        self.world = {
-            "n_train": n_train,
-            "n_val": n_val,
-            "n_test": n_test,
-            "seed": world_seed,
-            "image_size": image_size,
-        }
+        self.world = world_spec(n_train, n_val, n_test, world_seed, image_size)
 
     def prepare_data(self) -> None:
         ensure_world(self.world_root, **self.world)

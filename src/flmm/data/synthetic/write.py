@@ -117,6 +117,17 @@ class _Writer:
         (folder / "world.json").write_text(json.dumps(manifest, indent=1))
 
 
+def world_spec(n_train: int, n_val: int, n_test: int, seed: int, image_size: int) -> dict:
+    """What identifies a world (its ``world.json``): split sizes, seed and image size."""
+    return {
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "seed": seed,
+        "image_size": image_size,
+    }
+
+
 def write_world(
     root: str | Path, n_train: int, n_val: int, n_test: int, seed: int = 0, image_size: int = 96
 ) -> Path:
@@ -128,13 +139,7 @@ def write_world(
     root = Path(root)
     if root.exists():
         raise FileExistsError(f"{root} exists; remove it or write the world elsewhere")
-    manifest = {
-        "n_train": n_train,
-        "n_val": n_val,
-        "n_test": n_test,
-        "seed": seed,
-        "image_size": image_size,
-    }
+    manifest = world_spec(n_train, n_val, n_test, seed, image_size)
     tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -160,13 +165,7 @@ def ensure_world(
     """Write the world at ``root`` unless the same world (same parameters) is already there."""
     root = Path(root)
     manifest_path = root / DATASET / "world.json"
-    wanted = {
-        "n_train": n_train,
-        "n_val": n_val,
-        "n_test": n_test,
-        "seed": seed,
-        "image_size": image_size,
-    }
+    wanted = world_spec(n_train, n_val, n_test, seed, image_size)
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{root}.lock"):  # concurrent jobs (ranks, sweep points) write it once
         if not root.exists():
@@ -216,13 +215,7 @@ class SyntheticDataModule(ReferDataModule):
         **kwargs,
     ) -> None:
         super().__init__(root, Path(root) / "images", dataset=DATASET, split_by=SPLIT_BY, **kwargs)
-        self.world = {
-            "n_train": n_train,
-            "n_val": n_val,
-            "n_test": n_test,
-            "seed": world_seed,
-            "image_size": image_size,
-        }
+        self.world = world_spec(n_train, n_val, n_test, world_seed, image_size)
 
     def prepare_data(self) -> None:
         ensure_world(self.root, **self.world)
