@@ -12,7 +12,6 @@ checkpoint under ``logs/``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,10 @@ from flmm.chat import (
     ChatResult,
     GroundedChat,
     VisualCoT,
-    flmm_home,
     object_phrase,
 )
 from flmm.errors import FlmmUserError
+from flmm.model_options import add_model_args, load_chat
 from flmm.reasonseg import reason
 from flmm.runtime import exit_on_user_error
 
@@ -116,45 +115,6 @@ def mask_extent(mask: np.ndarray) -> str:
     return f"box {xs.min()},{ys.min()}-{xs.max() + 1},{ys.max() + 1}"
 
 
-def default_checkpoint() -> Path:
-    """The newest F-LMM checkpoint under ``$FLMM_HOME/logs``; a clear error if there is none."""
-    found = sorted(
-        (flmm_home() / "logs").glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime
-    )
-    if not found:
-        raise FileNotFoundError(
-            f"no F-LMM checkpoint under {flmm_home() / 'logs'}; train one on the synthetic world "
-            "with `make run` (python -m flmm.train), or pass --checkpoint PATH"
-        )
-    return found[-1]
-
-
-def checkpoint_lmm(checkpoint: Path) -> str:
-    """The LMM id recorded in an F-LMM checkpoint (relative paths are under ``$FLMM_HOME``)."""
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"F-LMM checkpoint not found: {checkpoint}")
-    meta = torch.load(checkpoint, map_location="cpu", weights_only=True).get("flmm") or {}
-    if "lmm_id" not in meta:
-        raise FlmmUserError(f"{checkpoint} has no LMM id in its metadata; pass --lmm")
-    local = flmm_home() / meta["lmm_id"]
-    return str(local) if local.exists() else meta["lmm_id"]
-
-
-def load_chat(args: argparse.Namespace) -> GroundedChat:
-    """The :class:`GroundedChat` the command-line arguments describe."""
-    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
-    print(f"F-LMM checkpoint: {checkpoint}", file=sys.stderr)
-    return GroundedChat.from_pretrained(
-        args.lmm or checkpoint_lmm(checkpoint),
-        str(checkpoint),
-        sam=args.sam,
-        family=args.family,
-        sam_variant=args.sam_variant,
-        selector=args.selector,
-        device=args.device,
-    )
-
-
 def run(
     chat: GroundedChat,
     image: np.ndarray,
@@ -208,18 +168,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, help="seed for --sample")
     return p
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The options that pick the models (shared by the ground, reasonseg and web commands)."""
-    p.add_argument("--checkpoint", help="F-LMM .ckpt (default: the newest under logs/)")
-    p.add_argument("--lmm", help="frozen LMM id or folder (default: the checkpoint's)")
-    p.add_argument("--family", default="llava")
-    p.add_argument("--sam", help="SAM checkpoint (default: the synthetic world's tiny SAM)")
-    p.add_argument("--sam-variant", choices=("vit_b", "vit_l", "vit_h", "tiny"))
-    p.add_argument("--selector", help="keyword selector (default: selector.pt beside the ckpt)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--device", default="cpu")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from flmm.chat import ChatResult, GroundedChat
 from flmm.errors import FlmmUserError
+from flmm.model_options import add_model_args, load_chat
 from flmm.runtime import exit_on_user_error
 
 IGNORE = 255
@@ -182,8 +183,6 @@ def write_synthetic_split(out_dir: str | Path, n: int, seed: int = 0, image_size
 
 
 def main(argv: list[str] | None = None) -> None:
-    from flmm.ground import add_model_args, load_chat
-
     p = argparse.ArgumentParser(prog="python -m flmm.reasonseg", description=__doc__.split("\n")[0])
     p.add_argument("split_dir", help="a ReasonSeg split folder (NAME.jpg + NAME.json)")
     p.add_argument(

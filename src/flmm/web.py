@@ -19,15 +19,8 @@ import numpy as np
 
 from flmm.chat import ChatResult, GroundedChat
 from flmm.errors import FlmmUserError
-from flmm.ground import (
-    MODES,
-    add_model_args,
-    load_chat,
-    load_image,
-    phrase_colour,
-    render_overlay,
-    run,
-)
+from flmm.ground import MODES, load_image, phrase_colour, render_overlay, run
+from flmm.model_options import add_model_args, load_chat
 from flmm.runtime import exit_on_user_error
 
 

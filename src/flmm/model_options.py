@@ -1,0 +1,65 @@
+"""Command-line options that pick the models, shared by ``flmm.ground``, ``flmm.reasonseg`` and
+``flmm.web``: an F-LMM checkpoint (default: the newest under ``logs/``), the frozen LMM it was
+trained on (default: the one its metadata names), SAM and the keyword selector."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from flmm.chat import GroundedChat, flmm_home
+from flmm.errors import FlmmUserError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options that pick the models (shared by the ground, reasonseg and web commands)."""
+    p.add_argument("--checkpoint", help="F-LMM .ckpt (default: the newest under logs/)")
+    p.add_argument("--lmm", help="frozen LMM id or folder (default: the checkpoint's)")
+    p.add_argument("--family", default="llava")
+    p.add_argument("--sam", help="SAM checkpoint (default: the synthetic world's tiny SAM)")
+    p.add_argument("--sam-variant", choices=("vit_b", "vit_l", "vit_h", "tiny"))
+    p.add_argument("--selector", help="keyword selector (default: selector.pt beside the ckpt)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+
+
+def load_chat(args: argparse.Namespace) -> GroundedChat:
+    """The :class:`GroundedChat` the command-line arguments describe."""
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    print(f"F-LMM checkpoint: {checkpoint}", file=sys.stderr)
+    return GroundedChat.from_pretrained(
+        args.lmm or checkpoint_lmm(checkpoint),
+        str(checkpoint),
+        sam=args.sam,
+        family=args.family,
+        sam_variant=args.sam_variant,
+        selector=args.selector,
+        device=args.device,
+    )
+
+
+def default_checkpoint() -> Path:
+    """The newest F-LMM checkpoint under ``$FLMM_HOME/logs``; a clear error if there is none."""
+    found = sorted(
+        (flmm_home() / "logs").glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"no F-LMM checkpoint under {flmm_home() / 'logs'}; train one on the synthetic world "
+            "with `make run` (python -m flmm.train), or pass --checkpoint PATH"
+        )
+    return found[-1]
+
+
+def checkpoint_lmm(checkpoint: Path) -> str:
+    """The LMM id recorded in an F-LMM checkpoint (relative paths are under ``$FLMM_HOME``)."""
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"F-LMM checkpoint not found: {checkpoint}")
+    meta = torch.load(checkpoint, map_location="cpu", weights_only=True).get("flmm") or {}
+    if "lmm_id" not in meta:
+        raise FlmmUserError(f"{checkpoint} has no LMM id in its metadata; pass --lmm")
+    local = flmm_home() / meta["lmm_id"]
+    return str(local) if local.exists() else meta["lmm_id"]
