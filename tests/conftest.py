@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,18 @@ def ragged_batch() -> GroundingBatch:
             ),
             make_sample("red", ["red"], 50, 50, seed=2),
         ]
+    )
+
+
+def run_flmm(
+    module: str, root: Path, *overrides: str, timeout: int = 900, **env: str
+) -> subprocess.CompletedProcess:
+    """``python -m flmm.<module> paths.root_dir=<root> ...`` in ``root``: offline, one thread,
+    output captured; ``env`` adds environment variables."""
+    environ = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env)
+    cmd = [sys.executable, "-m", f"flmm.{module}", f"paths.root_dir={root}", *overrides]
+    return subprocess.run(
+        cmd, cwd=root, env=environ, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 

@@ -10,14 +10,11 @@ would score some twice).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, run_flmm
 from omegaconf import OmegaConf
 
 from flmm.distributed import ShardSampler, build_loader
@@ -34,19 +31,7 @@ RUN = [
 
 def run_train(root: Path, name: str, *overrides: str) -> Path:
     run_dir = root / name
-    cmd = [
-        sys.executable,
-        "-m",
-        "flmm.train",
-        f"paths.root_dir={root}",
-        f"hydra.run.dir={run_dir}",
-        *RUN,
-        *overrides,
-    ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        cmd, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
+    result = run_flmm("train", root, f"hydra.run.dir={run_dir}", *RUN, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF, compose_cfg
+from conftest import CONF, compose_cfg, run_flmm
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
@@ -52,11 +50,7 @@ def eval_cfg(root: Path, overrides: list[str]):
 
 
 def run_cli(root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "flmm.evaluate", f"paths.root_dir={root}", *MODEL, *overrides]
-    return subprocess.run(
-        cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+    return run_flmm("evaluate", root, *MODEL, *overrides, timeout=300)
 
 
 def test_cli_on_the_refer_fixture_prints_both_protocols(trained):

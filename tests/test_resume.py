@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, run_flmm
 
 TESTS = Path(__file__).resolve().parent
 # 2 epochs x 3 steps, a checkpoint after every step; the kill comes at step 4 (epoch 1, batch 1)
@@ -38,19 +37,8 @@ class KillAtStep(L.Callback):
 
 
 def run_train(root: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "flmm.train",
-        f"paths.root_dir={root}",
-        f"hydra.run.dir={run_dir}",
-        *RUN,
-        *overrides,
-    ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS))
-    return subprocess.run(
-        cmd, check=False, cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
+    args = (f"hydra.run.dir={run_dir}", *RUN, *overrides)
+    return run_flmm("train", root, *args, PYTHONPATH=str(TESTS))
 
 
 def trained_state(run_dir: Path) -> dict[str, torch.Tensor]:

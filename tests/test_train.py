@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, compose_cfg
+from conftest import CONF, compose_cfg, run_flmm
 
 from flmm.errors import CheckpointMismatchError
 
@@ -82,11 +80,7 @@ def test_checkpoint_for_another_lmm_is_refused(tiny_run):
 
 
 def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "flmm.train", f"paths.root_dir={cwd}", *overrides]
-    return subprocess.run(
-        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
-    )
+    return run_flmm("train", cwd, *overrides, timeout=120)
 
 
 def test_real_run_without_data_stops_with_one_clear_message(tmp_path):
