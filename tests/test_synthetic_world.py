@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoProcessor
 
 from flmm.data import ReferDataset
 from flmm.data.synthetic import (
@@ -24,7 +25,9 @@ from flmm.data.synthetic import (
     write_world,
 )
 from flmm.data.synthetic import write as write_module
+from flmm.data.synthetic.corpus import region
 from flmm.data.synthetic.world import COLOURS, PLURALS, SHAPES, shape_mask
+from flmm.foundation.pretrain_lmm import make_batch
 
 SINGULAR = {p: s for s, p in PLURALS.items()}
 
@@ -172,6 +175,59 @@ def test_captions_and_qa_are_true():
             assert (a == "yes") == ((colour, shape) in present)
     image, prompt, answer = next(pretraining_pairs(np.random.default_rng(0), image_size=64))
     assert image.shape == (64, 64, 3) and prompt and answer
+
+
+TERSE_PLACES = sorted(
+    {f"{r} {c}".strip() or "center" for r in ("top", "", "bottom") for c in ("left", "", "right")},
+    key=len,
+    reverse=True,
+)
+
+
+def _parses(scene, sentence: str) -> list[tuple[str, int | None]]:
+    """Readings ``(name, target)`` of a terse caption sentence "<name> <place>" that are true."""
+    out = []
+    for place in TERSE_PLACES:
+        name = sentence.removesuffix(" " + place)
+        if name == sentence or name.endswith((" at the", " on the", " in the")):
+            continue
+        if name.startswith(("a ", "an ")):
+            out.append((name, None))
+            continue
+        found = resolve(scene.objects, name)
+        if len(found) == 1 and region(scene.objects[found[0]], 96).endswith("the " + place):
+            out.append((name, found[0]))
+    return out
+
+
+def test_refer_captions_name_each_object_then_say_where_it_is():
+    rng = np.random.default_rng(3)
+    named = 0
+    for scene in scenes(30, seed=3):
+        text = captions(scene, rng, refer_prob=1.0, terse=True)
+        sentences = text.removesuffix(".").split(". ")
+        assert len(sentences) == len(scene.objects)
+        for sentence in sentences:
+            readings = _parses(scene, sentence)
+            assert readings, sentence
+            named += any(target is not None for _, target in readings)
+    assert named > 60
+
+
+def test_is_there_questions_are_balanced():
+    rng = np.random.default_rng(4)
+    answers = [dict(qa(scene, rng)) for scene in scenes(300, seed=4)]
+    yes = [a for qas in answers for q, a in qas.items() if q.startswith("is there")]
+    assert abs(yes.count("yes") / len(yes) - 0.5) < 0.08
+
+
+def test_pretraining_labels_are_the_answer_and_the_end_token(tiny_llava_dir):
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    image = np.zeros((96, 96, 3), dtype=np.uint8)
+    batch = make_batch(processor, [(image, "where is the red circle?", "at the top left.")])
+    labels = batch["labels"][0]
+    answer = processor.tokenizer.convert_ids_to_tokens(labels[labels >= 0])
+    assert answer == ["at", "the", "top", "left", ".", processor.tokenizer.eos_token]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ a temporary folder, then renamed) and guarded by a file lock, so concurrent rank
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -22,6 +24,8 @@ from flmm.foundation.pretrain_sam import pretrain_tiny_sam
 from flmm.foundation.tiny_llava import build_tiny_llava
 
 log = logging.getLogger(__name__)
+# bump when the tiny models' architecture, vocabulary or training code changes what a recipe builds
+TINY_VERSION = 2
 
 
 def ensure_tiny_llava(
@@ -30,11 +34,23 @@ def ensure_tiny_llava(
     seed: int = 0,
     batch_size: int = 32,
     image_size: int = 96,
+    lr: float = 1e-3,
+    corpus: dict | None = None,
 ) -> str:
-    """Path of the tiny LLaVA pretrained for ``pretrain_steps`` (0: random weights), built if missing."""
-    out = Path(cache_dir) / f"tiny_llava_seed{seed}_steps{pretrain_steps}"
+    """Path of the tiny LLaVA pretrained for ``pretrain_steps`` (0: random weights), built if missing.
+
+    ``corpus`` holds the keyword arguments of
+    :func:`~flmm.data.synthetic.corpus.pretraining_pairs`. The folder name carries a digest of
+    the whole recipe, so a changed recipe builds a new model instead of reusing a stale one.
+    """
+    corpus = dict(corpus or {})
+    recipe = {"version": TINY_VERSION, "image_size": image_size}
+    if pretrain_steps:
+        recipe |= {"batch_size": batch_size, "lr": lr, "corpus": corpus}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    out = Path(cache_dir) / f"tiny_llava_seed{seed}_steps{pretrain_steps}_{digest}"
     return _build_once(
-        out, lambda tmp: _build_llava(tmp, pretrain_steps, seed, batch_size, image_size)
+        out, lambda tmp: _build_llava(tmp, pretrain_steps, seed, batch_size, image_size, lr, corpus)
     )
 
 
@@ -62,17 +78,19 @@ def world_scenes(image_size: int):
     return sample
 
 
-def _build_llava(tmp: Path, steps: int, seed: int, batch_size: int, image_size: int) -> None:
+def _build_llava(
+    tmp: Path, steps: int, seed: int, batch_size: int, image_size: int, lr: float, corpus: dict
+) -> None:
     init = tmp.parent / f"{tmp.name}-init"
     _remove(init)
     build_tiny_llava(init, vocabulary(), image_size=image_size, seed=seed)
-    if steps:
-        pretrain_tiny_llava(
-            init, tmp, steps=steps, batch_size=batch_size, seed=seed, image_size=image_size
-        )
-        shutil.rmtree(init)
-    else:
+    if not steps:
         init.rename(tmp)
+        return
+    pretrain_tiny_llava(
+        init, tmp, steps, batch_size, lr, seed=seed, image_size=image_size, corpus=corpus
+    )
+    shutil.rmtree(init)
 
 
 def _build_once(out: Path, build) -> str:

@@ -25,13 +25,16 @@ log = logging.getLogger(__name__)
 
 
 def chat_prompts(processor, prompt: str, answer: str) -> tuple[str, str]:
-    """The chat-template text with and without the answer (the latter ends at the answer's start)."""
+    """The chat-template text with and without the answer (the latter ends at the answer's start).
+
+    The answer ends with the end-of-sequence token, so the model learns to stop.
+    """
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
     prefix = processor.apply_chat_template([user], add_generation_prompt=True)
     full = processor.apply_chat_template(
         [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
     )
-    return prefix, full
+    return prefix, full.rstrip() + processor.tokenizer.eos_token
 
 
 def make_batch(processor, pairs: list[tuple[np.ndarray, str, str]]) -> dict[str, torch.Tensor]:
@@ -59,23 +62,28 @@ def pretrain_tiny_llava(
     seed: int = 0,
     image_size: int = 96,
     log_every: int = 100,
+    corpus: dict | None = None,
+    device: str | None = None,
 ) -> list[float]:
     """Train the tiny LLaVA saved in ``model_dir`` for ``steps`` and ``save_pretrained`` it to ``out_dir``.
 
+    ``corpus``: keyword arguments of :func:`~flmm.data.synthetic.corpus.pretraining_pairs` (the
+    mix of captions and questions). ``device``: where to train (CUDA when available if None).
     Returns the training losses (one per step).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     processor = AutoProcessor.from_pretrained(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    model.train()
+    model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
 
     def schedule(s: int) -> float:  # linear warm-up times cosine decay (kept: the cache's recipe)
         return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    pairs = pretraining_pairs(rng, image_size=image_size)
+    pairs = pretraining_pairs(rng, image_size=image_size, **(corpus or {}))
     losses: list[float] = []
     start = time.time()
     columns = (
@@ -88,7 +96,7 @@ def pretrain_tiny_llava(
     with Progress(*columns) as progress:
         task = progress.add_task("pretrain", total=steps, loss=float("nan"))
         for step in range(steps):
-            batch = make_batch(processor, [next(pairs) for _ in range(batch_size)])
+            batch = make_batch(processor, [next(pairs) for _ in range(batch_size)]).to(device)
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -105,7 +113,7 @@ def pretrain_tiny_llava(
                     np.mean(losses[-log_every:]),
                     time.time() - start,
                 )
-    model.eval()
+    model.cpu().eval()
     save_model(
         model,
         processor,
@@ -113,6 +121,8 @@ def pretrain_tiny_llava(
         {
             "steps": steps,
             "seed": seed,
+            "corpus": corpus or {},
+            "device": device.type,
             "seconds": round(time.time() - start, 1),
             "final_loss": float(np.mean(losses[-log_every:])) if losses else None,
         },

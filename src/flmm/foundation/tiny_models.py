@@ -16,7 +16,7 @@ import transformers
 from transformers import PreTrainedTokenizerFast
 
 from flmm.data.synthetic.corpus import vocabulary
-from flmm.foundation.cache import _build_once
+from flmm.foundation.cache import TINY_VERSION, _build_once
 from flmm.foundation.tiny_llava import (
     CHAT_TEMPLATE as LLAVA_TEMPLATE,
 )
@@ -306,5 +306,5 @@ def build_tiny_lmm(
 def ensure_tiny_lmm(cache_dir: str, family: str, seed: int = 0) -> str:
     """Path of a random tiny ``family`` model under ``cache_dir`` (on the synthetic world's
     vocabulary), built on first use."""
-    out = Path(cache_dir) / f"tiny_{family}_seed{seed}_random"
+    out = Path(cache_dir) / f"tiny_{family}_seed{seed}_random_v{TINY_VERSION}"
     return _build_once(out, lambda tmp: build_tiny_lmm(tmp, family, vocabulary(), seed))

@@ -24,6 +24,9 @@ TEMPLATE_WORDS = (
     "objects image describe please give me description center larger smaller two leftmost rightmost topmost bottommost "
     "left right top bottom above below"
 )
+# flmm.chat's visual chain of thought asks for "the object most relevant to the question".
+COT_QUESTION = "what is the object most relevant to the question?"
+COT_ANSWER = "the object most relevant to the question is"
 PUNCTUATION = (".", ",", "?")
 
 
@@ -34,7 +37,17 @@ def words(text: str) -> list[str]:
 
 def vocabulary() -> list[str]:
     """Every word and punctuation mark the synthetic world's text can produce, sorted."""
-    parts = [TEMPLATE_WORDS, *COLOURS, *SHAPES, *PLURALS.values(), *SIZES, *NUMBERS, *RELATIONS]
+    parts = [
+        TEMPLATE_WORDS,
+        COT_QUESTION,
+        COT_ANSWER,
+        *COLOURS,
+        *SHAPES,
+        *PLURALS.values(),
+        *SIZES,
+        *NUMBERS,
+        *RELATIONS,
+    ]
     parts += [" ".join(d[2:]) for d in DIRECTIONS.values()]
     return sorted({w for p in parts for w in words(p)} | set(PUNCTUATION))
 
@@ -54,14 +67,34 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def captions(scene: Scene, rng: np.random.Generator) -> str:
-    """Name every object (in random order) and where it is: "a red circle at the top left. ..."."""
+def _name(scene: Scene, t: int, rng: np.random.Generator, refer_prob: float) -> str:
+    """A referring expression of object ``t`` (with chance ``refer_prob``) or "a [size] colour shape"."""
+    o = scene.objects[t]
+    if rng.random() < refer_prob:
+        expressions = referring_expressions(scene, t)
+        if expressions:
+            return expressions[rng.integers(len(expressions))].text
+    noun = f"{o.size} {o.colour} {o.shape}" if rng.random() < 0.5 else f"{o.colour} {o.shape}"
+    return f"{_article(noun)} {noun}"
+
+
+def captions(
+    scene: Scene, rng: np.random.Generator, refer_prob: float = 0.0, terse: bool = False
+) -> str:
+    """Name every object (in random order) and where it is: "a red circle at the top left. ...".
+
+    With chance ``refer_prob`` an object is named by one of its referring expressions ("the
+    leftmost square at the bottom."); ``terse`` drops the preposition ("the red circle top left."),
+    so the word right after a name is already where the object is: the model has to find the
+    named object while it reads the name.
+    """
     size = scene.image.shape[0]
     parts = []
     for i in rng.permutation(len(scene.objects)):
-        o = scene.objects[i]
-        noun = f"{o.size} {o.colour} {o.shape}" if rng.random() < 0.5 else f"{o.colour} {o.shape}"
-        parts.append(f"{_article(noun)} {noun} {region(o, size)}.")
+        where = region(scene.objects[i], size)
+        if terse:
+            where = where.split(" the ", 1)[1]
+        parts.append(f"{_name(scene, int(i), rng, refer_prob)} {where}.")
     return " ".join(parts)
 
 
@@ -74,6 +107,7 @@ def _object_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str,
             continue
         e = expressions[rng.integers(len(expressions))].text
         qa.append((f"where is {e}?", region(o, size)))
+        qa.append((f"where is {e}? {COT_QUESTION}", f"{COT_ANSWER} {e}."))
         if o.colour not in e.split():
             qa.append((f"what colour is {e}?", o.colour))
         if o.shape not in e.split() and PLURALS[o.shape] not in e.split():
@@ -87,13 +121,18 @@ def _count_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, 
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     n_shape = sum(o.shape == shape for o in scene.objects)
     n_colour = sum(o.colour == colour for o in scene.objects)
-    present = scene.objects[rng.integers(len(scene.objects))]
-    asked = (present.colour, present.shape) if rng.random() < 0.5 else (colour, shape)
-    exists = any((o.colour, o.shape) == asked for o in scene.objects)
+    present = {(o.colour, o.shape) for o in scene.objects}
+    absent = sorted({(c, s) for c in COLOURS for s in SHAPES} - present)
+    # as many "yes" as "no" answers, so that "yes" alone is no better than chance
+    pool = sorted(present) if rng.random() < 0.5 else absent
+    asked = pool[rng.integers(len(pool))]
     return [
         (f"how many {PLURALS[shape]} are there?", NUMBERS[n_shape]),
         (f"how many {colour} objects are there?", NUMBERS[n_colour]),
-        (f"is there {_article(asked[0])} {asked[0]} {asked[1]}?", "yes" if exists else "no"),
+        (
+            f"is there {_article(asked[0])} {asked[0]} {asked[1]}?",
+            "yes" if asked in present else "no",
+        ),
     ]
 
 
@@ -103,13 +142,19 @@ def qa(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
 
 
 def pretraining_pairs(
-    rng: np.random.Generator, image_size: int = 96, n_objects: tuple[int, int] = (3, 5)
+    rng: np.random.Generator,
+    image_size: int = 96,
+    n_objects: tuple[int, int] = (3, 5),
+    caption_prob: float = 0.5,
+    refer_prob: float = 0.0,
+    terse: bool = False,
 ) -> Iterator[tuple[np.ndarray, str, str]]:
-    """Endless ``(image, prompt, answer)`` triples on fresh scenes: half captions, half QA."""
+    """Endless ``(image, prompt, answer)`` triples on fresh scenes: captions (chance
+    ``caption_prob``, see :func:`captions`) or one question-answer pair."""
     while True:
         scene = sample_scene(rng, image_size, n_objects)
-        if rng.random() < 0.5:
-            yield scene.image, CAPTION_PROMPT, captions(scene, rng)
+        if rng.random() < caption_prob:
+            yield scene.image, CAPTION_PROMPT, captions(scene, rng, refer_prob, terse)
         else:
             pairs = qa(scene, rng)
             question, answer = pairs[rng.integers(len(pairs))]
