@@ -64,7 +64,7 @@ def run_flmm(
 ) -> subprocess.CompletedProcess:
     """``python -m flmm.<module> paths.root_dir=<root> ...`` in ``root``: offline, one thread,
     output captured; ``env`` adds environment variables."""
-    environ = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env)
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
     cmd = [sys.executable, "-m", f"flmm.{module}", f"paths.root_dir={root}", *overrides]
     return subprocess.run(
         cmd, cwd=root, env=environ, capture_output=True, text=True, timeout=timeout, check=False
