@@ -27,7 +27,7 @@ run: venv ## train F-LMM on the synthetic world (builds world and tiny models on
 test: venv ## fast test suite (everything not marked slow)
 	$(PYTEST) -m "not slow and not gpu" -q
 
-test-slow: venv ## slow tests: DDP / sharded LMM vs 1 process, resume, sweeps, every family, the notebook
+test-slow: venv ## slow tests: the default run, DDP / sharded LMM vs 1 process, resume, sweeps, every family, the notebook
 	$(PYTEST) -m "slow and not gpu" -q
 
 test-all: venv ## every CPU test
