@@ -14,8 +14,8 @@ from conftest import CONF, compose_cfg, run_flmm
 
 from flmm.errors import CheckpointMismatchError
 
-# well under what the default run measured (README), well over a whole-image mask (3.4)
-DEFAULT_RUN_FLOOR = {"giou": 25.0, "coarse_giou": 15.0}
+# the default run measured test gIoU 48.3, random LMM weights 23.3, a whole-image mask 3.4 (README)
+DEFAULT_RUN_FLOOR = 40.0
 
 
 def options(group: str) -> list[str]:
@@ -61,15 +61,13 @@ def test_default_run_end_to_end(tiny_run):
 @pytest.mark.slow
 def test_the_embedded_default_run(tmp_path):
     """`python -m flmm.train` with no overrides, in the project folder: it builds the world and the
-    foundation models into the project cache if missing (about 25 min on 2 cores), else reuses
-    them (about 8 min), trains F-LMM and reports test metrics that beat a whole-image mask."""
+    foundation models into the project cache if missing (about 23 min on 2 cores), else reuses
+    them (about 5 min), trains F-LMM and reports test gIoU well above random LMM weights."""
     root = Path(__file__).resolve().parents[1]
     result = run_flmm("train", root, f"hydra.run.dir={tmp_path}", timeout=3600, OMP_NUM_THREADS="2")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    # a whole-image mask scores gIoU 3.4 on the test split (README, "The synthetic world")
-    assert metrics["test/giou"] > DEFAULT_RUN_FLOOR["giou"]
-    assert metrics["test/coarse_giou"] > DEFAULT_RUN_FLOOR["coarse_giou"]
+    assert metrics["test/giou"] > DEFAULT_RUN_FLOOR
     assert metrics["test/giou"] >= metrics["test/coarse_giou"]
 
 
