@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from transformers import AutoProcessor
 
+from flmm import chat
 from flmm.data import ReferDataset
 from flmm.data.synthetic import (
     SyntheticDataModule,
     attribute_oracle_masks,
     captions,
+    corpus,
     pretraining_pairs,
     qa,
     referring_expressions,
@@ -212,6 +214,12 @@ def test_refer_captions_name_each_object_then_say_where_it_is():
             assert readings, sentence
             named += any(target is not None for _, target in readings)
     assert named > 60
+
+
+def test_chain_of_thought_text_matches_what_chat_asks():
+    # the tiny LLaVA learns the wording flmm.chat's visual chain of thought uses; keep them equal
+    assert corpus.COT_QUESTION == chat.COT_QUESTION.format(question="").strip().lower()
+    assert corpus.COT_ANSWER == chat.COT_PREFIX.lower()
 
 
 def test_is_there_questions_are_balanced():
