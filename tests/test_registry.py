@@ -253,11 +253,11 @@ def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, ragge
     model = FLMM.build(lmm, build_sam("tiny"), base_channels=8, lr=1e-3)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    first = model.mask_head.down[0][0].weight.detach().clone()
+    first = model.mask_head.conv_seg.weight.detach().clone()
     loss = model.losses(ragged_batch, model(ragged_batch))["loss"]
     loss.backward()
     optimizer.step()
-    assert torch.isfinite(loss) and not torch.equal(first, model.mask_head.down[0][0].weight)
+    assert torch.isfinite(loss) and not torch.equal(first, model.mask_head.conv_seg.weight)
     assert first.shape[1] == lmm.channels
     assert not any(p.grad is not None for p in lmm.parameters())
     ckpt: dict = {"hyper_parameters": dict(model.hparams)}
@@ -266,7 +266,7 @@ def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, ragge
     assert ckpt["flmm"]["family"] == family
     torch.save(ckpt, tmp_path / "last.ckpt")
     again = FLMM.from_checkpoint(str(tmp_path / "last.ckpt"), lmm, build_sam("tiny"))
-    assert torch.equal(again.mask_head.down[0][0].weight, model.mask_head.down[0][0].weight)
+    assert torch.equal(again.mask_head.conv_seg.weight, model.mask_head.conv_seg.weight)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
