@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flmm.heads import MaskHead, SamRefiner, TextPrompt, build_sam
-from flmm.heads.sam_refiner import PAD_MASK_LOGIT, boxes_from_masks, mask_prompt
+from flmm.heads.sam_refiner import PAD_MASK_LOGIT, boxes_from_masks, coarse_boxes, mask_prompt
 from flmm.losses import bce_dice_loss
 
 # gIoU@0.5 of the toy task below: 0.49 measured (0.37-0.49 over seeds 0-2); the head with
@@ -151,6 +151,16 @@ def test_box_of_empty_mask_is_whole_frame():
     torch.testing.assert_close(boxes, torch.tensor([[0.0, 0, 60, 48], [30, 12, 60, 24]]))
 
 
+def test_coarse_box_follows_the_upsampled_probabilities():
+    """The box of a coarse blob: probabilities resized to the input frame, then > 0.5."""
+    logits = torch.full((2, 6, 8), -10.0)
+    logits[0, 2:4, 3:6] = 10.0
+    boxes = coarse_boxes(logits, (48, 64))
+    x0, y0, x1, y1 = boxes[0].tolist()
+    assert 24 <= x0 <= 26 and 15 <= y0 <= 17 and 46 <= x1 <= 49 and 31 <= y1 <= 33
+    assert boxes[1].tolist() == [0.0, 0.0, 64.0, 48.0]  # empty: the whole image
+
+
 def test_mask_prompt_pads_outside_image(refiner):
     frame = mask_prompt(refiner.sam, torch.full((1, 5, 10), 3.0), (48, 96))
     assert frame.shape == (1, 1, 48, 48)
@@ -206,7 +216,7 @@ def test_refiner_batches_images_like_upstream_one_image_calls(refiner):
                 c = coarse[b][k : k + 1]
                 sparse, dense = sam.prompt_encoder(
                     points=None,
-                    boxes=boxes_from_masks(c > 0, input_sizes[b]),
+                    boxes=coarse_boxes(c, input_sizes[b]),
                     masks=mask_prompt(sam, c, input_sizes[b]),
                 )
                 sparse = torch.cat([sparse, text[b][k][None]], dim=1)

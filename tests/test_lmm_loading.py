@@ -35,7 +35,11 @@ def test_output_shapes_and_geometry(lmm, ragged_batch):
     rows = out.token_phrase.shape[1]
     assert out.hidden.shape == (3, 2, rows, 128)
     assert out.hidden[:, :, out.token_phrase[0] < 0][0].abs().sum() == 0
-    assert torch.allclose(out.region, torch.tensor([[60 / 90, 1.0], [1.0, 40 / 90], [1.0, 1.0]]))
+    assert torch.allclose(
+        out.region,
+        torch.tensor([[15, 0, 60, 90], [0, 25, 90, 40], [0, 0, 1, 1]])
+        / torch.tensor([[90.0], [90.0], [1.0]]),
+    )
 
 
 def test_all_parameters_frozen_and_eval(lmm):

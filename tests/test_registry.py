@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from conftest import CONF, TINY, compose_cfg, make_sample
 from omegaconf import OmegaConf
 
+from flmm import frame
+from flmm.attention.capture import phrase_rows
 from flmm.errors import ConfigError, ModelLoadError
 from flmm.foundation.tiny_models import build_tiny_lmm
 from flmm.heads import build_sam
@@ -82,23 +85,27 @@ def test_registry_loads_frozen_with_contract_shapes(family, tiny_lmms, ragged_ba
     out = lmm(ragged_batch)
     assert out.maps.shape == (3, 3, lmm.channels, *lmm.grid)
     assert out.maps[~out.phrase_mask].abs().sum() == 0
-    expected = torch.tensor([[60 / 90, 1.0], [1.0, 40 / 90], [1.0, 1.0]])
+    expected = torch.tensor([[15, 0, 60, 90], [0, 25, 90, 40], [0, 0, 1, 1]]) / torch.tensor(
+        [[90.0], [90.0], [1.0]]
+    )
     assert torch.allclose(out.region.cpu(), expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_registry_maps_stay_inside_the_image_region(family, tiny_lmms, ragged_batch):
-    """Grids of unpadded families land on the image's top-left region of the frame only;
+    """Grids of unpadded families land on the image's centred region of the frame only;
     those of square-padded families cover the whole frame (the model saw the padded square)."""
     lmm = tiny_lmms(family)
     maps = lmm(ragged_batch).maps
     side = lmm.grid[0]
     tall = maps[1, 0].sum(0)  # a 90 x 40 image: columns right of 40/90 of the frame are padding
-    inside = round(side * 40 / 90)
+    _, left, _, width = frame.cells(frame.region(90, 40), side)
     if get_family(family).pad_to_square:
         assert (tall > 0).all()
     else:
-        assert tall[:, inside:].abs().sum() == 0 and (tall[:, :inside] > 0).all()
+        outside = tall.clone()
+        outside[:, left : left + width] = 0
+        assert (tall[:, left : left + width] > 0).all() and outside.abs().sum() == 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -116,7 +123,7 @@ def test_registry_image_tokens_match_processor_and_model(family, tiny_lmms, ragg
         )
         grid = layout[-1][0]
         height, width = ragged_batch.images[b].shape[:2]
-        if not get_family(family).pad_to_square:  # the grid follows the image's aspect ratio
+        if get_family(family).grid != "square":  # the grid follows the image's aspect ratio
             assert (grid.height > grid.width) == (height > width)
             assert (grid.height < grid.width) == (height < width)
     check = GRID_CHECKS.get(get_family(family).grid)
@@ -246,6 +253,88 @@ def test_registry_capture_matches_eager(family, tiny_dirs, tiny_lmms, ragged_bat
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_registry_hidden_states_are_hf_hidden_states(family, tiny_lmms, ragged_batch):
+    """The text prompts read HF's ``hidden_states[-S:]`` (the last one after the final norm)."""
+    lmm = tiny_lmms(family)
+    out = lmm(ragged_batch)
+    inputs = lmm.encode(ragged_batch)
+    token_phrase = inputs.pop("token_phrase")
+    inputs.pop("region")
+    with torch.no_grad():
+        states = lmm.model(**inputs, output_hidden_states=True).hidden_states
+    rows, _ = phrase_rows(token_phrase)
+    expected = torch.stack(states[-lmm.num_text_layers :], 1)
+    expected = expected.gather(
+        2, rows[:, None, :, None].expand(-1, expected.shape[1], -1, expected.shape[-1])
+    )
+    keep = (out.token_phrase >= 0)[:, None, :, None]
+    assert (out.hidden - expected.float() * keep).abs().max() < 1e-5
+
+
+def _own_padding_pixels(lmm, image: np.ndarray) -> torch.Tensor:
+    """``pixel_values`` of ``image`` padded by the family's own processor code: LLaVA's
+    ``LlavaImageProcessor(do_pad=True)`` with the checkpoint's settings, DeepSeek-VL's own pad."""
+    processor = lmm.processor.image_processor
+    if lmm.family.name == "llava":
+        settings = {
+            k: getattr(processor, k) for k in ("size", "crop_size", "image_mean", "image_std")
+        }
+        processor = transformers.LlavaImageProcessor(do_pad=True, **settings)
+    pixels = processor(images=[image], return_tensors="pt", input_data_format="channels_last")
+    return pixels["pixel_values"][0]
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).pad_to_square])
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40)])
+def test_registry_padding_matches_the_processors_own(family, shape, tiny_lmms):
+    """A wide and a tall image padded here (centred, the processor's fill) give the pixels the
+    family's own padding gives; padding at the top-left would not."""
+    lmm = tiny_lmms(family)
+    image = np.zeros((*shape, 3), dtype=np.uint8)
+    image[shape[0] // 4 : shape[0] // 2, shape[1] // 4 : shape[1] // 2] = 255
+    own = _own_padding_pixels(lmm, image)
+    processor = lmm.processor.image_processor
+    fill = lmm._pad_colour()
+
+    def pixels(padded):
+        out = processor(images=[padded], return_tensors="pt", input_data_format="channels_last")
+        return out["pixel_values"][0]
+
+    ours = pixels(lmm._images([torch.as_tensor(image)])[0][0])
+    side = max(shape)
+    top_left = np.empty((side, side, 3), dtype=np.uint8)
+    top_left[...] = fill
+    top_left[: shape[0], : shape[1]] = image
+    wrong = (pixels(top_left) - own).abs().mean()
+    assert (ours - own).abs().mean() < 0.1 * wrong
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40)])
+def test_registry_object_lands_on_its_cells(family, shape, tiny_lmms):
+    """An object's pixels in what the model sees and its mask's cells on the frame coincide, for
+    a wide and a tall image: the mask targets follow the same centred placement as the image."""
+    lmm = tiny_lmms(family)
+    image = np.zeros((*shape, 3), dtype=np.uint8)
+    mask = np.zeros(shape, dtype=bool)
+    mask[shape[0] // 8 : shape[0] // 2, shape[1] // 8 : shape[1] // 2] = True
+    image[mask] = 255
+    size = 16
+    target, weight = frame.targets(torch.as_tensor(mask)[None], size)
+    region = frame.region(*shape)
+    if lmm.family.pad_to_square:
+        seen = torch.as_tensor(lmm._images([torch.as_tensor(image)])[0][0]).float().mean(-1)
+        seen = torch.nn.functional.interpolate(seen[None, None], (size, size), mode="area")[0]
+    else:  # the model sees the image itself; the frame holds it at its region
+        seen = frame.place(torch.as_tensor(image).float().mean(-1)[None, None], region, size)[0]
+    bright = seen[0] > 127
+    assert (bright == target[0].bool()).float().mean() > 0.95
+    assert torch.equal(
+        frame.crop(weight, region).bool(), torch.ones_like(frame.crop(weight, region)).bool()
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, ragged_batch, tmp_path):
     """One optimiser step of the full F-LMM; the checkpoint records channels and grid, reloads."""
     lmm = tiny_lmms(family)
@@ -253,11 +342,13 @@ def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, ragge
     model = FLMM.build(lmm, build_sam("tiny"), base_channels=8, lr=1e-3)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    first = model.mask_head.conv_seg.weight.detach().clone()
+    first = model.mask_head.encoder[0][0].convs[0].conv.weight.detach().clone()
     loss = model.losses(ragged_batch, model(ragged_batch))["loss"]
     loss.backward()
     optimizer.step()
-    assert torch.isfinite(loss) and not torch.equal(first, model.mask_head.conv_seg.weight)
+    assert torch.isfinite(loss) and not torch.equal(
+        first, model.mask_head.encoder[0][0].convs[0].conv.weight
+    )
     assert first.shape[1] == lmm.channels
     assert not any(p.grad is not None for p in lmm.parameters())
     ckpt: dict = {"hyper_parameters": dict(model.hparams)}
@@ -266,7 +357,10 @@ def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, ragge
     assert ckpt["flmm"]["family"] == family
     torch.save(ckpt, tmp_path / "last.ckpt")
     again = FLMM.from_checkpoint(str(tmp_path / "last.ckpt"), lmm, build_sam("tiny"))
-    assert torch.equal(again.mask_head.conv_seg.weight, model.mask_head.conv_seg.weight)
+    assert torch.equal(
+        again.mask_head.encoder[0][0].convs[0].conv.weight,
+        model.mask_head.encoder[0][0].convs[0].conv.weight,
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -67,9 +67,15 @@ def local_files(path: str) -> list[list]:
     ]
 
 
+# bump when what an entry holds changes meaning (2: centred frame regions, B x 4; normed last
+# hidden state), so entries of an older flmm are never read as current ones
+FORMAT_VERSION = 2
+
+
 def lmm_identity(lmm) -> dict:
     """Everything about the frozen LMM that changes what it captures for a sample."""
     return {
+        "format": FORMAT_VERSION,
         "model_id": lmm.model_id,
         "family": lmm.family.name,
         "dtype": str(next(lmm.parameters()).dtype),

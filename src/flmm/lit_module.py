@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
+from flmm import frame
 from flmm.checkpoint import check_metadata, checkpoint_metadata, load_trainable_state
 from flmm.heads import MaskHead, SamRefiner, TextPrompt
 from flmm.lmm import FrozenLMM
@@ -222,7 +223,7 @@ class FLMM(L.LightningModule):
         prompts = self.text_prompt(capture.hidden.float(), layer_dim=1)
         embeddings, input_sizes = embedded or self.refiner.embed_images(batch.images)
         coarse_region = [
-            crop_region(c, r) for c, r in zip(coarse.split(batch.num_phrases), capture.region)
+            frame.crop(c, r) for c, r in zip(coarse.split(batch.num_phrases), capture.region)
         ]
         texts = [
             [prompts[b][capture.token_phrase[b] == k] for k in range(n)]
@@ -250,7 +251,7 @@ class FLMM(L.LightningModule):
     def losses(self, batch: GroundingBatch, pred: Predictions) -> dict[str, torch.Tensor]:
         """BCE + Dice on the coarse logits (mask-head resolution) and the refined ones (image resolution)."""
         size = pred.coarse.shape[-1]
-        frames = [square_frame(m, size) for m in batch.masks]
+        frames = [frame.targets(m, size) for m in batch.masks]
         target = torch.cat([t for t, _ in frames])
         weight = torch.cat([w.expand_as(t) for t, w in frames])
         coarse_bce, coarse_dice = bce_dice_loss(pred.coarse, target, weight)
@@ -361,31 +362,6 @@ def warmup_cosine(total_steps: int, warmup_ratio: float):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def crop_region(logits: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Crop ``K x s x s`` square-frame logits to the image's top-left ``region`` (fractions h, w)."""
-    s = logits.shape[-1]
-    h = max(1, round(float(region[0]) * s))
-    w = max(1, round(float(region[1]) * s))
-    return logits[:, :h, :w]
-
-
-def square_frame(masks: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Place ``K x H x W`` masks at the top-left of a square frame and resize it to ``size``.
-
-    Returns the ``K x size x size`` float targets and a ``1 x size x size`` validity weight that is
-    1 over the image region and 0 over the padding.
-    """
-    k, h, w = masks.shape
-    side = max(h, w)
-    frame = masks.new_zeros((k, side, side), dtype=torch.float32)
-    frame[:, :h, :w] = masks.float()
-    valid = frame.new_zeros((1, 1, side, side))
-    valid[..., :h, :w] = 1.0
-    target = (F.interpolate(frame[None], size=(size, size), mode="area")[0] > 0.5).float()
-    weight = (F.interpolate(valid, size=(size, size), mode="area")[0] > 0.5).float()
-    return target, weight
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

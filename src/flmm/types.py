@@ -100,8 +100,8 @@ class CaptureOutput:
         phrase_mask: ``B x K`` bool, True for real phrases.
         hidden: ``B x S x R x D`` hidden states of the phrase tokens from the last ``S`` layers.
         token_phrase: ``B x R`` long, phrase index of each hidden-state row, -1 for padding.
-        region: ``B x 2`` float, the fraction ``(height, width)`` of the attention grid that the
-            image covers; the image sits at the grid's top-left corner, the rest is padding.
+        region: ``B x 4`` float, the image's ``(top, left, height, width)`` on the attention
+            frame as fractions of its side (:mod:`flmm.frame`: centred, the rest is padding).
     """
 
     maps: torch.Tensor

@@ -49,6 +49,15 @@ def boxes_from_masks(masks: torch.Tensor, input_size: tuple[int, int]) -> torch.
     return boxes * scale
 
 
+def coarse_boxes(logits: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+    """Box prompts of ``K x h x w`` coarse logits over the image: probabilities resized
+    (bilinear) to the ``input_size`` frame, ``> 0.5``, tight boxes (as the reference does)."""
+    probs = F.interpolate(
+        logits.detach()[:, None].float().sigmoid(), input_size, mode="bilinear", align_corners=False
+    )
+    return boxes_from_masks(probs[:, 0] > 0.5, input_size)
+
+
 def mask_prompt(sam: Sam, logits: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
     """Place ``K x h x w`` logits over the image into SAM's ``K x 1 x M x M`` mask-input frame.
 
@@ -113,9 +122,7 @@ class SamRefiner(nn.Module):
         counts = [len(c) for c in coarse_logits]
         owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
         masks = torch.cat([mask_prompt(self.sam, c, s) for c, s in zip(coarse_logits, input_sizes)])
-        boxes = torch.cat(
-            [boxes_from_masks(c.detach() > 0, s) for c, s in zip(coarse_logits, input_sizes)]
-        )
+        boxes = torch.cat([coarse_boxes(c, s) for c, s in zip(coarse_logits, input_sizes)])
         texts = [t for per_image in text_embeds for t in per_image]
         groups = defaultdict(list)
         for k, embeds in enumerate(texts):

@@ -17,6 +17,7 @@ import torch
 import transformers
 from torch import nn
 
+from flmm import frame
 from flmm.attention.capture import MERGES, capture, phrase_rows, use_capture
 from flmm.errors import ConfigError, ModelLoadError
 from flmm.lmm import grids
@@ -56,16 +57,6 @@ def _check_model_type(name_or_path: str, family: Family, trust_remote_code: bool
         )
 
 
-def pad_to_square(image: np.ndarray, fill: np.ndarray) -> np.ndarray:
-    """``H x W x 3`` -> ``S x S x 3`` with ``S = max(H, W)``; the image sits at the top-left."""
-    height, width = image.shape[:2]
-    side = max(height, width)
-    out = np.empty((side, side, 3), dtype=image.dtype)
-    out[...] = fill
-    out[:height, :width] = image
-    return out
-
-
 class FrozenLMM(nn.Module):
     """A frozen HF VLM + processor; ``forward(batch) -> CaptureOutput``.
 
@@ -96,6 +87,7 @@ class FrozenLMM(nn.Module):
         self.merge = merge
         self.instruction = instruction or family.instruction
         self.layers = operator.attrgetter(family.decoder_layers)(model)
+        self.final_norm = operator.attrgetter(family.final_norm)(model)
         self.text_config = getattr(model.config, family.text_config)
         total = len(self.layers)
         self._text_layers = total if text_layers is None else text_layers
@@ -248,16 +240,21 @@ class FrozenLMM(nn.Module):
         return full, start
 
     def _images(self, images: list[torch.Tensor]) -> tuple[list[np.ndarray], torch.Tensor]:
-        """Processor-ready images (padded to a square if the family needs it) and ``B x 2`` region:
-        the fraction ``(H/S, W/S)`` of the square frame (``S = max(H, W)``) the image covers."""
+        """Processor-ready images (padded to a centred square, with the processor's mean
+        colour, if the family needs it) and their ``B x 4`` regions (:func:`flmm.frame.region`)."""
         arrays = [img.cpu().numpy() for img in images]
-        region = torch.tensor([[a.shape[0], a.shape[1]] for a in arrays], dtype=torch.float32)
-        region = region / region.amax(1, keepdim=True)
+        region = torch.stack([frame.region(*a.shape[:2]) for a in arrays])
         if not self.family.pad_to_square:
             return arrays, region
-        mean = getattr(self.processor.image_processor, "image_mean", None) or [0.0, 0.0, 0.0]
-        fill = np.round(np.asarray(mean) * 255).astype(np.uint8)
-        return [pad_to_square(a, fill) for a in arrays], region
+        return [frame.pad_to_square(a, self._pad_colour()) for a in arrays], region
+
+    def _pad_colour(self) -> np.ndarray:
+        """The processor's own padding colour (``background_color``), else its mean colour."""
+        processor = self.processor.image_processor
+        colour = getattr(processor, "background_color", None)
+        if colour is None:
+            colour = np.asarray(getattr(processor, "image_mean", None) or [0.0] * 3) * 255
+        return np.round(np.asarray(colour)).astype(np.uint8)
 
     def _token_phrase(
         self, prompts: list[tuple[str, int]], batch: GroundingBatch, enc
@@ -315,21 +312,22 @@ class FrozenLMM(nn.Module):
         """``B x K x L x H x P`` captured attention -> ``B x K x C x F x F`` on the square frame.
 
         Grids of square-padded families cover the whole frame; the others cover the image and
-        are resampled onto its ``region`` (top-left) of the frame.
+        are resampled onto its ``region`` (``B x 4``, :mod:`flmm.frame`) of the frame.
         """
         side = self._grid[0]
-        out = []
-        for b, layout in enumerate(layouts):
-            box = (side, side)
-            if not self.family.pad_to_square:
-                box = tuple(max(1, round(float(f) * side)) for f in region[b])
-            out.append(grids.to_frame(maps[b], layout, side, box))
-        return torch.stack(out)
+        return torch.stack(
+            [
+                grids.to_frame(
+                    maps[b], layout, side, None if self.family.pad_to_square else region[b]
+                )
+                for b, layout in enumerate(layouts)
+            ]
+        )
 
     def encode(self, batch: GroundingBatch) -> dict[str, torch.Tensor]:
         """Model inputs (right-padded ``input_ids``, ``attention_mask``, ``pixel_values`` and the
         family's extras) on the model's device, plus ``token_phrase`` (``B x N``, -1 outside
-        phrases) and ``region`` (``B x 2``)."""
+        phrases) and ``region`` (``B x 4``)."""
         prompts = [self.prompt(text) for text in batch.texts]
         images, region = self._images(batch.images)
         enc = self._process(images, [p for p, _ in prompts])
@@ -350,8 +348,8 @@ class FrozenLMM(nn.Module):
         layouts = self.layouts(inputs, counts)
         hidden: list[torch.Tensor] = []
         hooks = [
-            layer.register_forward_hook(self._hidden_hook(rows, hidden))
-            for layer in self.layers[len(self.layers) - self._text_layers :]
+            module.register_forward_hook(self._hidden_hook(rows, hidden))
+            for module in self._hidden_sources()
         ]
         try:
             with capture(rows, row_phrase, image_cols, num_phrases, self.merge) as state:
@@ -369,6 +367,12 @@ class FrozenLMM(nn.Module):
             token_phrase=row_phrase,
             region=region,
         )
+
+    def _hidden_sources(self) -> list[nn.Module]:
+        """The modules whose outputs are HF's ``hidden_states[-S:]``: the last ``S - 1`` decoder
+        layers, then the final norm (HF's last hidden state is the normed last layer output)."""
+        first = len(self.layers) - self._text_layers
+        return [*self.layers[first : len(self.layers) - 1], self.final_norm]
 
     @staticmethod
     def _hidden_hook(rows: torch.Tensor, store: list[torch.Tensor]):

@@ -30,7 +30,7 @@ class Family:
             :data:`flmm.lmm.grids.GRIDS`): ``"square"`` one ``S x S`` grid, ``S^2`` = the image
             tokens the processor inserts; ``"anyres"`` the base ``S x S`` grid plus the unpadded
             high-res grid without its newline tokens; ``"thw"`` the merged ``image_grid_thw`` grid.
-        pad_to_square: pad images to a square (top-left) before the processor, so that its
+        pad_to_square: pad images to a centred square before the processor, so that its
             resize/crop keeps the whole image and the grid covers the square frame; otherwise the
             grids cover the image itself and are resampled onto its region of the frame.
         fine_scale: any-res: the output grid side is ``fine_scale`` x the base grid side.
@@ -38,6 +38,8 @@ class Family:
         processor_kwargs: keyword arguments for every processor call.
         text_config: name of the text sub-config (the decoder that gets ``"flmm_capture"``).
         decoder_layers: attribute path from the full model to its decoder layer list.
+        final_norm: attribute path to the norm after the last decoder layer (HF's last hidden
+            state, which the text prompts read, is its output).
         instruction: default user-turn instruction.
     """
 
@@ -52,6 +54,7 @@ class Family:
     processor_kwargs: dict = field(default_factory=dict)
     text_config: str = "text_config"
     decoder_layers: str = "model.language_model.layers"
+    final_norm: str = "model.language_model.norm"
     instruction: str = DEFAULT_INSTRUCTION
 
     def __post_init__(self) -> None:
@@ -105,6 +108,8 @@ FAMILIES: dict[str, Family] = {
             "InternVLForConditionalGeneration",
             "InternVLProcessor",
             ("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-8B-hf"),
+            # its processor resizes the image to one square tile without padding
+            pad_to_square=False,
             processor_kwargs={"crop_to_patches": False},
         ),
         Family(

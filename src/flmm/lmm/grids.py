@@ -2,7 +2,7 @@
 
 A grid rule maps one processed sample to the :class:`TokenGrid` s its image tokens form, in
 sequence order. :func:`to_frame` then resamples every grid onto a fixed ``F x F`` square frame
-(the image at its top-left, as :class:`flmm.types.CaptureOutput` defines ``region``), so a model
+(the image centred, as :mod:`flmm.frame` defines its ``region``), so a model
 configuration always yields ``parts * L * H`` channels on the same grid, whatever the image's
 size or aspect ratio.
 """
@@ -13,8 +13,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.image_processing_utils import select_best_resolution
+
+from flmm import frame
+
+WHOLE_FRAME = torch.tensor([0.0, 0.0, 1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def to_frame(
     maps: torch.Tensor,
     grids: list[tuple[TokenGrid, torch.Tensor]],
     size: int,
-    box: tuple[int, int],
+    region: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Place one sample's image-token attention on the ``size x size`` frame.
 
@@ -100,19 +103,19 @@ def to_frame(
         maps: ``K x L x H x P`` attention over the sample's image tokens.
         grids: from :func:`layout`.
         size: the frame side ``F``.
-        box: ``(h, w)`` cells of the frame the grids cover, at its top-left (zeros elsewhere).
+        region: ``(top, left, height, width)`` fractions of the frame the grids cover (the
+            image's region, :mod:`flmm.frame`; zeros elsewhere); None: the whole frame.
 
     Returns:
         ``K x (L * parts * H) x F x F``, channels ordered layer, grid, head.
     """
+    where = WHOLE_FRAME if region is None else region
     parts = []
     for grid, index in grids:
         if grid.height * grid.width == 0:  # no tokens on this grid: nothing attended there
             parts.append(maps.new_zeros(*maps.shape[:3], size, size))
             continue
         part = maps[..., index.to(maps.device)].unflatten(-1, (grid.height, grid.width))
-        if (grid.height, grid.width) != tuple(box):
-            flat = F.interpolate(part.flatten(0, 1), box, mode="bilinear", align_corners=False)
-            part = flat.view(*part.shape[:3], *box)
-        parts.append(F.pad(part, (0, size - box[1], 0, size - box[0])))
+        placed = frame.place(part.flatten(0, 1), where, size)
+        parts.append(placed.view(*part.shape[:3], size, size))
     return torch.stack(parts, 2).flatten(1, 3)
