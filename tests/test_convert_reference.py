@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CONF
 from omegaconf import OmegaConf
 
@@ -219,3 +223,71 @@ def test_wrong_row_is_a_mismatch(tiny_lmm, tmp_path):
     other = dataclasses.replace(target, family="llava")
     with pytest.raises(CheckpointMismatchError, match="mask_head.encoder.0.0.convs.0.conv.weight"):
         convert(ref, other)
+
+
+class MissingOps(types.ModuleType):
+    """Stands in for ``mmcv.ops`` where mmcv-lite has no compiled ops: ``mmseg.models`` imports
+    names from it that the UNet never uses."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return type(name, (), {})
+
+
+@pytest.fixture
+def mmseg_unet(monkeypatch):
+    """mmseg's ``UNet`` and ``InterpConv`` (skipped where mmsegmentation is not installed)."""
+    pytest.importorskip("mmseg")
+    try:
+        import mmcv.ops  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "mmcv.ops", MissingOps("mmcv.ops"))
+    from mmseg.models.backbones.unet import InterpConv, UNet
+
+    return UNet, InterpConv
+
+
+def unet_head_forward(unet, conv_seg, x: torch.Tensor, upsample_input: int = 64) -> torch.Tensor:
+    """The reference's ``UNetHead.forward``: normalise each channel, up-sample, zero-pad to a
+    multiple of 8 at the bottom/right, UNet, crop, ``conv_seg``."""
+    x = x / x.sum((-2, -1), keepdim=True).clamp(min=1e-12)
+    scale = max(1.0, upsample_input / max(x.shape[-2:]))
+    x = F.interpolate(x, scale_factor=scale, mode="bilinear")
+    h, w = x.shape[-2:]
+    padded = x.new_zeros(*x.shape[:2], math.ceil(h / 8) * 8, math.ceil(w / 8) * 8)
+    padded[..., :h, :w] = x
+    return conv_seg(unet(padded)[-1][..., :h, :w])[:, 0]
+
+
+def test_mask_head_is_the_references_mmseg_unet(mmseg_unet):
+    """mmseg's UNet as the reference configures it + ``conv_seg``: same keys and shapes as
+    ``MaskHead``, and the same logits once its weights are loaded strictly."""
+    unet_class, interp_conv = mmseg_unet
+    channels, base = 12, BASE
+    unet = unet_class(
+        in_channels=channels,
+        base_channels=base,
+        num_stages=4,
+        strides=(1, 1, 1, 1),
+        enc_num_convs=(2, 2, 2, 2),
+        dec_num_convs=(2, 2, 2),
+        downsamples=(True, True, True),
+        enc_dilations=(1, 1, 1, 1),
+        dec_dilations=(1, 1, 1),
+        norm_cfg={"type": torch.nn.GroupNorm, "num_groups": 1},
+        upsample_cfg={"type": interp_conv},
+    )
+    conv_seg = randomised(torch.nn.Conv2d(base, 1, 1), 1)
+    reference = {**randomised(unet, 0).state_dict()}
+    reference.update({f"conv_seg.{k}": v for k, v in conv_seg.state_dict().items()})
+    head = MaskHead(channels, base)
+    assert {k: v.shape for k, v in head.state_dict().items()} == {
+        k: v.shape for k, v in reference.items()
+    }
+    head.load_state_dict(reference)
+    maps = torch.rand(2, channels, 12, 9, generator=torch.Generator().manual_seed(4))
+    unet.eval()  # mmseg's UNet.train returns None, so no chaining
+    with torch.no_grad():
+        expected = unet_head_forward(unet, conv_seg, maps)
+        torch.testing.assert_close(head.eval()(maps), expected)
