@@ -152,7 +152,7 @@ def test_flmm_channel_order_is_layer_grid_head():
 
 @pytest.mark.parametrize("row", list(RELEASED))
 def test_released_table_matches_configs_and_shapes(row):
-    """Each row names its conf/model/lmm entry and experiment; its shapes build F-LMM + SAM ViT-L."""
+    """Each row names its conf/model/lmm entry and experiment; its shapes fit F-LMM + SAM ViT-L."""
     released = RELEASED[row]
     lmm_cfg = OmegaConf.load(CONF / "model" / "lmm" / f"{row}.yaml")
     assert (lmm_cfg.name_or_path, lmm_cfg.family) == (

@@ -56,7 +56,8 @@ FROZEN = {
     "deepseek_vl.": "the LMM",
     "sam.model.image_encoder.": "SAM's image encoder",
 }
-# dicts the reference's ``guess_load_checkpoint`` (``state_dict``), DeepSpeed and mmengine nest tensors in
+# entries tensors are nested in: the reference's ``guess_load_checkpoint`` and mmengine
+# (``state_dict``), DeepSpeed (``module``), others (``model``)
 WRAPPERS = ("state_dict", "module", "model")
 REFERENCE_ORDER = ("grid", "layer", "head")
 FLMM_ORDER = ("layer", "grid", "head")
@@ -182,19 +183,21 @@ def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         reason = str(err).strip().splitlines()[0]
         raise CheckpointMismatchError(
-            f"cannot read {path} as tensors only ({reason}); if it is a training checkpoint holding "
-            "Python objects, save just its 'state_dict' entry with torch.save where you trust the file"
+            f"cannot read {path} as tensors only ({reason}); if it is a training checkpoint "
+            "holding Python objects, save just its 'state_dict' entry with torch.save where you "
+            "trust the file"
         ) from None
     return unwrap(obj, path)
 
 
 def unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside ``obj``: itself, or its ``state_dict`` / ``module`` / ``model`` entry."""
+    """The state dict inside ``obj``: itself, or its ``state_dict``/``module``/``model`` entry."""
     while isinstance(obj, dict) and not all(torch.is_tensor(v) for v in obj.values()):
         inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)), None)
         if inner is None:
             raise CheckpointMismatchError(
-                f"{path} holds no state dict of tensors (top-level entries: {sorted(map(str, obj))[:8]})"
+                f"{path} holds no state dict of tensors "
+                f"(top-level entries: {sorted(map(str, obj))[:8]})"
             )
         obj = inner
     if not isinstance(obj, dict) or not obj:
@@ -261,7 +264,7 @@ def expected_state(target: Target, base_channels: int, target_size: int) -> dict
 
 
 def check_shapes(mapped: dict, expected: dict, target: Target) -> None:
-    """Raise :class:`CheckpointMismatchError` unless ``mapped`` has ``expected``'s keys and shapes."""
+    """Raise :class:`CheckpointMismatchError` unless ``mapped`` has ``expected``'s keys, shapes."""
     missing = [reference_name(k) for k in expected if k not in mapped]
     unexpected = [reference_name(k) for k in mapped if k not in expected]
     shapes = [

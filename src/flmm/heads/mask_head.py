@@ -37,7 +37,10 @@ class ConvBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_convs: int = 2) -> None:
         super().__init__()
         self.convs = nn.Sequential(
-            *[ConvGN(in_channels if i == 0 else out_channels, out_channels, 3) for i in range(num_convs)]
+            *[
+                ConvGN(in_channels if i == 0 else out_channels, out_channels, 3)
+                for i in range(num_convs)
+            ]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +130,12 @@ class MaskHead(nn.Module):
         multiple = 2 ** (self.num_stages - 1)
         x = F.pad(
             x,
-            (0, math.ceil(out_w / multiple) * multiple - out_w, 0, math.ceil(out_h / multiple) * multiple - out_h),
+            (
+                0,
+                math.ceil(out_w / multiple) * multiple - out_w,
+                0,
+                math.ceil(out_h / multiple) * multiple - out_h,
+            ),
         )
         skips = []
         for stage in self.encoder:
