@@ -20,9 +20,8 @@ from flmm.runtime import exit_on_user_error
 
 def parser() -> argparse.ArgumentParser:
     rows = ", ".join(f"{name} ({r.file_name})" for name, r in RELEASED.items())
-    p = argparse.ArgumentParser(
-        prog="python -m flmm.convert_reference", description=__doc__.split("\n")[0]
-    )
+    about = " ".join(__doc__.split("\n\n")[0].split())
+    p = argparse.ArgumentParser(prog="python -m flmm.convert_reference", description=about)
     p.add_argument("ckpt", help="the reference's .pth file")
     p.add_argument("--model", required=True, choices=list(RELEASED), help=f"paper row: {rows}")
     p.add_argument("--out", help="checkpoint to write (default: CKPT with the suffix .ckpt)")
