@@ -143,7 +143,7 @@ def test_flmm_channel_order_is_layer_grid_head():
     token_grid = torch.arange(8) // 4  # tokens 0-3 on grid 0, 4-7 on grid 1
     maps = 100.0 * torch.arange(layers)[:, None, None] + torch.arange(heads)[None, :, None]
     maps = (maps + 10.0 * token_grid)[None]  # 1 x L x H x 8
-    frame = to_frame(maps, [(grid, torch.arange(4)), (grid, torch.arange(4, 8))], 2, (2, 2))
+    frame = to_frame(maps, [(grid, torch.arange(4)), (grid, torch.arange(4, 8))], 2)
     expected = [
         100 * ly + 10 * g + h for ly in range(layers) for g in range(2) for h in range(heads)
     ]
