@@ -22,3 +22,12 @@ class DataError(FlmmUserError, ValueError):
 
 class ConfigError(FlmmUserError, ValueError):
     """A configured value is not one of those allowed; the message lists them."""
+
+
+class MissingExtraError(FlmmUserError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        super().__init__(
+            f"{purpose} needs {package}, which is not installed: pip install 'flmm[{extra}]'"
+        )

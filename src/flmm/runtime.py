@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -20,11 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from flmm.distributed import LoaderPosition
-from flmm.errors import FlmmUserError
+from flmm.errors import FlmmUserError, MissingExtraError
 
 log = logging.getLogger(__name__)
 
-CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
+CONFIG_PATH = str(Path(__file__).resolve().parent / "conf")
 
 # Errors caused by the user's input (paths, configs, checkpoints): reported as one message.
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, FlmmUserError)
@@ -44,10 +45,24 @@ def exit_on_user_error(fn: Callable, *args, **kwargs):
         sys.exit(2)
 
 
+# config entries whose ``_target_`` needs an optional dependency: (module, extra, what needs it)
+EXTRAS = {"WandbLogger": ("wandb", "wandb", "logger=wandb")}
+
+
+def require_extras(group: DictConfig) -> None:
+    """Raise :class:`MissingExtraError` for an entry whose optional dependency is missing."""
+    for entry in group.values():
+        target = str(entry.get("_target_", "")) if isinstance(entry, DictConfig) else ""
+        module, extra, purpose = EXTRAS.get(target.rsplit(".", 1)[-1], (None, None, None))
+        if module and importlib.util.find_spec(module) is None:
+            raise MissingExtraError(module, extra, purpose)
+
+
 def instantiate_group(group: DictConfig | None) -> list:
     """Instantiate every ``_target_`` entry of a callbacks/logger group."""
     if not group:
         return []
+    require_extras(group)
     return [
         hydra.utils.instantiate(c)
         for c in group.values()

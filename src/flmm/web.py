@@ -14,14 +14,18 @@ import argparse
 import html
 from dataclasses import dataclass
 
-import gradio as gr
 import numpy as np
 
 from flmm.chat import ChatResult, GroundedChat
-from flmm.errors import FlmmUserError
+from flmm.errors import FlmmUserError, MissingExtraError
 from flmm.ground import MODES, load_image, phrase_colour, render_overlay, run
 from flmm.model_options import add_model_args, load_chat
 from flmm.runtime import exit_on_user_error
+
+try:
+    import gradio as gr
+except ModuleNotFoundError:  # the `web` extra is not installed; main() says how to get it
+    gr = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,13 @@ def launch(
     )
 
 
+def require_gradio() -> None:
+    if gr is None:
+        raise MissingExtraError("gradio", "web", "the web page")
+
+
 def main(argv: list[str] | None = None) -> None:
+    exit_on_user_error(require_gradio)
     p = argparse.ArgumentParser(prog="python -m flmm.web", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=7860)

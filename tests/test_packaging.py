@@ -1,0 +1,154 @@
+"""The package a user installs: declared dependencies and extras, the `flmm` command, the configs
+inside the package, and the optional dependencies' one-line errors."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+from packaging.requirements import Requirement
+
+from flmm import cli
+from flmm.errors import MissingExtraError
+from flmm.runtime import CONFIG_PATH
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "flmm"
+# modules allowed to import an optional dependency (guarded, with a MissingExtraError)
+OPTIONAL_IMPORTS = {"gradio": ("web", {"web.py"})}
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def declared() -> tuple[set[str], dict[str, set[str]]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {normalise(Requirement(r).name) for r in project["dependencies"]}
+    extras = {
+        extra: {normalise(Requirement(r).name) for r in reqs}
+        for extra, reqs in project["optional-dependencies"].items()
+    }
+    return core, extras
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"flmm", "__future__"}
+
+
+def test_every_import_is_a_declared_dependency():
+    """Each third-party module flmm imports comes from a core dependency; optional ones only in
+    the modules that guard them, from the extra their error names."""
+    core, extras = declared()
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = []
+    for path in sorted(SRC.rglob("*.py")):
+        for name in sorted(imports_of(path)):
+            dists = {normalise(d) for d in distributions.get(name, [name])}
+            extra, allowed_in = OPTIONAL_IMPORTS.get(name, (None, set()))
+            if dists & core or (path.name in allowed_in and dists & extras[extra]):
+                continue
+            undeclared.append(f"{path.relative_to(ROOT)}: {name} ({', '.join(sorted(dists))})")
+    assert not undeclared, "imports not declared in pyproject.toml:\n" + "\n".join(undeclared)
+
+
+def test_extras_and_lower_bounds():
+    core, extras = declared()
+    assert {"gradio", "wandb", "hydra-submitit-launcher", "hydra-optuna-sweeper"}.isdisjoint(core)
+    assert {"web", "wandb", "sweep", "notebook", "test", "all"} <= set(extras)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch = next(Requirement(r) for r in project["dependencies"] if r.startswith("torch>"))
+    # torch.distributed.fsdp.fully_shard, imported by every entry point, is public from 2.6
+    assert not torch.specifier.contains("2.5.1") and torch.specifier.contains("2.6.0")
+    assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License\n")
+
+
+def test_optuna_study_saves_to_sqlite(tmp_path):
+    """hparams_search=optuna recommends sqlite storage; the pinned optuna 2.x needs SQLAlchemy 1.x."""
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    study.optimize(lambda trial: trial.suggest_float("lr", 0.0, 1.0), n_trials=2)
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 2
+
+
+def test_configs_live_inside_the_package():
+    assert Path(CONFIG_PATH) == SRC / "conf"
+    assert (SRC / "conf" / "train.yaml").is_file() and not (ROOT / "conf").exists()
+
+
+def test_flmm_command_lists_every_entry_point(capsys):
+    assert cli.main([]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in cli.COMMANDS)
+    assert cli.main(["no-such-command"]) == 2
+    assert "unknown command 'no-such-command'" in capsys.readouterr().err
+    for module, _ in cli.COMMANDS.values():
+        assert callable(importlib.import_module(module).main)
+
+
+def test_missing_web_extra_is_one_line(monkeypatch, capsys):
+    from flmm import web
+
+    monkeypatch.setattr(web, "gr", None)
+    with pytest.raises(SystemExit) as stop:
+        web.main(["--help"])
+    assert stop.value.code == 2
+    assert "pip install 'flmm[web]'" in capsys.readouterr().err
+
+
+def test_missing_wandb_extra_is_one_line(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from flmm import runtime
+
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
+    group = OmegaConf.create({"wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger"}})
+    with pytest.raises(MissingExtraError, match=r"pip install 'flmm\[wandb\]'"):
+        runtime.instantiate_group(group)
+
+
+@pytest.mark.slow
+def test_the_built_wheel_runs_from_any_folder(tmp_path):
+    """A built (not editable) wheel, used from an unrelated folder: configs found inside the
+    package, every entry point answers --help, the Hydra ones print their composed job."""
+    import subprocess
+
+    wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)]
+    subprocess.run(build, check=True, cwd=tmp_path)
+    (wheel,) = wheels.glob("flmm-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HOME": str(tmp_path)}
+
+    def flmm(*args: str) -> str:
+        cmd = [sys.executable, "-m", "flmm.cli", *args]
+        out = subprocess.run(
+            cmd, check=False, cwd=elsewhere, env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    location = [sys.executable, "-c", "import flmm; print(flmm.__file__)"]
+    where = subprocess.run(
+        location, check=True, cwd=elsewhere, env=env, capture_output=True, text=True
+    )
+    assert where.stdout.startswith(str(target))
+    for command in ("train", "evaluate", "pope", "train-selector"):
+        assert "_target_" in flmm(command, "--cfg", "job")
+    for command in cli.COMMANDS:
+        assert flmm(command, "--help")
+    assert not any(elsewhere.iterdir())  # nothing written where the command ran
