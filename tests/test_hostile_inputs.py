@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import CONF, TINY
 from refer_fixtures import _refs, write_refer_fixture
 
 from flmm.data import ReferDataset, load_refer
@@ -16,13 +19,15 @@ from flmm.runtime import exit_on_user_error
 
 
 def one_line_error(capsys, fn, *args, **kwargs) -> str:
-    """Run ``fn`` as an entry point does; assert it ends with exit code 2 and a one-line message."""
+    """Run ``fn`` as an entry point does; assert it ends with exit code 2, no traceback and one
+    ``flmm: error:`` line (progress bars may share stderr); return that line."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         exit_on_user_error(fn, *args, **kwargs)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("flmm: error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("flmm: error: ")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
 
 # ------------------------------------------------------------------------------- refer files
@@ -128,3 +133,179 @@ def test_ref_pointing_at_another_images_annotation_is_skipped_and_counted(refer)
     data = train_set(refer)
     assert data.skipped["annotation_of_another_image"] == 1
     assert all(p.ref["ref_id"] != 1 for record in data.records for p in record)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def tiny_checkpoint(tiny_run) -> Path:
+    return tiny_run[0] / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_run) -> tuple:
+    """The tiny run's frozen LMM and SAM, loaded once."""
+    import hydra
+
+    cfg = tiny_run[1]
+    return hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
+
+
+BROKEN_CHECKPOINTS = {
+    "empty": (lambda good: b"", "is empty, truncated or not a torch checkpoint"),
+    "truncated": (lambda good: good[: len(good) // 2], "is empty, truncated or not a torch"),
+    "list": (lambda good: torch_bytes([1, 2, 3]), "holds a list, not a checkpoint"),
+    "unknown_hparams": (
+        lambda good: torch_bytes(with_hparams(good, momentum=0.9)),
+        r"hyperparameters \['momentum'\] this flmm does not know",
+    ),
+}
+
+
+def torch_bytes(obj) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def with_hparams(good: bytes, **hparams) -> dict:
+    import io
+
+    import torch
+
+    ckpt = torch.load(io.BytesIO(good), weights_only=True)
+    ckpt["hyper_parameters"].update(hparams)
+    return ckpt
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_CHECKPOINTS))
+def test_broken_checkpoint_is_one_line(tiny_run, tiny_models, tmp_path, capsys, kind):
+    from flmm.lit_module import FLMM
+
+    make, message = BROKEN_CHECKPOINTS[kind]
+    path = tmp_path / f"{kind}.ckpt"
+    path.write_bytes(make(tiny_checkpoint(tiny_run).read_bytes()))
+    err = one_line_error(capsys, FLMM.from_checkpoint, str(path), *tiny_models)
+    assert str(path) in err and re.search(message, err), err
+
+
+def test_truncated_last_ckpt_names_the_previous_good_one(tiny_run, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from flmm.runtime import resolve_ckpt_path
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    good = tiny_checkpoint(tiny_run).read_bytes()
+    (folder / "epoch_000.ckpt").write_bytes(good)
+    (folder / "last.ckpt").write_bytes(good[:1000])
+    cfg = OmegaConf.create({"ckpt_path": "last", "paths": {"output_dir": str(tmp_path / "run")}})
+    err = one_line_error(capsys, resolve_ckpt_path, cfg)
+    assert "last.ckpt" in err and f"resume from ckpt_path={folder / 'epoch_000.ckpt'}" in err
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    import torch
+
+    from flmm.checkpoint import AtomicCheckpointIO
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill in the middle of writing
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].tolist() == [1.0, 1.0]
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_family_mismatch_is_refused_before_the_lmm_loads(tiny_run, capsys):
+    from omegaconf import OmegaConf
+
+    from flmm.evaluate import load_model
+
+    cfg = OmegaConf.create(
+        {
+            "ckpt_path": str(tiny_checkpoint(tiny_run)),
+            # no such LMM: were it loaded first, the error would be about its path
+            "model": {"lmm": {"family": "qwen2_5_vl", "name_or_path": "/no/such/lmm"}, "sam": {}},
+        }
+    )
+    err = one_line_error(capsys, load_model, cfg)
+    assert "family: checkpoint 'llava' vs configured 'qwen2_5_vl'" in err
+
+
+# -------------------------------------------------------------------------------- evaluation
+def eval_cfg(tiny_run, out: Path, *overrides: str):
+    """``conf/evaluate.yaml`` on the refer fixture beside the tiny run, with its checkpoint."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    root = tiny_run[0]
+    if not (root / "data" / "refer").exists():
+        write_refer_fixture(root / "data" / "refer")
+    model = [o for o in TINY if o.startswith("model.")]
+    data = ["data=refcoco", f"paths.coco_train2014={root / 'data' / 'refer' / 'images'}"]
+    settings = [*data, "data.num_workers=0", "trainer.accelerator=cpu", "logger=csv"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            overrides=[f"paths.root_dir={root}", *model, *settings, *overrides],
+            return_hydra_config=True,
+        )
+    with open_dict(cfg):
+        cfg.ckpt_path = str(tiny_checkpoint(tiny_run))
+        cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(out)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_evaluation_keeps_finished_splits_and_a_rerun_skips_them(tiny_run, tmp_path, capsys):
+    import flmm.evaluate as ev
+
+    out, splits = tmp_path / "eval", "data.eval_splits=[val,testA]"
+    cfg = eval_cfg(tiny_run, out, splits, "protocols=[reference]", "preflight=false")
+    err = one_line_error(capsys, ev.evaluate, cfg)
+    assert "corrupt or unreadable image" in err and "image_id 5" in err
+    saved = sorted(p.name for p in (out / "splits").iterdir())
+    assert saved == ["refcoco__val__reference.json"]
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "splits").iterdir()}
+
+    scored = []
+    score_set = ev.score_set
+    with pytest.MonkeyPatch.context() as mp:  # the broken image repaired; only testA is scored
+        mp.setattr(ev, "score_set", lambda *a: scored.append(a[4].split) or score_set(*a))
+        mp.setattr(
+            ReferDataset,
+            "load_image",
+            lambda self, image_id, ref_ids=None: np.zeros(
+                (self.ann.images[image_id]["height"], self.ann.images[image_id]["width"], 3),
+                np.uint8,
+            ),
+        )
+        figures = ev.evaluate(eval_cfg(tiny_run, out, splits, "protocols=[reference]"))
+    assert scored == ["testA"]
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (out / "splits").iterdir() if p.name in first
+    } == first
+    assert {k.split("/")[1] for k in figures} == {"val", "testA"}
+    headers = [p.read_text().splitlines()[0] for p in (out / "csv").rglob("metrics.csv")]
+    assert any("refcoco/testA/reference/refined/giou" in h.split(",") for h in headers)
+
+
+def test_preflight_reports_every_broken_image_before_the_model_loads(tiny_run, tmp_path, capsys):
+    import flmm.evaluate as ev
+
+    cfg = eval_cfg(tiny_run, tmp_path, "data.eval_splits=[val,testA,testB]")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ev, "load_model", lambda cfg: pytest.fail("the model loaded before pre-flight"))
+        err = one_line_error(capsys, ev.evaluate, cfg)
+    assert "pre-flight: 2 of 3 samples cannot be read" in err and "image_id 5" in err
+    assert "preflight=false" in err
