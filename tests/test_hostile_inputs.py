@@ -309,3 +309,54 @@ def test_preflight_reports_every_broken_image_before_the_model_loads(tiny_run, t
         err = one_line_error(capsys, ev.evaluate, cfg)
     assert "pre-flight: 2 of 3 samples cannot be read" in err and "image_id 5" in err
     assert "preflight=false" in err
+
+
+# ----------------------------------------------------------------------- text and the CLI
+def test_text_longer_than_the_context_is_refused(tiny_models, sample_factory, capsys):
+    from flmm.types import GroundingBatch
+
+    lmm = tiny_models[0]
+    text = "the red circle " + "and more " * 2500  # 5,000+ words, 2,048 positions
+    batch = GroundingBatch.collate([sample_factory(text, ["red circle"], 24, 24)])
+    err = one_line_error(capsys, lmm, batch)
+    assert "more than the 2048 positions" in err and "shorten it by at least" in err
+    err = one_line_error(capsys, lmm.chat_inputs, [np.zeros((24, 24, 3), np.uint8)], text)
+    assert "more than the 2048 positions" in err
+
+
+def huge_png(path: Path, side: int = 20000) -> Path:
+    """A valid 1 x 1 PNG whose header claims ``side x side`` pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    header = b"IHDR" + struct.pack(">II", side, side) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_ground_cli_decompression_bomb(tmp_path, capsys):
+    from flmm.ground import load_image
+
+    err = one_line_error(capsys, load_image, huge_png(tmp_path / "bomb.png"))
+    assert "bomb.png" in err and "too large" in err
+
+
+@pytest.mark.parametrize(
+    "text, phrases, message",
+    [
+        ("   ", None, "the text is empty"),
+        ("the red circle", ["blue square"], "phrase 'blue square' is not in the text"),
+        ("the red circle", [""], "phrase '' is not in the text"),
+    ],
+)
+def test_ground_cli_text_and_phrases(capsys, text, phrases, message):
+    from flmm.ground import run
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    assert message in one_line_error(capsys, run, None, image, text, phrases, "ground")
