@@ -360,3 +360,59 @@ def test_ground_cli_text_and_phrases(capsys, text, phrases, message):
 
     image = np.zeros((8, 8, 3), np.uint8)
     assert message in one_line_error(capsys, run, None, image, text, phrases, "ground")
+
+
+# ------------------------------------------------------------------ silent wrong results
+def test_reasonseg_text_as_one_string_is_one_query(tmp_path, capsys):
+    from PIL import Image
+
+    from flmm.reasonseg import read_item
+
+    Image.new("RGB", (8, 6)).save(tmp_path / "a.jpg")
+    anno = {"text": "what is the red thing?", "is_sentence": True, "shapes": []}
+    (tmp_path / "a.json").write_text(json.dumps(anno))
+    assert read_item(tmp_path / "a.json").queries == ["what is the red thing?"]
+    (tmp_path / "a.json").write_text(json.dumps({**anno, "text": [1, 2]}))
+    err = one_line_error(capsys, read_item, tmp_path / "a.json")
+    assert "'text' must be a query or a list of queries" in err
+
+
+def test_pope_answers_with_a_repeated_question_id(tmp_path, capsys):
+    from flmm.pope import read_answers
+
+    record = {"question_id": 7, "image": "a.jpg", "label": "yes", "answer": "Yes"}
+    lines = [record, {**record, "question_id": 8}, {**record, "answer": "No"}]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    err = one_line_error(capsys, read_answers, path)
+    assert "answers.jsonl:3: question_id 7 was already answered at line 1" in err
+
+
+def test_frozen_lmm_check_on_a_val_split_smaller_than_its_image_count():
+    from types import SimpleNamespace
+
+    import torch
+
+    from flmm.callbacks import FrozenLMMCheck
+
+    class Answering(torch.nn.Linear):
+        def answer(self, image, question, max_new_tokens):
+            return f"{image.shape[0]} rows"
+
+    val = [SimpleNamespace(image=np.zeros((h, 4, 3), np.uint8)) for h in (5, 6)]
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_sets=[val]))
+    snapshot = FrozenLMMCheck(["size?"], num_images=4).snapshot(trainer, Answering(2, 2))
+    assert snapshot["answers"] == [["5 rows"], ["6 rows"]]
+
+
+def test_feature_cache_entry_of_another_format_is_recomputed(tiny_models, tmp_path, caplog):
+    import torch
+
+    from flmm.feature_cache import FORMAT_VERSION, LMM_FIELDS, EntryStore, lmm_identity
+
+    store = EntryStore(tmp_path, {"format": FORMAT_VERSION}, LMM_FIELDS)
+    store.save("ab01", {"maps": torch.zeros(2), "box": torch.zeros(4)})  # an older layout
+    assert store.load("ab01") is None and "recomputing it" in caplog.text
+    store.save("ab02", {name: torch.zeros(1) for name in LMM_FIELDS})
+    assert set(store.load("ab02")) == LMM_FIELDS
+    assert lmm_identity(tiny_models[0])["format"] == FORMAT_VERSION
