@@ -416,3 +416,56 @@ def test_feature_cache_entry_of_another_format_is_recomputed(tiny_models, tmp_pa
     store.save("ab02", {name: torch.zeros(1) for name in LMM_FIELDS})
     assert set(store.load("ab02")) == LMM_FIELDS
     assert lmm_identity(tiny_models[0])["format"] == FORMAT_VERSION
+
+
+# ------------------------------------------------------------------------------ the web page
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--host", "0.0.0.0"], "--host 0.0.0.0 makes the page reachable from other machines"),
+        (["--host", "0.0.0.0", "--allow-remote"], "--allow-remote needs a login"),
+    ],
+)
+def test_web_refuses_a_non_loopback_bind_without_auth(monkeypatch, capsys, argv, message):
+    from flmm import web
+
+    monkeypatch.delenv(web.AUTH_ENV, raising=False)
+    monkeypatch.setattr(web, "load_chat", lambda args: pytest.fail("models loaded"))
+    monkeypatch.setattr(web, "launch", lambda *a, **k: pytest.fail("the page started"))
+    assert message in one_line_error(capsys, web.main, argv)
+
+
+def test_web_login_comes_from_the_environment_or_a_file(monkeypatch, tmp_path):
+    from flmm.web import AUTH_ENV, serving_auth
+
+    monkeypatch.setenv(AUTH_ENV, "ada:s3cret:with:colons")
+    assert serving_auth("0.0.0.0", True, None) == [("ada", "s3cret:with:colons")]
+    assert serving_auth("127.0.0.1", False, None) == [("ada", "s3cret:with:colons")]
+    (tmp_path / "users").write_text("ada:one\nbob:two\n")
+    assert serving_auth("::", True, str(tmp_path / "users")) == [("ada", "one"), ("bob", "two")]
+
+
+def test_web_clients_see_no_server_paths_or_raw_exceptions(tmp_path, caplog):
+    import gradio as gr
+
+    from flmm.web import Limits, respond
+
+    class Broken:
+        def chat(self, *args, **kwargs):
+            raise KeyError("/srv/secret/weights.bin")
+
+    upload = tmp_path / "gradio" / "0123abcd" / "notes.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_text("not an image")
+    with pytest.raises(gr.Error) as bad:
+        respond(None, Limits(), str(upload), "what is this?", "", "auto")
+    assert "notes.png" in bad.value.message and str(upload.parent) not in bad.value.message
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(upload)
+    with pytest.raises(gr.Error) as internal:
+        respond(Broken(), Limits(), str(upload), "what is this?", "", "chat")
+    assert "internal error" in internal.value.message and "secret" not in internal.value.message
+    assert "/srv/secret/weights.bin" in caplog.text  # logged on the server
+    with pytest.raises(gr.Error, match="phrases field has 501 characters"):
+        respond(None, Limits(), str(upload), "what?", "x" * 501, "auto")
