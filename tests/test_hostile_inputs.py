@@ -469,3 +469,10 @@ def test_web_clients_see_no_server_paths_or_raw_exceptions(tmp_path, caplog):
     assert "/srv/secret/weights.bin" in caplog.text  # logged on the server
     with pytest.raises(gr.Error, match="phrases field has 501 characters"):
         respond(None, Limits(), str(upload), "what?", "x" * 501, "auto")
+
+
+def test_web_uploads_are_deleted_on_a_schedule():
+    from flmm.web import Limits, build_app
+
+    app = build_app(None, Limits(keep_files_s=60))
+    assert app.delete_cache == (60, 60)  # every 60 s, files older than 60 s are deleted

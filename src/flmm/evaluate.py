@@ -280,8 +280,10 @@ def preflight(eval_sets: list[EvalSet]) -> None:
     """Read every sample of each split once (the first protocol's set), before any model loads;
     one :class:`DataError` listing how many are broken and the first of them."""
     broken, total, console = [], 0, Console(stderr=True)
-    first_per_split = {(es.dataset_name, es.split): es for es in reversed(eval_sets)}
-    for es in reversed(first_per_split.values()):
+    first_per_split: dict[tuple[str, str], EvalSet] = {}
+    for es in eval_sets:
+        first_per_split.setdefault((es.dataset_name, es.split), es)
+    for es in first_per_split.values():
         for i in track(range(len(es.data)), f"pre-flight {set_key(es)}", console=console):
             total += 1
             try:
@@ -312,15 +314,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = load_model(cfg) if todo else None
     for es in todo:
         done[set_key(es)] = score_set(cfg, trainer, model, datamodule, es, finished)
-    results: dict = {}
-    for es in eval_sets:
-        by_split = results.setdefault(es.dataset_name, {}).setdefault(es.split, {})
-        by_split[es.protocol] = done[set_key(es)]["scores"]
-    skipped = {key: d["skipped"] for key, d in done.items() if d["skipped"]}
+    results, skipped = nested(eval_sets, done)
     wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
     if wandb is not None and trainer.is_global_zero:
         log_to_wandb(wandb, results)
     return report(results, skipped, cfg) if trainer.is_global_zero else flat_figures(results)
+
+
+def nested(eval_sets: list[EvalSet], done: dict[str, dict]) -> tuple[dict, dict]:
+    """``{dataset: {split: {protocol: scores}}}`` and ``{set key: skipped reasons}``."""
+    results: dict = {}
+    for es in eval_sets:
+        by_split = results.setdefault(es.dataset_name, {}).setdefault(es.split, {})
+        by_split[es.protocol] = done[set_key(es)]["scores"]
+    return results, {key: d["skipped"] for key, d in done.items() if d["skipped"]}
 
 
 def score_set(cfg, trainer: L.Trainer, model: FLMM, datamodule, es: EvalSet, finished) -> dict:
