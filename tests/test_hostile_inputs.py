@@ -225,6 +225,24 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
+def test_resuming_from_another_familys_checkpoint_is_refused_before_the_lmm_loads(
+    tiny_run, tmp_path, capsys
+):
+    import torch
+    from omegaconf import OmegaConf
+
+    from flmm.runtime import resolve_ckpt_path
+
+    ckpt = torch.load(tiny_checkpoint(tiny_run), weights_only=True)
+    ckpt["flmm"]["family"] = "internvl"
+    torch.save(ckpt, tmp_path / "internvl.ckpt")
+    cfg = OmegaConf.create(
+        {"ckpt_path": str(tmp_path / "internvl.ckpt"), "model": {"lmm": {"family": "llava"}}}
+    )
+    err = one_line_error(capsys, resolve_ckpt_path, cfg)
+    assert "family: checkpoint 'internvl' vs configured 'llava'" in err
+
+
 def test_family_mismatch_is_refused_before_the_lmm_loads(tiny_run, capsys):
     from omegaconf import OmegaConf
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from flmm.checkpoint import AtomicCheckpointIO, newest_readable, read_checkpoint
+from flmm.checkpoint import AtomicCheckpointIO, check_family, newest_readable, read_checkpoint
 from flmm.distributed import LoaderPosition
 from flmm.errors import FlmmUserError
 
@@ -159,7 +159,8 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """The checkpoint ``fit`` resumes from (``cfg.ckpt_path``), checked before anything loads.
 
     ``last`` is this run folder's ``last.ckpt`` if one was written; a fresh run starts from
-    scratch, so a requeued job can always pass it.
+    scratch, so a requeued job can always pass it. The checkpoint must load and be made for the
+    configured LMM family and grid (read from its metadata, before the LMM loads).
     """
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path:
@@ -173,13 +174,16 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             return None
         check_resumable(last)
         log.info("resuming from %s", last)
-        return str(last)
-    if not Path(ckpt_path).is_file():
+        ckpt_path = str(last)
+    elif not Path(ckpt_path).is_file():
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path} does not exist; pass a .ckpt a training run wrote, or "
             "ckpt_path=last with hydra.run.dir=<the interrupted run's folder> to resume it"
         )
-    read_checkpoint(ckpt_path)
+    lmm = cfg.model.lmm
+    check_family(
+        read_checkpoint(ckpt_path).get("flmm"), lmm.family, lmm.get("grid_size"), ckpt_path
+    )
     return str(ckpt_path)
 
 
