@@ -172,7 +172,11 @@ class FLMM(L.LightningModule):
                 "it was written by another flmm version: load it with that version or retrain"
             )
         model = cls.build(
-            lmm, sam, base_channels=head["base_channels"], target_size=head["target_size"], **hparams
+            lmm,
+            sam,
+            base_channels=head["base_channels"],
+            target_size=head["target_size"],
+            **hparams,
         )
         model.load_state_dict(ckpt["state_dict"])
         return model.eval()
