@@ -36,6 +36,17 @@ class KillAtStep(L.Callback):
             os._exit(137)
 
 
+class CountSteps(L.Callback):
+    """Appends the global step of every training batch this process runs to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step}\n")
+
+
 def run_train(root: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     args = (f"hydra.run.dir={run_dir}", *RUN, *overrides)
     return run_flmm("train", root, *args, PYTHONPATH=str(TESTS))
@@ -66,9 +77,13 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         {"epoch": 1, "batches": 1}
     ]
 
-    resumed = run_train(tmp_path, killed, "ckpt_path=last")
+    steps = tmp_path / "steps_after_resume.txt"
+    count = [f"+callbacks.count._target_={__name__}.CountSteps", f"+callbacks.count.path={steps}"]
+    resumed = run_train(tmp_path, killed, "ckpt_path=last", *count)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
+    # 2 epochs x 3 steps: only steps 5 and 6 remain (global step after each: 5, 6)
+    assert steps.read_text().split() == ["5", "6"]
 
     expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     got = json.loads((killed / "metrics.json").read_text())

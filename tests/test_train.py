@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -36,11 +37,13 @@ def test_every_group_option_composes(tmp_path, group):
 
 @pytest.mark.parametrize("logger", ["csv", "wandb"])
 def test_trainer_callbacks_and_loggers_instantiate(tmp_path, logger):
+    from flmm.checkpoint import AtomicCheckpointIO
     from flmm.runtime import build_trainer
 
     cfg = compose_cfg(tmp_path, [f"logger={logger}", "trainer.accelerator=cpu"])
     trainer = build_trainer(cfg)
     assert trainer.checkpoint_callback is not None and trainer.loggers
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_default_run_end_to_end(tiny_run):
@@ -161,3 +164,89 @@ def test_ground_returns_masks_per_phrase_and_rejects_absent_phrases(tiny_run):
     assert out.attention.shape == (2, lmm.num_layers, lmm.channels // lmm.num_layers, *lmm.grid)
     with pytest.raises(ValueError, match="'the green star' is not in the text"):
         model.ground(image, "the red circle.", ["the green star"])
+
+
+# ------------------------------------ the two promises: checkpoint refusal, frozen LMM unchanged
+def forged_checkpoint(tiny_run, tmp_path: Path, **meta) -> Path:
+    """The tiny run's ``last.ckpt`` with its ``flmm`` metadata changed by ``meta``."""
+    root, _, _ = tiny_run
+    ckpt = torch.load(root / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["flmm"].update(meta)
+    path = tmp_path / "other_lmm.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def tiny_trainer(tmp_path: Path, callbacks=()) -> L.Trainer:
+    """Two training steps on the CPU, no validation, logging or checkpoints."""
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+    )
+
+
+MISMATCHES = {  # a family-only mismatch, and a shape mismatch whose weights would still load
+    "family": ({"family": "qwen2_5_vl"}, "family: checkpoint 'qwen2_5_vl' vs configured 'llava'"),
+    "grid": ({"grid": [7, 7]}, r"grid: checkpoint \[7, 7\] vs configured \[12, 12\]"),
+}
+
+
+@pytest.mark.parametrize("mismatch", sorted(MISMATCHES))
+def test_checkpoint_for_another_lmm_is_refused_by_every_load_path(tiny_run, tmp_path, mismatch):
+    import hydra
+
+    from flmm.lit_module import FLMM
+
+    _, cfg, _ = tiny_run
+    change, message = MISMATCHES[mismatch]
+    path = forged_checkpoint(tiny_run, tmp_path, **change)
+    lmm, sam = hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
+    with pytest.raises(CheckpointMismatchError, match=message):
+        FLMM.from_checkpoint(str(path), lmm, sam)
+    model = hydra.utils.instantiate(cfg.model)
+    with pytest.raises(CheckpointMismatchError, match=message):
+        tiny_trainer(tmp_path).fit(
+            model, datamodule=hydra.utils.instantiate(cfg.data), ckpt_path=path
+        )
+
+
+class ChangeOneLMMWeight(L.Callback):
+    """Adds 1 to one weight of the frozen LMM after the first training step."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == 1:
+            with torch.no_grad():
+                next(pl_module.lmm.parameters()).view(-1)[0] += 1.0
+
+
+@pytest.mark.parametrize("change", [False, True], ids=["untouched", "one_weight_changed"])
+def test_frozen_lmm_check_compares_before_with_after(tiny_run, tmp_path, change):
+    import hydra
+
+    from flmm.callbacks import FrozenLMMCheck, fingerprint
+
+    _, cfg, _ = tiny_run
+    model = hydra.utils.instantiate(cfg.model)
+    before = fingerprint(model.lmm)
+    check = FrozenLMMCheck(["what is in the image?"], num_images=1, max_new_tokens=2)
+    callbacks = [check, ChangeOneLMMWeight()] if change else [check]
+    trainer = tiny_trainer(tmp_path, callbacks)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    if change:
+        with pytest.raises(RuntimeError, match="the frozen LMM changed during training"):
+            trainer.fit(model, datamodule=datamodule)
+        assert not json.loads((tmp_path / "chat_check.json").read_text())["unchanged"]
+        return
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.global_step == 2 and fingerprint(model.lmm) == before
+    assert check.before["fingerprint"] == before
+    assert json.loads((tmp_path / "chat_check.json").read_text())["unchanged"]

@@ -35,7 +35,12 @@ class FrozenLMMCheck(L.Callback):
         self.before: dict | None = None
 
     def snapshot(self, trainer: L.Trainer, lmm) -> dict:
-        images = [trainer.datamodule.val_sets[0][i].image for i in range(self.num_images)]
+        val = trainer.datamodule.val_sets[0]
+        if len(val) < self.num_images:
+            log.warning(
+                "frozen-LMM check: the val split has %d samples, asking about those", len(val)
+            )
+        images = [val[i].image for i in range(min(self.num_images, len(val)))]
         answers = [
             [lmm.answer(torch.from_numpy(img), q, self.max_new_tokens) for q in self.questions]
             for img in images

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from flmm.errors import CheckpointMismatchError
+from flmm.errors import CheckpointMismatchError, DataError
 
 log = logging.getLogger(__name__)
 
 # Metadata fields that must match exactly: a head trained on other attention maps is meaningless.
 SHAPE_KEYS = ("family", "channels", "grid", "hidden_size", "num_text_layers", "sam_prompt_dim")
+NO_METADATA = (
+    "checkpoint has no 'flmm' metadata: it was not written by flmm, so there is no way to "
+    "tell which LMM it belongs to. Train it with `python -m flmm.train`."
+)
 
 
 def flmm_version() -> str:
@@ -40,10 +48,7 @@ def checkpoint_metadata(lmm, sam: nn.Module) -> dict:
 def check_metadata(saved: dict | None, current: dict) -> None:
     """Raise :class:`CheckpointMismatchError` when a checkpoint was made for another LMM or SAM."""
     if saved is None:
-        raise CheckpointMismatchError(
-            "checkpoint has no 'flmm' metadata: it was not written by flmm, so there is no way to "
-            "tell which LMM it belongs to. Train it with `python -m flmm.train`."
-        )
+        raise CheckpointMismatchError(NO_METADATA)
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs configured {current[k]!r}"
         for k in SHAPE_KEYS
@@ -81,3 +86,73 @@ def load_trainable_state(modules: dict[str, nn.Module], state_dict: dict[str, to
                 f"checkpoint does not fit module {name!r}: {' '.join(first)}"
             ) from None
     return nn.modules.module._IncompatibleKeys([], [])
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load(path, weights_only=True)`` of an flmm checkpoint; an empty, truncated or foreign
+    file is a one-line :class:`DataError` / :class:`CheckpointMismatchError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"F-LMM checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise DataError(
+            f"checkpoint {path} ({path.stat().st_size:,} bytes) is empty, truncated or not a "
+            f"torch checkpoint ({reason}); a run killed while saving can leave one: use another"
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        kind = type(ckpt).__name__ if not isinstance(ckpt, dict) else "dict without a state_dict"
+        raise CheckpointMismatchError(
+            f"{path} holds a {kind}, not a checkpoint written by `python -m flmm.train`"
+        )
+    return ckpt
+
+
+def check_family(saved: dict | None, family: str, grid_size: int | None, path: str) -> None:
+    """Refuse a checkpoint made for another LMM family or attention grid, from its metadata alone
+    (before the LMM loads: minutes for a 7B model)."""
+    if saved is None:
+        raise CheckpointMismatchError(NO_METADATA)
+    wrong = []
+    if saved.get("family") != family:
+        wrong.append(f"family: checkpoint {saved.get('family')!r} vs configured {family!r}")
+    if grid_size is not None and saved.get("grid") != [grid_size, grid_size]:
+        wrong.append(f"grid: checkpoint {saved.get('grid')} vs configured {grid_size}")
+    if wrong:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was made for LMM {saved.get('lmm_id')!r} ({'; '.join(wrong)}); "
+            "pick the matching model config (model=...) or retrain for this LMM"
+        )
+
+
+def newest_readable(folder: Path, skip: Path) -> Path | None:
+    """The newest checkpoint in ``folder`` other than ``skip`` that loads; None if there is none."""
+    for path in sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if path.resolve() == skip.resolve():
+            continue
+        try:
+            read_checkpoint(path)
+        except (DataError, CheckpointMismatchError):
+            continue
+        return path
+    return None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in its own folder, then renames it into place:
+    a run killed while saving leaves the previous checkpoint whole, never a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

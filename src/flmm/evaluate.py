@@ -8,10 +8,16 @@ narrative's segments in one sequence). Coarse (mask head) and refined (SAM) mask
 scored. Writes ``evaluation.json`` (every figure, the skipped records, the settings) and
 ``metrics.json`` in the run folder, prints tables shaped like the paper's, and with
 ``logger=wandb`` logs the tables and a few overlay images per split. See conf/evaluate.yaml.
+
+Nothing finished is lost: each set's scores are written to ``splits/<dataset>__<split>__<protocol>
+.json`` as soon as it is done, and a rerun in the same folder (``hydra.run.dir=<that folder>``)
+with the same checkpoint, data and model skips the sets already scored. Before any model loads, a
+pre-flight pass reads every sample of the sets to score (``preflight=false`` turns it off).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -23,13 +29,22 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.progress import track
 from rich.table import Table
 
 from flmm.callbacks import overlay_row
+from flmm.checkpoint import check_family, read_checkpoint
 from flmm.data.datamodule import EvalSet
-from flmm.errors import ConfigError, FlmmUserError
+from flmm.errors import ConfigError, DataError, FlmmUserError
 from flmm.lit_module import FLMM, upsample_logits
-from flmm.runtime import CONFIG_PATH, build_trainer, exit_on_user_error, write_metrics
+from flmm.runtime import (
+    CONFIG_PATH,
+    USER_ERRORS,
+    build_trainer,
+    exit_on_user_error,
+    write_metrics,
+    write_text_atomic,
+)
 from flmm.types import GroundingBatch
 
 log = logging.getLogger(__name__)
@@ -42,6 +57,16 @@ PNG_COLUMNS = ("all", "things", "stuff", "singular", "plural")
 
 def load_model(cfg: DictConfig) -> FLMM:
     """The frozen LMM and SAM of ``cfg.model`` with the trained state of ``cfg.ckpt_path``."""
+    check_ckpt_path(cfg)
+    saved = read_checkpoint(cfg.ckpt_path).get("flmm")
+    check_family(saved, cfg.model.lmm.family, cfg.model.lmm.get("grid_size"), cfg.ckpt_path)
+    sam = hydra.utils.instantiate(cfg.model.sam)
+    lmm = hydra.utils.instantiate(cfg.model.lmm)
+    return FLMM.from_checkpoint(str(cfg.ckpt_path), lmm, sam)
+
+
+def check_ckpt_path(cfg: DictConfig) -> None:
+    """A clear error when ``cfg.ckpt_path`` is unset or names no file."""
     if not cfg.get("ckpt_path"):
         raise FlmmUserError(
             "no checkpoint to evaluate: pass ckpt_path=<run>/checkpoints/<name>.ckpt "
@@ -52,9 +77,6 @@ def load_model(cfg: DictConfig) -> FLMM:
             f"F-LMM checkpoint not found: {cfg.ckpt_path}; pass the .ckpt a training run wrote "
             "(ckpt_path=logs/train/runs/<time>/checkpoints/last.ckpt)"
         )
-    sam = hydra.utils.instantiate(cfg.model.sam)
-    lmm = hydra.utils.instantiate(cfg.model.lmm)
-    return FLMM.from_checkpoint(str(cfg.ckpt_path), lmm, sam)
 
 
 def split_metrics(callback_metrics: dict) -> dict[str, dict[str, float]]:
@@ -174,7 +196,7 @@ def report(results: dict, skipped: dict, cfg: DictConfig) -> dict[str, float]:
     settings = {"ckpt_path": str(cfg.ckpt_path), "protocols": list(cfg.protocols)}
     settings["model"] = OmegaConf.to_container(cfg.model, resolve=True)
     document = {"results": results, "skipped": skipped, "settings": settings}
-    (out / "evaluation.json").write_text(json.dumps(document, indent=2))
+    write_text_atomic(out / "evaluation.json", json.dumps(document, indent=2))
     figures = write_metrics(flat_figures(results), str(out))
     tables = [refer_tables(results, m) for m in ("ciou", "giou")] if _has_refer(results) else []
     tables += [png_table(results)] if "png" in results else []
@@ -213,29 +235,117 @@ def select_eval_sets(datamodule, protocols: list[str]) -> list[EvalSet]:
     return eval_sets
 
 
+def set_key(es: EvalSet) -> str:
+    return f"{es.dataset_name}/{es.split}/{es.protocol}"
+
+
+def settings_fingerprint(cfg: DictConfig) -> str:
+    """What a finished set's scores depend on: the checkpoint file, the data and the model."""
+    stat = Path(cfg.ckpt_path).stat()
+    settings = {
+        "ckpt": [str(Path(cfg.ckpt_path).resolve()), stat.st_size, stat.st_mtime_ns],
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class FinishedSets:
+    """Each scored set saved as ``<out>/splits/<dataset>__<split>__<protocol>.json`` (atomically),
+    and read back on a rerun with the same settings."""
+
+    def __init__(self, out: Path, fingerprint: str) -> None:
+        self.folder, self.fingerprint = out / "splits", fingerprint
+
+    def path(self, es: EvalSet) -> Path:
+        return self.folder / (set_key(es).replace("/", "__") + ".json")
+
+    def load(self, es: EvalSet) -> dict | None:
+        """``{"scores", "skipped"}`` of a set scored with these settings; None otherwise."""
+        try:
+            saved = json.loads(self.path(es).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return saved if saved.get("fingerprint") == self.fingerprint else None
+
+    def save(self, es: EvalSet, scores: dict, skipped: dict) -> None:
+        saved = {"fingerprint": self.fingerprint, "scores": scores, "skipped": skipped}
+        write_text_atomic(self.path(es), json.dumps(saved, indent=2))
+        log.info(
+            "%s scored; saved to %s (a rerun in this folder skips it)", set_key(es), self.path(es)
+        )
+
+
+def preflight(eval_sets: list[EvalSet]) -> None:
+    """Read every sample of each split once (the first protocol's set), before any model loads;
+    one :class:`DataError` listing how many are broken and the first of them."""
+    broken, total, console = [], 0, Console(stderr=True)
+    first_per_split: dict[tuple[str, str], EvalSet] = {}
+    for es in eval_sets:
+        first_per_split.setdefault((es.dataset_name, es.split), es)
+    for es in first_per_split.values():
+        for i in track(range(len(es.data)), f"pre-flight {set_key(es)}", console=console):
+            total += 1
+            try:
+                es.data[i]
+            except USER_ERRORS as err:
+                broken.append(f"{es.dataset_name}/{es.split}: {err}")
+    if broken:
+        raise DataError(
+            f"pre-flight: {len(broken)} of {total} samples cannot be read; first: {broken[0]}; "
+            "fix or remove them (or set preflight=false to score up to the first broken one)"
+        )
+    log.info("pre-flight: all %d samples of %d sets read", total, len(eval_sets))
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.ckpt_path`` on every evaluation set of ``cfg.data``; returns the figures."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_eval()
     eval_sets = select_eval_sets(datamodule, list(cfg.protocols))
-    model = load_model(cfg)
+    check_ckpt_path(cfg)
+    finished = FinishedSets(Path(cfg.paths.output_dir), settings_fingerprint(cfg))
+    done = {set_key(es): finished.load(es) for es in eval_sets}
+    todo = [es for es in eval_sets if done[set_key(es)] is None]
+    if todo and cfg.get("preflight", True):
+        preflight(todo)
     trainer = build_trainer(cfg)
+    model = load_model(cfg) if todo else None
+    for es in todo:
+        done[set_key(es)] = score_set(cfg, trainer, model, datamodule, es, finished)
+    results, skipped = nested(eval_sets, done)
     wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-    results: dict = {}
-    skipped: dict = {}
-    for es in eval_sets:
-        scores = evaluate_set(trainer, model, datamodule, es)
-        results.setdefault(es.dataset_name, {}).setdefault(es.split, {})[es.protocol] = scores
-        if es.skipped:
-            skipped[f"{es.dataset_name}/{es.split}/{es.protocol}"] = dict(es.skipped)
-        if wandb is not None and trainer.is_global_zero and cfg.overlays:
-            panels, captions = overlay_panels(model, es, cfg.overlays)
-            key = f"overlays/{es.dataset_name}/{es.split}/{es.protocol}"
-            wandb.log_image(key=key, images=panels, caption=captions)
     if wandb is not None and trainer.is_global_zero:
         log_to_wandb(wandb, results)
     return report(results, skipped, cfg) if trainer.is_global_zero else flat_figures(results)
+
+
+def nested(eval_sets: list[EvalSet], done: dict[str, dict]) -> tuple[dict, dict]:
+    """``{dataset: {split: {protocol: scores}}}`` and ``{set key: skipped reasons}``."""
+    results: dict = {}
+    for es in eval_sets:
+        by_split = results.setdefault(es.dataset_name, {}).setdefault(es.split, {})
+        by_split[es.protocol] = done[set_key(es)]["scores"]
+    return results, {key: d["skipped"] for key, d in done.items() if d["skipped"]}
+
+
+def score_set(cfg, trainer: L.Trainer, model: FLMM, datamodule, es: EvalSet, finished) -> dict:
+    """Score one set, save it (rank 0), log its figures (keyed by dataset/split/protocol)."""
+    scores = evaluate_set(trainer, model, datamodule, es)
+    skipped = dict(es.skipped)
+    if not trainer.is_global_zero:
+        return {"scores": scores, "skipped": skipped}
+    finished.save(es, scores, skipped)
+    figures = flat_figures({es.dataset_name: {es.split: {es.protocol: scores}}})
+    for logger in trainer.loggers:
+        logger.log_metrics(figures)
+        logger.save()
+    wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+    if wandb is not None and cfg.overlays:
+        panels, captions = overlay_panels(model, es, cfg.overlays)
+        wandb.log_image(key=f"overlays/{set_key(es)}", images=panels, caption=captions)
+    return {"scores": scores, "skipped": skipped}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")

@@ -11,9 +11,10 @@ Layout (one small file per entry, loaded memory-mapped)::
     DIR/lmm-<identity hash>/ab/<sample key>.pt   maps, hidden, token_phrase, region
     DIR/sam-<identity hash>/ab/<image key>.pt    embedding, input_size
 
-An LMM entry's key hashes the LMM identity (model id, family, dtype, layer/merge/instruction
-settings, the sizes and dates of its local weight files) with the image bytes, the text and the
-phrase spans; a SAM entry's key hashes the image encoder's weights with the image bytes, so images
+Every key hashes ``FORMAT_VERSION``, and an entry holding other fields than its format's is
+recomputed (with a warning). An LMM entry's key hashes the LMM identity (model id, family, dtype,
+layer/merge/instruction settings, the sizes and dates of its local weight files) with the image
+bytes, the text and the phrase spans; a SAM entry's key hashes the image encoder's weights with the image bytes, so images
 shared by several samples are embedded once. Floating tensors are stored as fp16 (float32 where a
 value would overflow fp16). Entries are written to a temporary file and renamed into place, so
 concurrent ranks writing the same entry, or a caching pass killed half-way, never leave a partial
@@ -40,6 +41,12 @@ log = logging.getLogger(__name__)
 
 FP16_MAX = torch.finfo(torch.float16).max
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".json")
+# part of every key: bump it when an entry's fields or their meaning change (old entries then
+# miss). 2: regions are the image's (top, left, height, width) in a centred frame, the last
+# hidden state is normed.
+FORMAT_VERSION = 2
+LMM_FIELDS = frozenset({"maps", "hidden", "token_phrase", "region"})
+SAM_FIELDS = frozenset({"embedding", "input_size"})
 
 
 def _digest(*parts: bytes | str) -> str:
@@ -65,11 +72,6 @@ def local_files(path: str) -> list[list]:
         for f in sorted(folder.iterdir())
         if f.is_file() and f.suffix in WEIGHT_SUFFIXES
     ]
-
-
-# bump when what an entry holds changes meaning (2: centred frame regions, B x 4; normed last
-# hidden state), so entries of an older flmm are never read as current ones
-FORMAT_VERSION = 2
 
 
 def lmm_identity(lmm) -> dict:
@@ -101,8 +103,8 @@ def to_storage(tensor: torch.Tensor) -> torch.Tensor:
 class EntryStore:
     """Files keyed by hex digests under one folder; atomic writes, memory-mapped reads."""
 
-    def __init__(self, folder: Path, identity: dict) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, identity: dict, fields: frozenset[str]) -> None:
+        self.folder, self.fields = folder, fields
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -121,10 +123,20 @@ class EntryStore:
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            entry = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
             log.warning("feature cache entry %s is unreadable (%s); recomputing it", path, err)
             return None
+        if not isinstance(entry, dict) or set(entry) != self.fields:
+            found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            log.warning(
+                "feature cache entry %s holds %s, not %s; recomputing it",
+                path,
+                found,
+                sorted(self.fields),
+            )
+            return None
+        return entry
 
     def save(self, key: str, entry: dict[str, torch.Tensor]) -> None:
         """Write ``entry`` under ``key`` atomically (temporary file in the same folder, renamed)."""
@@ -157,11 +169,14 @@ class FeatureCache:
         self.lmm, self.refiner = lmm, refiner
         identity = lmm_identity(lmm)
         self.lmm_id = _digest(json.dumps(identity, sort_keys=True))
-        sam_identity = {"image_encoder": fingerprint(refiner.sam.image_encoder)}
+        sam_identity = {
+            "format": FORMAT_VERSION,
+            "image_encoder": fingerprint(refiner.sam.image_encoder),
+        }
         self.sam_id = _digest(json.dumps(sam_identity, sort_keys=True))
         root = Path(cache_dir)
-        self.lmm_store = EntryStore(root / f"lmm-{self.lmm_id[:16]}", identity)
-        self.sam_store = EntryStore(root / f"sam-{self.sam_id[:16]}", sam_identity)
+        self.lmm_store = EntryStore(root / f"lmm-{self.lmm_id[:16]}", identity, LMM_FIELDS)
+        self.sam_store = EntryStore(root / f"sam-{self.sam_id[:16]}", sam_identity, SAM_FIELDS)
         self.hits = {"lmm": 0, "sam": 0}
         self.misses = {"lmm": 0, "sam": 0}
 

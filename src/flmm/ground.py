@@ -27,6 +27,7 @@ from flmm.chat import (
     object_phrase,
 )
 from flmm.errors import FlmmUserError
+from flmm.lit_module import phrase_spans
 from flmm.model_options import add_model_args, load_chat
 from flmm.reasonseg import reason
 from flmm.runtime import exit_on_user_error
@@ -49,6 +50,11 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                     f"{max_pixels:,}; resize it first"
                 )
             return np.array(img.convert("RGB"))
+    except Image.DecompressionBombError as err:
+        raise FlmmUserError(
+            f"image {path} is too large to open safely ({err}); resize it to at most "
+            f"{max_pixels:,} pixels"
+        ) from None
     except (UnidentifiedImageError, OSError) as err:
         raise FlmmUserError(
             f"cannot read {path} as an image ({err}); pass a PNG, JPEG or other PIL-readable file"
@@ -132,6 +138,7 @@ def run(
     """
     if mode not in MODES:
         raise FlmmUserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    check_text(text, phrases, mode)
     if mode == "auto":
         mode = "chat" if text.rstrip().endswith("?") else "ground"
     if mode == "chat":
@@ -143,6 +150,18 @@ def run(
         return cot_result(chat.visual_cot(image, text, max_new_tokens), image)
     out = chat.ground(image, text, phrases or [text.strip()])
     return ChatResult("", text, out.phrases, out.spans, out.masks.numpy())
+
+
+def check_text(text: str, phrases: list[str] | None, mode: str) -> None:
+    """One-line errors for an empty text and, when grounding the given text, for a phrase that is
+    not in it (in order)."""
+    if not text.strip():
+        raise FlmmUserError("the text is empty: pass a question or the text to ground")
+    if phrases and (mode == "ground" or (mode == "auto" and not text.rstrip().endswith("?"))):
+        try:
+            phrase_spans(text, phrases)
+        except ValueError as err:
+            raise FlmmUserError(str(err)) from None
 
 
 def cot_result(cot: VisualCoT, image: np.ndarray) -> ChatResult:

@@ -15,7 +15,13 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from flmm import frame
-from flmm.checkpoint import check_metadata, checkpoint_metadata, load_trainable_state
+from flmm.checkpoint import (
+    check_metadata,
+    checkpoint_metadata,
+    load_trainable_state,
+    read_checkpoint,
+)
+from flmm.errors import CheckpointMismatchError
 from flmm.heads import MaskHead, SamRefiner, TextPrompt
 from flmm.lmm import FrozenLMM
 from flmm.losses import bce_dice_loss
@@ -23,6 +29,8 @@ from flmm.metrics import PNGRecallMetric, ReferSegMetric, intersections_unions, 
 from flmm.types import CaptureOutput, GroundingBatch, GroundingSample
 
 log = logging.getLogger(__name__)
+# what ``save_hyperparameters`` records, and all a checkpoint may pass back to ``__init__``
+HYPER_PARAMETERS = ("lr", "betas", "weight_decay", "warmup_ratio")
 
 
 @dataclass
@@ -154,15 +162,22 @@ class FLMM(L.LightningModule):
             raise FileNotFoundError(
                 f"F-LMM checkpoint not found: {path}; pass the .ckpt a training run wrote (ckpt_path=...)"
             )
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)
         check_metadata(ckpt.get("flmm"), checkpoint_metadata(lmm, sam))
         head = ckpt["flmm"]["mask_head"]
+        hparams = ckpt.get("hyper_parameters", {})
+        unknown = sorted(set(hparams) - set(HYPER_PARAMETERS))
+        if unknown:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} has hyperparameters {unknown} this flmm does not know; "
+                "it was written by another flmm version: load it with that version or retrain"
+            )
         model = cls.build(
             lmm,
             sam,
             base_channels=head["base_channels"],
             target_size=head["target_size"],
-            **ckpt.get("hyper_parameters", {}),
+            **hparams,
         )
         model.load_state_dict(ckpt["state_dict"])
         return model.eval()

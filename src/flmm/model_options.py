@@ -8,9 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from flmm.chat import GroundedChat, flmm_home
+from flmm.checkpoint import check_family, read_checkpoint
 from flmm.errors import FlmmUserError
 
 
@@ -30,6 +29,7 @@ def load_chat(args: argparse.Namespace) -> GroundedChat:
     """The :class:`GroundedChat` the command-line arguments describe."""
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     print(f"F-LMM checkpoint: {checkpoint}", file=sys.stderr)
+    check_family(read_checkpoint(checkpoint).get("flmm"), args.family, None, str(checkpoint))
     return GroundedChat.from_pretrained(
         args.lmm or checkpoint_lmm(checkpoint),
         str(checkpoint),
@@ -58,7 +58,7 @@ def checkpoint_lmm(checkpoint: Path) -> str:
     """The LMM id recorded in an F-LMM checkpoint (relative paths are under ``$FLMM_HOME``)."""
     if not checkpoint.is_file():
         raise FileNotFoundError(f"F-LMM checkpoint not found: {checkpoint}")
-    meta = torch.load(checkpoint, map_location="cpu", weights_only=True).get("flmm") or {}
+    meta = read_checkpoint(checkpoint).get("flmm") or {}
     if "lmm_id" not in meta:
         raise FlmmUserError(f"{checkpoint} has no LMM id in its metadata; pass --lmm")
     local = flmm_home() / meta["lmm_id"]

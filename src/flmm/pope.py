@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from flmm.errors import FlmmUserError
+from flmm.runtime import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def read_answers(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    records = []
+    records, seen = [], {}
     for number, line in enumerate(_repaired_lines(path), start=1):
         if line.strip():
             record = json.loads(line) if _is_json(line) else None
@@ -191,8 +192,20 @@ def read_answers(path: str | Path) -> list[dict]:
                     f"{path}:{number}: not an answer record (a JSON object with "
                     f"{', '.join(sorted(RECORD_FIELDS))}); delete the file to start over"
                 )
+            _check_repeat(seen, record["question_id"], path, number)
             records.append(record)
     return records
+
+
+def _check_repeat(seen: dict, question_id, path: Path, number: int) -> None:
+    """A :class:`PopeFormatError` when ``question_id`` was answered before (one record would
+    silently replace the other in the scores)."""
+    if question_id in seen:
+        raise PopeFormatError(
+            f"{path}:{number}: question_id {question_id!r} was already answered at line "
+            f"{seen[question_id]}; delete one of the two records (or the file to start over)"
+        )
+    seen[question_id] = number
 
 
 def _repaired_lines(path: Path) -> list[str]:
@@ -200,10 +213,10 @@ def _repaired_lines(path: Path) -> list[str]:
     text = path.read_text()
     *lines, tail = text.split("\n")
     if tail and _is_json(tail):
-        path.write_text(text + "\n")
+        write_text_atomic(path, text + "\n")
         lines.append(tail)
     elif tail:
-        path.write_text(text[: len(text) - len(tail)])
+        write_text_atomic(path, text[: len(text) - len(tail)])
     return lines
 
 

@@ -77,7 +77,7 @@ def read_item(json_path: Path) -> ReasonSegItem:
         raise FileNotFoundError(f"no image beside {json_path} (looked for {IMAGE_SUFFIXES})")
     try:
         anno = json.loads(json_path.read_text(encoding="utf-8", errors="replace"))
-        queries, shapes = list(anno["text"]), anno["shapes"]
+        queries, shapes = _queries(anno["text"], json_path), anno["shapes"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise FlmmUserError(
             f"{json_path} is not in the ReasonSeg layout (needs 'text', 'is_sentence', 'shapes'): "
@@ -87,6 +87,16 @@ def read_item(json_path: Path) -> ReasonSegItem:
         width, height = img.size
     mask = polygon_mask(shapes, height, width)
     return ReasonSegItem(image_path, queries, bool(anno.get("is_sentence", False)), mask)
+
+
+def _queries(text, json_path: Path) -> list[str]:
+    """ReasonSeg's ``text``: a list of queries, or one query as a string (never its characters)."""
+    queries = [text] if isinstance(text, str) else text
+    if not isinstance(queries, list) or not queries or not all(isinstance(q, str) for q in queries):
+        raise FlmmUserError(
+            f"{json_path}: 'text' must be a query or a list of queries, got {str(text)[:60]!r}"
+        )
+    return queries
 
 
 def read_split(root: str | Path) -> list[ReasonSegItem]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
+from flmm.checkpoint import AtomicCheckpointIO, check_family, newest_readable, read_checkpoint
 from flmm.distributed import LoaderPosition
 from flmm.errors import FlmmUserError, MissingExtraError
 
@@ -100,7 +102,9 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     group_sweep_runs(cfg)
     callbacks = [*instantiate_group(cfg.get("callbacks")), LoaderPosition()]
     loggers = instantiate_group(cfg.get("logger"))
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
 
 
 def finish_loggers(trainer: L.Trainer) -> None:
@@ -134,14 +138,22 @@ def checkpoint_report(trainer: L.Trainer, model) -> None:
         trainer.logger.log_metrics({"checkpoint_mib": max(sizes.values())})
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place: a crash
+    leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_metrics(metrics: dict, output_dir: str) -> dict[str, float]:
     """Write ``metrics.json`` in the run folder and print the figures as a table."""
     values = {
         k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in sorted(metrics.items())
     }
     out = Path(output_dir) / "metrics.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(values, indent=2))
+    write_text_atomic(out, json.dumps(values, indent=2))
     table = Table(title=f"flmm metrics ({out})")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -162,7 +174,8 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """The checkpoint ``fit`` resumes from (``cfg.ckpt_path``), checked before anything loads.
 
     ``last`` is this run folder's ``last.ckpt`` if one was written; a fresh run starts from
-    scratch, so a requeued job can always pass it.
+    scratch, so a requeued job can always pass it. The checkpoint must load and be made for the
+    configured LMM family and grid (read from its metadata, before the LMM loads).
     """
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path:
@@ -174,14 +187,30 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         if not last.is_file():
             log.info("ckpt_path=last: no %s yet, training from the start", last)
             return None
+        check_resumable(last)
         log.info("resuming from %s", last)
-        return str(last)
-    if not Path(ckpt_path).is_file():
+        ckpt_path = str(last)
+    elif not Path(ckpt_path).is_file():
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path} does not exist; pass a .ckpt a training run wrote, or "
             "ckpt_path=last with hydra.run.dir=<the interrupted run's folder> to resume it"
         )
+    lmm = cfg.model.lmm
+    check_family(
+        read_checkpoint(ckpt_path).get("flmm"), lmm.family, lmm.get("grid_size"), ckpt_path
+    )
     return str(ckpt_path)
+
+
+def check_resumable(last: Path) -> None:
+    """A ``last.ckpt`` that does not load (a crash while saving) is reported, naming the newest
+    checkpoint of its folder that does, instead of crashing Lightning's resume."""
+    try:
+        read_checkpoint(last)
+    except FlmmUserError as err:
+        previous = newest_readable(last.parent, skip=last)
+        fix = f"resume from ckpt_path={previous}" if previous else "no other checkpoint there loads"
+        raise FlmmUserError(f"ckpt_path=last: {err}; {fix}") from None
 
 
 def gather_records(records: list[dict]) -> list[dict]:

@@ -15,6 +15,7 @@ def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> d
     an uncompressed RLE (``counts`` a list) or a compressed RLE (``counts`` a string or bytes).
     """
     if isinstance(segmentation, list):
+        check_polygons(segmentation)
         polygons = [p for p in segmentation if len(p) >= 6]
         if not polygons:
             return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
@@ -23,7 +24,24 @@ def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> d
         if isinstance(segmentation["counts"], list):
             return mask_utils.frPyObjects(segmentation, height, width)
         return {"size": list(segmentation["size"]), "counts": segmentation["counts"]}
-    raise ValueError(f"unsupported COCO segmentation of type {type(segmentation).__name__}")
+    raise ValueError(
+        f"unsupported COCO segmentation {str(segmentation)[:60]}: expected a list of polygons "
+        "or an RLE dict with 'counts' and 'size'"
+    )
+
+
+def check_polygons(polygons: list) -> None:
+    """``ValueError`` unless ``polygons`` is a list of flat ``[x1, y1, x2, y2, ...]`` number lists."""
+    for i, polygon in enumerate(polygons):
+        if not isinstance(polygon, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon
+        ):
+            raise ValueError(f"polygon {i} is not a flat list of numbers")
+        if len(polygon) % 2:
+            raise ValueError(
+                f"polygon {i} has an odd number of coordinates ({len(polygon)}); "
+                "polygons are x, y pairs"
+            )
 
 
 def rle_area(rle: dict) -> int:

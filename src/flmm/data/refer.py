@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from flmm.data.masks import decode_rle, rle_area, segmentation_to_rle
+from flmm.data.refs_file import load_refs
 from flmm.errors import ConfigError, DataError
 from flmm.types import GroundingSample
 
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("train", "reference", "per_sentence")
 SENTENCE_KEYS = frozenset({"raw", "sent", "tokens", "sent_id"})
+IMAGE_FIELDS = frozenset({"id", "file_name", "height", "width"})
+ANN_FIELDS = frozenset({"id", "image_id", "segmentation"})
 LAYOUT_HINT = (
     "expected the `refer` layout root/<dataset>/instances.json + "
     "root/<dataset>/refs(<split_by>).p; "
@@ -81,10 +83,8 @@ def load_refer(
 ) -> ReferAnnotations:
     """Read ``root/<dataset>/instances.json`` and ``root/<dataset>/refs(<split_by>).p``."""
     instances_path, refs_path = check_refer_layout(root, dataset, split_by)
-    with open(instances_path) as f:
-        instances = json.load(f)
-    with open(refs_path, "rb") as f:
-        refs = pickle.load(f)
+    instances = load_instances(instances_path)
+    refs = load_refs(refs_path)
     anns_by_image: dict[int, list[int]] = {}
     for ann in instances["annotations"]:
         anns_by_image.setdefault(ann["image_id"], []).append(ann["id"])
@@ -94,6 +94,25 @@ def load_refer(
         refs=refs,
         anns_by_image=anns_by_image,
     )
+
+
+def load_instances(path: Path) -> dict:
+    """``instances.json`` as a dict with lists ``images`` and ``annotations`` of records with ids;
+    anything else is a :class:`DataError` naming the file and what is wrong."""
+    try:
+        instances = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}); download it again") from None
+    if not isinstance(instances, dict):
+        raise DataError(f"{path} holds a {type(instances).__name__}, not a COCO dict")
+    for key, fields in (("images", IMAGE_FIELDS), ("annotations", ANN_FIELDS)):
+        records = instances.get(key)
+        if not isinstance(records, list):
+            raise DataError(f"{path} has no list {key!r}; a COCO instances file needs one")
+        for index, record in enumerate(records):
+            if not isinstance(record, dict) or not fields <= record.keys():
+                raise DataError(f"{path}: {key}[{index}] lacks one of {sorted(fields)}")
+    return instances
 
 
 def join_sentences(sentences: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -138,7 +157,8 @@ class ReferDataset(Dataset):
 
     Refs that cannot be used are skipped and counted in ``skipped`` (reason -> count): every
     sentence empty (``empty_sentences``; single empty sentences count as ``empty_sentence``),
-    zero-area mask (``empty_mask``), annotation or image entry missing from ``instances.json``.
+    zero-area mask (``empty_mask``), annotation or image entry missing from ``instances.json``,
+    annotation of another image than the ref's (``annotation_of_another_image``).
     """
 
     def __init__(
@@ -187,6 +207,8 @@ class ReferDataset(Dataset):
             return "missing_image_entry"
         if ref["ann_id"] not in self.ann.anns:
             return "missing_annotation"
+        if self.ann.anns[ref["ann_id"]]["image_id"] != ref["image_id"]:
+            return "annotation_of_another_image"
         if rle_area(self.annotation_rle(ref["ann_id"])) == 0:
             return "empty_mask"
         return None
@@ -215,7 +237,13 @@ class ReferDataset(Dataset):
             ann = self.ann.anns[ann_id]
             image = self.ann.images[ann["image_id"]]
             height, width = image["height"], image["width"]
-            self._rles[ann_id] = segmentation_to_rle(ann["segmentation"], height, width)
+            try:
+                self._rles[ann_id] = segmentation_to_rle(ann["segmentation"], height, width)
+            except (ValueError, TypeError) as err:
+                raise DataError(
+                    f"instances.json: annotation {ann_id} (image_id {ann['image_id']}) has an "
+                    f"unusable segmentation: {err}"
+                ) from None
         return self._rles[ann_id]
 
     def annotation_mask(self, ann_id: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from torch import nn
 
 from flmm import frame
 from flmm.attention.capture import MERGES, capture, phrase_rows, use_capture
-from flmm.errors import ConfigError, ModelLoadError
+from flmm.errors import ConfigError, DataError, ModelLoadError
 from flmm.lmm import grids
 from flmm.lmm.families import Family, family_of_model_type, get_family, list_lmms
 from flmm.types import CaptureOutput, GroundingBatch
@@ -331,6 +331,7 @@ class FrozenLMM(nn.Module):
         prompts = [self.prompt(text) for text in batch.texts]
         images, region = self._images(batch.images)
         enc = self._process(images, [p for p, _ in prompts])
+        self.check_length(enc, batch.texts)
         enc["token_phrase"] = self._token_phrase(prompts, batch, enc)
         enc["region"] = region
         enc = {k: v.to(self.device) for k, v in enc.items()}
@@ -400,8 +401,23 @@ class FrozenLMM(nn.Module):
         text = self.processor.apply_chat_template([user], add_generation_prompt=True)
         text = text + answer_prefix
         inputs = self.processor(images=arrays, text=[text], return_tensors="pt").to(self.device)
+        self.check_length(inputs, [question])
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
+
+    def check_length(self, enc, texts: list[str]) -> None:
+        """A :class:`DataError` when a prompt (``enc``: the processor's output for ``texts``) holds
+        more tokens than the LMM has positions, instead of running past its context silently."""
+        limit = getattr(self.text_config, "max_position_embeddings", None)
+        lengths = enc["attention_mask"].sum(1).tolist()
+        for b, n in enumerate(lengths):
+            if limit is not None and n > limit:
+                images = int((enc["input_ids"][b] == self.image_token_id).sum())
+                raise DataError(
+                    f"text {texts[b][:40]!r}... ({len(texts[b].split())} words) makes a prompt of "
+                    f"{n} tokens ({images} of them image tokens), more than the {limit} positions "
+                    f"of {self.model_id}: shorten it by at least {n - limit} tokens"
+                )
 
     @torch.no_grad()
     def generate(

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from flmm.data.refs_file import load_refs
 from flmm.data.synthetic.world import COLOURS, SHAPES
 
 STRATEGIES = ("random", "popular", "adversarial")
@@ -43,8 +43,7 @@ def split_objects(root: str | Path, split: str = "test") -> dict[str, list[str]]
     read from the world written at ``root`` (its ``instances.json`` and ``refs(unc).p``)."""
     folder = Path(root) / "synthetic"
     instances = json.loads((folder / "instances.json").read_text())
-    with open(folder / "refs(unc).p", "rb") as f:
-        wanted = {r["image_id"] for r in pickle.load(f) if r["split"] == split}
+    wanted = {r["image_id"] for r in load_refs(folder / "refs(unc).p") if r["split"] == split}
     objects: dict[int, set[str]] = {i: set() for i in wanted}
     for ann in instances["annotations"]:
         attrs = ann["attributes"]

@@ -1,0 +1,496 @@
+"""Hostile but fair inputs: no code runs from data files, each mistake is one line (exit code 2)
+or a counted skip, nothing finished is lost. One case per probe of issue 18."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CONF, TINY
+from refer_fixtures import _refs, write_refer_fixture
+
+from flmm.data import ReferDataset, load_refer
+from flmm.runtime import exit_on_user_error
+
+
+def one_line_error(capsys, fn, *args, **kwargs) -> str:
+    """Run ``fn`` as an entry point does; assert it ends with exit code 2, no traceback and one
+    ``flmm: error:`` line (progress bars may share stderr); return that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(fn, *args, **kwargs)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("flmm: error: ")]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------- refer files
+@pytest.fixture
+def refer(tmp_path) -> Path:
+    write_refer_fixture(tmp_path)
+    return tmp_path
+
+
+def write_refs(root: Path, refs) -> None:
+    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f)
+
+
+def edit_instances(root: Path, edit) -> None:
+    path = root / "refcoco" / "instances.json"
+    instances = json.loads(path.read_text())
+    edit(instances)
+    path.write_text(json.dumps(instances))
+
+
+def train_set(root: Path) -> ReferDataset:
+    return ReferDataset(root, root / "images", "refcoco", "unc", "train", "reference")
+
+
+class Payload:
+    """Pickles as "call ``fn(*args)``": what a crafted refs file runs under ``pickle.load``."""
+
+    def __init__(self, fn, *args) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.open"])
+def test_refs_pickle_payload_does_not_run(refer, tmp_path, capsys, payload):
+    marker = tmp_path / "pwned"
+    call = (
+        Payload(os.system, f"touch {marker}")
+        if payload == "os.system"
+        else Payload(open, str(marker), "w")
+    )
+    write_refs(refer, [*_refs(), {"ref_id": 99, "evil": call}])
+    err = one_line_error(capsys, load_refer, refer)
+    assert not marker.exists()
+    assert (
+        "refs(unc).p" in err and ("system" in err or "open" in err) and "nothing in it ran" in err
+    )
+
+
+def test_refs_file_that_is_not_a_pickle(refer, capsys):
+    (refer / "refcoco" / "refs(unc).p").write_text("ref_id,ann_id\n1,11\n")
+    err = one_line_error(capsys, load_refer, refer)
+    assert "refs(unc).p is not a readable refs pickle" in err
+
+
+def test_truncated_refs_file(refer, capsys):
+    path = refer / "refcoco" / "refs(unc).p"
+    path.write_bytes(path.read_bytes()[:100])
+    assert "truncated" in one_line_error(capsys, load_refer, refer)
+
+
+def test_ref_without_split(refer, capsys):
+    refs = _refs()
+    del refs[3]["split"]
+    write_refs(refer, refs)
+    err = one_line_error(capsys, load_refer, refer)
+    assert "ref #3 (ref_id 4) has no 'split'" in err
+
+
+def test_refs_file_holding_a_dict(refer, capsys):
+    write_refs(refer, {"refs": _refs()})
+    assert "holds a dict, not the list of refs" in one_line_error(capsys, load_refer, refer)
+
+
+def test_invalid_instances_json(refer, capsys):
+    (refer / "refcoco" / "instances.json").write_text('{"images": [')
+    assert "instances.json is not valid JSON" in one_line_error(capsys, load_refer, refer)
+
+
+def test_instances_json_without_annotations(refer, capsys):
+    edit_instances(refer, lambda d: d.pop("annotations"))
+    assert "has no list 'annotations'" in one_line_error(capsys, load_refer, refer)
+
+
+def test_empty_dict_segmentation(refer, capsys):
+    edit_instances(refer, lambda d: d["annotations"][0].update(segmentation={}))
+    err = one_line_error(capsys, train_set, refer)
+    assert "annotation 11" in err and "unsupported COCO segmentation" in err
+
+
+def test_polygon_with_odd_coordinate_count(refer, capsys):
+    edit_instances(refer, lambda d: d["annotations"][0]["segmentation"][0].append(7.0))
+    err = one_line_error(capsys, train_set, refer)
+    assert "annotation 11" in err and "odd number of coordinates (9)" in err
+
+
+def test_ref_pointing_at_another_images_annotation_is_skipped_and_counted(refer):
+    refs = _refs()
+    refs[0]["ann_id"] = 21  # ref 1 is on image 1; annotation 21 belongs to image 2
+    write_refs(refer, refs)
+    data = train_set(refer)
+    assert data.skipped["annotation_of_another_image"] == 1
+    assert all(p.ref["ref_id"] != 1 for record in data.records for p in record)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def tiny_checkpoint(tiny_run) -> Path:
+    return tiny_run[0] / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_run) -> tuple:
+    """The tiny run's frozen LMM and SAM, loaded once."""
+    import hydra
+
+    cfg = tiny_run[1]
+    return hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
+
+
+BROKEN_CHECKPOINTS = {
+    "empty": (lambda good: b"", "is empty, truncated or not a torch checkpoint"),
+    "truncated": (lambda good: good[: len(good) // 2], "is empty, truncated or not a torch"),
+    "list": (lambda good: torch_bytes([1, 2, 3]), "holds a list, not a checkpoint"),
+    "unknown_hparams": (
+        lambda good: torch_bytes(with_hparams(good, momentum=0.9)),
+        r"hyperparameters \['momentum'\] this flmm does not know",
+    ),
+}
+
+
+def torch_bytes(obj) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def with_hparams(good: bytes, **hparams) -> dict:
+    import io
+
+    import torch
+
+    ckpt = torch.load(io.BytesIO(good), weights_only=True)
+    ckpt["hyper_parameters"].update(hparams)
+    return ckpt
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_CHECKPOINTS))
+def test_broken_checkpoint_is_one_line(tiny_run, tiny_models, tmp_path, capsys, kind):
+    from flmm.lit_module import FLMM
+
+    make, message = BROKEN_CHECKPOINTS[kind]
+    path = tmp_path / f"{kind}.ckpt"
+    path.write_bytes(make(tiny_checkpoint(tiny_run).read_bytes()))
+    err = one_line_error(capsys, FLMM.from_checkpoint, str(path), *tiny_models)
+    assert str(path) in err and re.search(message, err), err
+
+
+def test_truncated_last_ckpt_names_the_previous_good_one(tiny_run, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from flmm.runtime import resolve_ckpt_path
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    good = tiny_checkpoint(tiny_run).read_bytes()
+    (folder / "epoch_000.ckpt").write_bytes(good)
+    (folder / "last.ckpt").write_bytes(good[:1000])
+    cfg = OmegaConf.create({"ckpt_path": "last", "paths": {"output_dir": str(tmp_path / "run")}})
+    err = one_line_error(capsys, resolve_ckpt_path, cfg)
+    assert "last.ckpt" in err and f"resume from ckpt_path={folder / 'epoch_000.ckpt'}" in err
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    import torch
+
+    from flmm.checkpoint import AtomicCheckpointIO
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill in the middle of writing
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].tolist() == [1.0, 1.0]
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_resuming_from_another_familys_checkpoint_is_refused_before_the_lmm_loads(
+    tiny_run, tmp_path, capsys
+):
+    import torch
+    from omegaconf import OmegaConf
+
+    from flmm.runtime import resolve_ckpt_path
+
+    ckpt = torch.load(tiny_checkpoint(tiny_run), weights_only=True)
+    ckpt["flmm"]["family"] = "internvl"
+    torch.save(ckpt, tmp_path / "internvl.ckpt")
+    cfg = OmegaConf.create(
+        {"ckpt_path": str(tmp_path / "internvl.ckpt"), "model": {"lmm": {"family": "llava"}}}
+    )
+    err = one_line_error(capsys, resolve_ckpt_path, cfg)
+    assert "family: checkpoint 'internvl' vs configured 'llava'" in err
+
+
+def test_family_mismatch_is_refused_before_the_lmm_loads(tiny_run, capsys):
+    from omegaconf import OmegaConf
+
+    from flmm.evaluate import load_model
+
+    cfg = OmegaConf.create(
+        {
+            "ckpt_path": str(tiny_checkpoint(tiny_run)),
+            # no such LMM: were it loaded first, the error would be about its path
+            "model": {"lmm": {"family": "qwen2_5_vl", "name_or_path": "/no/such/lmm"}, "sam": {}},
+        }
+    )
+    err = one_line_error(capsys, load_model, cfg)
+    assert "family: checkpoint 'llava' vs configured 'qwen2_5_vl'" in err
+
+
+# -------------------------------------------------------------------------------- evaluation
+def eval_cfg(tiny_run, out: Path, *overrides: str):
+    """``conf/evaluate.yaml`` on the refer fixture beside the tiny run, with its checkpoint."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    root = tiny_run[0]
+    if not (root / "data" / "refer").exists():
+        write_refer_fixture(root / "data" / "refer")
+    model = [o for o in TINY if o.startswith("model.")]
+    data = ["data=refcoco", f"paths.coco_train2014={root / 'data' / 'refer' / 'images'}"]
+    settings = [*data, "data.num_workers=0", "trainer.accelerator=cpu", "logger=csv"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            overrides=[f"paths.root_dir={root}", *model, *settings, *overrides],
+            return_hydra_config=True,
+        )
+    with open_dict(cfg):
+        cfg.ckpt_path = str(tiny_checkpoint(tiny_run))
+        cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(out)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_evaluation_keeps_finished_splits_and_a_rerun_skips_them(tiny_run, tmp_path, capsys):
+    import flmm.evaluate as ev
+
+    out, splits = tmp_path / "eval", "data.eval_splits=[val,testA]"
+    cfg = eval_cfg(tiny_run, out, splits, "protocols=[reference]", "preflight=false")
+    err = one_line_error(capsys, ev.evaluate, cfg)
+    assert "corrupt or unreadable image" in err and "image_id 5" in err
+    saved = sorted(p.name for p in (out / "splits").iterdir())
+    assert saved == ["refcoco__val__reference.json"]
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "splits").iterdir()}
+
+    scored = []
+    score_set = ev.score_set
+    with pytest.MonkeyPatch.context() as mp:  # the broken image repaired; only testA is scored
+        mp.setattr(ev, "score_set", lambda *a: scored.append(a[4].split) or score_set(*a))
+        mp.setattr(
+            ReferDataset,
+            "load_image",
+            lambda self, image_id, ref_ids=None: np.zeros(
+                (self.ann.images[image_id]["height"], self.ann.images[image_id]["width"], 3),
+                np.uint8,
+            ),
+        )
+        figures = ev.evaluate(eval_cfg(tiny_run, out, splits, "protocols=[reference]"))
+    assert scored == ["testA"]
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (out / "splits").iterdir() if p.name in first
+    } == first
+    assert {k.split("/")[1] for k in figures} == {"val", "testA"}
+    headers = [p.read_text().splitlines()[0] for p in (out / "csv").rglob("metrics.csv")]
+    assert any("refcoco/testA/reference/refined/giou" in h.split(",") for h in headers)
+
+
+def test_preflight_reports_every_broken_image_before_the_model_loads(tiny_run, tmp_path, capsys):
+    import flmm.evaluate as ev
+
+    cfg = eval_cfg(tiny_run, tmp_path, "data.eval_splits=[val,testA,testB]")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ev, "load_model", lambda cfg: pytest.fail("the model loaded before pre-flight"))
+        err = one_line_error(capsys, ev.evaluate, cfg)
+    assert "pre-flight: 2 of 3 samples cannot be read" in err and "image_id 5" in err
+    assert "preflight=false" in err
+
+
+# ----------------------------------------------------------------------- text and the CLI
+def test_text_longer_than_the_context_is_refused(tiny_models, sample_factory, capsys):
+    from flmm.types import GroundingBatch
+
+    lmm = tiny_models[0]
+    text = "the red circle " + "and more " * 2500  # 5,000+ words, 2,048 positions
+    batch = GroundingBatch.collate([sample_factory(text, ["red circle"], 24, 24)])
+    err = one_line_error(capsys, lmm, batch)
+    assert "more than the 2048 positions" in err and "shorten it by at least" in err
+    err = one_line_error(capsys, lmm.chat_inputs, [np.zeros((24, 24, 3), np.uint8)], text)
+    assert "more than the 2048 positions" in err
+
+
+def huge_png(path: Path, side: int = 20000) -> Path:
+    """A valid 1 x 1 PNG whose header claims ``side x side`` pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    header = b"IHDR" + struct.pack(">II", side, side) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_ground_cli_decompression_bomb(tmp_path, capsys):
+    from flmm.ground import load_image
+
+    err = one_line_error(capsys, load_image, huge_png(tmp_path / "bomb.png"))
+    assert "bomb.png" in err and "too large" in err
+
+
+@pytest.mark.parametrize(
+    "text, phrases, message",
+    [
+        ("   ", None, "the text is empty"),
+        ("the red circle", ["blue square"], "phrase 'blue square' is not in the text"),
+        ("the red circle", [""], "phrase '' is not in the text"),
+    ],
+)
+def test_ground_cli_text_and_phrases(capsys, text, phrases, message):
+    from flmm.ground import run
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    assert message in one_line_error(capsys, run, None, image, text, phrases, "ground")
+
+
+# ------------------------------------------------------------------ silent wrong results
+def test_reasonseg_text_as_one_string_is_one_query(tmp_path, capsys):
+    from PIL import Image
+
+    from flmm.reasonseg import read_item
+
+    Image.new("RGB", (8, 6)).save(tmp_path / "a.jpg")
+    anno = {"text": "what is the red thing?", "is_sentence": True, "shapes": []}
+    (tmp_path / "a.json").write_text(json.dumps(anno))
+    assert read_item(tmp_path / "a.json").queries == ["what is the red thing?"]
+    (tmp_path / "a.json").write_text(json.dumps({**anno, "text": [1, 2]}))
+    err = one_line_error(capsys, read_item, tmp_path / "a.json")
+    assert "'text' must be a query or a list of queries" in err
+
+
+def test_pope_answers_with_a_repeated_question_id(tmp_path, capsys):
+    from flmm.pope import read_answers
+
+    record = {"question_id": 7, "image": "a.jpg", "label": "yes", "answer": "Yes"}
+    lines = [record, {**record, "question_id": 8}, {**record, "answer": "No"}]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    err = one_line_error(capsys, read_answers, path)
+    assert "answers.jsonl:3: question_id 7 was already answered at line 1" in err
+
+
+def test_frozen_lmm_check_on_a_val_split_smaller_than_its_image_count():
+    from types import SimpleNamespace
+
+    import torch
+
+    from flmm.callbacks import FrozenLMMCheck
+
+    class Answering(torch.nn.Linear):
+        def answer(self, image, question, max_new_tokens):
+            return f"{image.shape[0]} rows"
+
+    val = [SimpleNamespace(image=np.zeros((h, 4, 3), np.uint8)) for h in (5, 6)]
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_sets=[val]))
+    snapshot = FrozenLMMCheck(["size?"], num_images=4).snapshot(trainer, Answering(2, 2))
+    assert snapshot["answers"] == [["5 rows"], ["6 rows"]]
+
+
+def test_feature_cache_entry_of_another_format_is_recomputed(tiny_models, tmp_path, caplog):
+    import torch
+
+    from flmm.feature_cache import FORMAT_VERSION, LMM_FIELDS, EntryStore, lmm_identity
+
+    store = EntryStore(tmp_path, {"format": FORMAT_VERSION}, LMM_FIELDS)
+    store.save("ab01", {"maps": torch.zeros(2), "box": torch.zeros(4)})  # an older layout
+    assert store.load("ab01") is None and "recomputing it" in caplog.text
+    store.save("ab02", {name: torch.zeros(1) for name in LMM_FIELDS})
+    assert set(store.load("ab02")) == LMM_FIELDS
+    assert lmm_identity(tiny_models[0])["format"] == FORMAT_VERSION
+
+
+# ------------------------------------------------------------------------------ the web page
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--host", "0.0.0.0"], "--host 0.0.0.0 makes the page reachable from other machines"),
+        (["--host", "0.0.0.0", "--allow-remote"], "--allow-remote needs a login"),
+    ],
+)
+def test_web_refuses_a_non_loopback_bind_without_auth(monkeypatch, capsys, argv, message):
+    from flmm import web
+
+    monkeypatch.delenv(web.AUTH_ENV, raising=False)
+    monkeypatch.setattr(web, "load_chat", lambda args: pytest.fail("models loaded"))
+    monkeypatch.setattr(web, "launch", lambda *a, **k: pytest.fail("the page started"))
+    assert message in one_line_error(capsys, web.main, argv)
+
+
+def test_web_login_comes_from_the_environment_or_a_file(monkeypatch, tmp_path):
+    from flmm.web import AUTH_ENV, serving_auth
+
+    monkeypatch.setenv(AUTH_ENV, "ada:s3cret:with:colons")
+    assert serving_auth("0.0.0.0", True, None) == [("ada", "s3cret:with:colons")]
+    assert serving_auth("127.0.0.1", False, None) == [("ada", "s3cret:with:colons")]
+    (tmp_path / "users").write_text("ada:one\nbob:two\n")
+    assert serving_auth("::", True, str(tmp_path / "users")) == [("ada", "one"), ("bob", "two")]
+
+
+def test_web_clients_see_no_server_paths_or_raw_exceptions(tmp_path, caplog):
+    import gradio as gr
+
+    from flmm.web import Limits, respond
+
+    class Broken:
+        def chat(self, *args, **kwargs):
+            raise KeyError("/srv/secret/weights.bin")
+
+    upload = tmp_path / "gradio" / "0123abcd" / "notes.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_text("not an image")
+    with pytest.raises(gr.Error) as bad:
+        respond(None, Limits(), str(upload), "what is this?", "", "auto")
+    assert "notes.png" in bad.value.message and str(upload.parent) not in bad.value.message
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(upload)
+    with pytest.raises(gr.Error) as internal:
+        respond(Broken(), Limits(), str(upload), "what is this?", "", "chat")
+    assert "internal error" in internal.value.message and "secret" not in internal.value.message
+    assert "/srv/secret/weights.bin" in caplog.text  # logged on the server
+    with pytest.raises(gr.Error, match="phrases field has 501 characters"):
+        respond(None, Limits(), str(upload), "what?", "x" * 501, "auto")
+
+
+def test_web_uploads_are_deleted_on_a_schedule():
+    from flmm.web import Limits, build_app
+
+    app = build_app(None, Limits(keep_files_s=60))
+    assert app.delete_cache == (60, 60)  # every 60 s, files older than 60 s are deleted
