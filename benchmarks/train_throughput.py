@@ -698,6 +698,66 @@ def bench(name: str, p: Preset, cases: list[str], isolate: bool, threads: int) -
     return {**info, "rows": rows, "ratios": ratio, "targets": TARGETS}
 
 
+# ------------------------------------------------------------------------------- profiling (b)
+def flmm_phases(rig: Rig) -> dict[str, float]:
+    """Milliseconds per sample of each phase of (b)'s training step, and of (d)'s forward."""
+    lmm, model, device = rig.model.lmm, rig.model, rig.preset.device
+    spent: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def clock(name: str):
+        synchronize(device)
+        start = time.perf_counter()
+        yield
+        synchronize(device)
+        ms = 1e3 * (time.perf_counter() - start) / rig.preset.samples
+        spent[name] = spent.get(name, 0.0) + ms
+
+    params = rig.optimizer.param_groups[0]["params"]
+    for batch in rig.batches:
+        set_attention(lmm, IMPLEMENTATION, "sdpa")
+        rig.optimizer.zero_grad(set_to_none=True)
+        with rig.autocast():
+            with clock("(b) LMM forward with capture"):
+                capture = lmm(batch)
+            with clock("(b) SAM image encoder"):
+                embedded = model.refiner.embed_images(batch.images)
+            with clock("(b) heads forward (mask head, text prompts, SAM decoder)"):
+                pred = model.predict(batch, capture, embedded)
+            with clock("(b) losses"):
+                loss = model.losses(batch, pred)["loss"]
+        with clock("(b) backward"):
+            loss.backward()
+        with clock("(b) clip + AdamW"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            rig.optimizer.step()
+        set_attention(lmm, "sdpa", "sdpa")
+        inputs = lmm.encode(batch)
+        del inputs["token_phrase"], inputs["region"]
+        with torch.no_grad(), rig.autocast(), clock("(d) LMM sdpa forward"):
+            lmm.model(**inputs, logits_to_keep=1)
+    return spent
+
+
+def profile(name: str, p: Preset) -> None:
+    """Phase times of (b) vs (d), and the ops that dominate one (b) pass (torch.profiler)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rig = Rig.build(p, Path(tmp))
+        warm_up(rig, "flmm")
+        spent = flmm_phases(rig)
+        print(f"## {name}: (b)'s step by phase, ms/sample (B = {p.batch}, {p.samples} samples)")
+        print("| phase | ms/sample |\n|---|---|")
+        for phase, ms in spent.items():
+            print(f"| {phase} | {ms:.0f} |")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if p.device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            run_flmm(rig)
+        key = "self_cuda_time_total" if p.device == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=15))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -710,6 +770,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per case")
     parser.add_argument("--in-process", action="store_true", help="CPU: no subprocess per case")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--profile", action="store_true", help="profile (b) instead (in-process)")
     parser.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -731,6 +792,9 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"--samples ({p.samples}) must be a multiple of B ({p.batch})")
         if p.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"preset {name!r} needs a CUDA device")
+        if args.profile:
+            profile(name, p)
+            continue
         isolate = p.device == "cpu" and not args.in_process
         reports.append(bench(name, p, args.cases, isolate, args.threads))
     if args.json:
