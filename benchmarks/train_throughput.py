@@ -614,14 +614,17 @@ def print_report(info: dict, rows: dict[str, dict], ratio: dict[str, float]) -> 
         f"## {info['preset']}: {info['machine']}; torch {info['torch']}, "
         f"transformers {info['transformers']}"
     )
+    vision = "CLIP tower {} wide x {} layers, {} heads".format(*p["vision"])
+    fill = f"caching pass {info['fill_ms_per_sample']:.0f} ms/sample"
+    if info["isolated_processes"]:
+        fill += " (during the cases' parallel warm-up: not comparable)"
     print(
-        f"LMM {p['family']} {p['layers']} layers x {p['width']} wide, {p['heads']} heads, "
-        f"MLP {p['mlp']}, {p['dtype']}; {info['image_tokens']} image tokens, sequence "
-        f"{info['sequence']}; attention channels {info['channels']}; CLIP tower {p['vision']} "
-        f"(width, layers, heads); SAM {info['sam']}; images {p['image_hw']}, "
-        f"{p['phrases']} phrases each; B = {p['batch']}, {p['samples']} samples per pass, "
-        f"median of {p['repeats']} interleaved passes; caching pass "
-        f"{info['fill_ms_per_sample']:.0f} ms/sample"
+        f"LMM {p['family']}: {p['layers']} decoder layer(s) x {p['width']} wide, {p['heads']} "
+        f"heads, MLP {p['mlp']}, {p['dtype']}; {info['image_tokens']} image tokens, sequence "
+        f"{info['sequence']}; attention channels {info['channels']}; {vision}; SAM {info['sam']}; "
+        f"images {p['image_hw'][0]} x {p['image_hw'][1]}, {p['phrases']} phrases each; "
+        f"B = {p['batch']}, {p['samples']} samples per pass, median of {p['repeats']} "
+        f"interleaved passes; {fill}; each case in its own process: {info['isolated_processes']}"
     )
     print("| case | batch | samples/s | ms/sample | peak MiB | step MiB | step MiB/sample |")
     print("|---|---|---|---|---|---|---|")
