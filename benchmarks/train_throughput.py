@@ -14,7 +14,9 @@ processes hits them alike:
 
 A training step of (a)-(c) is forward, the four losses, backward, gradient-norm clipping and an
 AdamW step (lr 0: all of the optimizer's work, weights left as they were). Samples/s is the median
-over ``--repeats`` passes over the same ``--samples`` samples. Peak memory: on CUDA
+over ``--repeats`` passes over the same ``--samples`` samples, timed by the wall clock on CUDA and by
+the process's CPU time on the CPU (1 thread per case: on a shared machine wall-clock time mostly
+measures the other jobs). Peak memory: on CUDA
 ``max_memory_allocated`` (one process); on the CPU every case runs in its own subprocess (the main
 process only tells one at a time to run a pass) and reports its peak RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs`` before each pass, after ``malloc_trim``). "step" memory is that peak
@@ -410,11 +412,14 @@ def synchronize(device: str) -> None:
 
 
 def timed(run, device: str) -> float:
+    """Seconds ``run()`` takes: wall-clock on CUDA; on the CPU this process's CPU time (all its
+    threads), which other jobs on a shared machine do not inflate as they do wall-clock."""
+    clock = time.perf_counter if device == "cuda" else time.process_time
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     run()
     synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def status_bytes(name: str) -> int:
@@ -624,7 +629,8 @@ def print_report(info: dict, rows: dict[str, dict], ratio: dict[str, float]) -> 
         f"{info['sequence']}; attention channels {info['channels']}; {vision}; SAM {info['sam']}; "
         f"images {p['image_hw'][0]} x {p['image_hw'][1]}, {p['phrases']} phrases each; "
         f"B = {p['batch']}, {p['samples']} samples per pass, median of {p['repeats']} "
-        f"interleaved passes; {fill}; each case in its own process: {info['isolated_processes']}"
+        f"interleaved passes ({info['clock']}); {fill}; each case in its own process: "
+        f"{info['isolated_processes']}"
     )
     print("| case | batch | samples/s | ms/sample | peak MiB | step MiB | step MiB/sample |")
     print("|---|---|---|---|---|---|---|")
@@ -695,6 +701,7 @@ def bench(name: str, p: Preset, cases: list[str], isolate: bool, threads: int) -
     notes = shape_notes(p)
     notes["fill_ms_per_sample"] = 1e3 * fill / p.samples if fill else float("nan")
     notes["isolated_processes"] = isolate
+    notes["clock"] = "wall-clock" if p.device == "cuda" else "process CPU time"
     info = header(name, p, notes)
     ratio = ratios(rows)
     print_report(info, rows, ratio)
