@@ -82,34 +82,6 @@ TARGETS = {  # ratio -> (target, True if "at least", where the issue sets it)
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
-@dataclass(frozen=True)
-class Preset:
-    """Shapes, precision and sizes of one benchmark configuration (see the module docstring).
-
-    ``sam`` is ``(variant, tiny sizes)`` for :func:`flmm.heads.build_sam`; ``image_hw`` the
-    samples' image size; ``vocab`` the embedding rows (None: the word-level tokenizer's ~110).
-    """
-
-    family: str = "llava"
-    layers: int = 2
-    width: int = 4096
-    heads: int = 32
-    mlp: int = 11008
-    vision: tuple[int, int, int] = (256, 2, 4)  # CLIP tower width, layers, heads
-    tile: int = 336
-    patch: int = 14
-    vocab: int | None = None
-    sam: tuple[str, dict] = ("tiny", {})
-    base_channels: int = 64
-    image_hw: tuple[int, int] = (240, 320)
-    phrases: int = 4
-    batch: int = 4
-    samples: int = 4
-    repeats: int = 2
-    device: str = "cpu"
-    dtype: str = "float32"
-
-
 SMALL_SAM = {  # released decoder width / heads / MLP; a 256 px, 384-wide, 2-layer ViT encoder
     "img_size": 256,
     "patch_size": 16,
@@ -122,10 +94,50 @@ SMALL_SAM = {  # released decoder width / heads / MLP; a 256 px, 384-wide, 2-lay
     "decoder_heads": 8,
     "mask_in_chans": 16,
 }
-GPU = {"vision": (1024, 24, 16), "vocab": 32064, "sam": ("vit_l", {}), "batch": 8, "samples": 16}
-GPU.update(layers=32, image_hw=(480, 640), repeats=3, device="cuda", dtype="bfloat16")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Shapes, precision and sizes of one benchmark configuration; the defaults are the CPU proxy.
+
+    ``sam`` is ``(variant, tiny sizes)`` for :func:`flmm.heads.build_sam`; ``image_hw`` the
+    samples' image size; ``vocab`` the embedding rows (None: the word-level tokenizer's ~110).
+    """
+
+    family: str = "llava"
+    layers: int = 1
+    width: int = 4096
+    heads: int = 32
+    mlp: int = 11008
+    vision: tuple[int, int, int] = (256, 2, 4)  # CLIP tower width, layers, heads
+    tile: int = 336
+    patch: int = 14
+    vocab: int | None = None
+    sam: tuple[str, dict] = ("tiny", SMALL_SAM)
+    base_channels: int = 64
+    image_hw: tuple[int, int] = (240, 320)
+    phrases: int = 4
+    batch: int = 4
+    samples: int = 4
+    repeats: int = 2
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+GPU = {  # LLaVA-1.5-7B: 32 layers, CLIP ViT-L/14-336, 32,064 tokens; SAM ViT-L
+    "layers": 32,
+    "vision": (1024, 24, 16),
+    "vocab": 32064,
+    "sam": ("vit_l", {}),
+    "image_hw": (480, 640),
+    "batch": 8,
+    "samples": 16,
+    "repeats": 3,
+    "device": "cuda",
+    "dtype": "bfloat16",
+}
 PRESETS = {
-    "cpu": Preset(layers=1, sam=("tiny", SMALL_SAM)),
+    "cpu": Preset(),
     "gpu-llava15": Preset(**GPU),
     "gpu-next": Preset(**{**GPU, "family": "llava_next", "image_hw": (672, 672)}),
     "tiny": Preset(
@@ -136,6 +148,7 @@ PRESETS = {
         vision=(32, 1, 2),
         tile=48,
         patch=8,
+        sam=("tiny", {}),
         base_channels=8,
         image_hw=(40, 56),
         phrases=2,
