@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +262,7 @@ class PerPhraseRefiner(SamRefiner):
     outputs as :class:`SamRefiner`, which decodes all phrases of a batch in one call)."""
 
     def forward(self, embeddings, coarse_logits, text_embeds, input_sizes, original_sizes):
+        """Arguments and result as :meth:`SamRefiner.forward`."""
         refined = []
         for b, (logits, texts) in enumerate(zip(coarse_logits, text_embeds)):
             per_phrase = [
@@ -302,7 +303,6 @@ class Rig:
     cache_dir: Path
     cache: FeatureCache | None = None
     fill_seconds: float | None = None
-    notes: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, p: Preset, cache_dir: Path) -> Rig:
