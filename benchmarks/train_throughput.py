@@ -14,14 +14,14 @@ processes hits them alike:
 
 A training step of (a)-(c) is forward, the four losses, backward, gradient-norm clipping and an
 AdamW step (lr 0: all of the optimizer's work, weights left as they were). Samples/s is the median
-over ``--repeats`` passes over the same ``--samples`` samples, timed by the wall clock on CUDA and by
-the process's CPU time on the CPU (1 thread per case: on a shared machine wall-clock time mostly
-measures the other jobs). Peak memory: on CUDA
-``max_memory_allocated`` (one process); on the CPU every case runs in its own subprocess (the main
-process only tells one at a time to run a pass) and reports its peak RSS (``VmHWM``, reset through
-``/proc/self/clear_refs`` before each pass, after ``malloc_trim``). "step" memory is that peak
-minus what the process held just before the pass (weights, optimizer state, the inputs; on the
-CPU also what the allocator kept); per sample it is divided by the samples of one step (1 for (a), B otherwise).
+over ``--repeats`` passes over the same ``--samples`` samples, timed by the wall clock on CUDA and
+by the process's CPU time on the CPU (1 thread per case: on a shared machine wall-clock time
+mostly measures the other jobs). Peak memory: on CUDA ``max_memory_allocated`` (one process); on
+the CPU every case runs in its own subprocess (the main process tells one at a time to run a
+pass) and reports its peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` before each
+pass, after ``malloc_trim``). "step" memory is that peak minus what the process held just before
+the pass (weights, optimizer state, the inputs; on the CPU also what the allocator kept); per
+sample it is divided by the samples of one step (1 for (a), B otherwise).
 
 Presets (``--preset``):
   cpu          LLaVA-1.5-7B's decoder layer shape (width 4096, 32 heads, MLP 11008), 1 layer of 32,
@@ -37,6 +37,7 @@ Presets (``--preset``):
 
     python benchmarks/train_throughput.py --preset cpu --json docs/benchmarks/train_throughput_cpu.json
     python benchmarks/train_throughput.py --preset gpu-llava15 --preset gpu-next   # on a GPU
+    python benchmarks/train_throughput.py --preset cpu --profile   # (b) by phase, top ops
 """
 
 from __future__ import annotations
