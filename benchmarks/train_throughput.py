@@ -35,7 +35,7 @@ Presets (``--preset``):
   tiny         a seconds-long smoke run (the tests use it); tiny-next: the GPU presets' code path
                (any-res LLaVA-NeXT grids, bf16 weights and autocast) at that size, on the CPU.
 
-    python benchmarks/train_throughput.py --preset cpu --json docs/benchmarks/train_throughput_cpu.json
+    make bench-train        # = --preset cpu --json docs/benchmarks/train_throughput_cpu.json
     python benchmarks/train_throughput.py --preset gpu-llava15 --preset gpu-next   # on a GPU
     python benchmarks/train_throughput.py --preset cpu --profile   # (b) by phase, top ops
 """
@@ -166,7 +166,7 @@ PRESETS["tiny-next"] = dataclasses.replace(
 
 # ------------------------------------------------------------------------------ models and data
 def build_lmm(p: Preset) -> FrozenLMM:
-    """A random LLaVA (``p.family``: llava or llava_next) of ``p``'s shape, frozen, on ``p.device``."""
+    """A random frozen LLaVA (``p.family``: llava or llava_next) of ``p``'s shape on ``p.device``."""
     tokenizer = build_tokenizer(default_words())
     text = transformers.LlamaConfig(
         vocab_size=p.vocab or len(tokenizer),
