@@ -166,7 +166,7 @@ PRESETS["tiny-next"] = dataclasses.replace(
 
 # ------------------------------------------------------------------------------ models and data
 def build_lmm(p: Preset) -> FrozenLMM:
-    """A random frozen LLaVA (``p.family``: llava or llava_next) of ``p``'s shape on ``p.device``."""
+    """A random frozen LLaVA (``p.family``: llava, llava_next) of ``p``'s shape on ``p.device``."""
     tokenizer = build_tokenizer(default_words())
     text = transformers.LlamaConfig(
         vocab_size=p.vocab or len(tokenizer),
