@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 PYTEST  := $(PYTHON) -m pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test test-slow test-all evidence bench bench-cache clean clean-cache
+.PHONY: help venv run test test-slow test-all evidence bench bench-cache bench-train clean clean-cache
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,10 @@ bench: venv ## attention-capture benchmark (time and memory, side by side)
 
 bench-cache: venv ## frozen-feature cache: training-step time uncached vs cached, and the losses
 	$(PYTHON) benchmarks/feature_cache.py
+
+BENCH_PRESET ?= cpu
+bench-train: venv ## whole training steps: reference way vs flmm vs cached vs floor (BENCH_PRESET=cpu|gpu-llava15|gpu-next)
+	$(PYTHON) benchmarks/train_throughput.py --preset $(BENCH_PRESET) --json docs/benchmarks/train_throughput_$(BENCH_PRESET).json
 
 clean: ## remove run logs and caches of Python
 	rm -rf logs outputs multirun .pytest_cache

@@ -223,7 +223,8 @@ class FeatureCache:
                 entries[i] = entry
         dtype = next(self.refiner.sam.image_encoder.parameters()).dtype
         device = images[0].device
-        embeddings = torch.stack([e["embedding"] for e in entries]).to(device, dtype)
+        # cast before stacking: CPU autocast (bf16) rejects stacking the stored fp16 tensors
+        embeddings = torch.stack([e["embedding"].to(device, dtype) for e in entries])
         return embeddings, [tuple(int(v) for v in e["input_size"]) for e in entries]
 
     def _count(self, kind: str, total: int, missing: int) -> None:
