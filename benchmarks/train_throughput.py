@@ -66,7 +66,7 @@ from flmm.attention.capture import IMPLEMENTATION, phrase_rows
 from flmm.feature_cache import FeatureCache
 from flmm.foundation.tiny_llava import CHAT_TEMPLATE, DEFAULT_WORDS, build_tokenizer, default_words
 from flmm.heads import SamRefiner, build_sam
-from flmm.heads.sam_refiner import boxes_from_masks, mask_prompt
+from flmm.heads.sam_refiner import coarse_boxes, mask_prompt
 from flmm.lit_module import FLMM
 from flmm.lmm import FrozenLMM
 from flmm.lmm.families import get_family
@@ -277,7 +277,7 @@ class PerPhraseRefiner(SamRefiner):
     def decode_one(self, embedding, logits, text, input_size):
         """``1 x 1 x M x M`` low-res logits of one phrase (``logits``: ``1 x h x w``)."""
         mask = mask_prompt(self.sam, logits, input_size)
-        box = boxes_from_masks(logits.detach() > 0, input_size)
+        box = coarse_boxes(logits, input_size)
         sparse, dense = self.sam.prompt_encoder(points=None, boxes=box, masks=mask)
         sparse = torch.cat([sparse, text[None].to(sparse.dtype)], dim=1)
         low_res, _ = self.sam.mask_decoder(
