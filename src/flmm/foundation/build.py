@@ -5,7 +5,8 @@ from scratch with the recipes of ``model=tiny`` (float32, into the cache; an int
 pretraining resumes), then writes half-precision copies and
 the recipes they come from into the shipped folder: ``tiny_llava/`` (``save_pretrained``: config,
 safetensors, processor and tokenizer files), ``tiny_sam.pth`` (a state dict) and
-``recipe.json``. Loading converts the half-precision weights to the configured dtype.
+``recipe.json`` (with how many greedy answers of the half-precision copy equal the float32
+original's). Loading converts the half-precision weights to the configured dtype.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import time
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from flmm.data.synthetic.corpus import pretraining_pairs
 from flmm.foundation.cache import (
     RECIPE_FILE,
     SHIPPED,
@@ -29,7 +32,10 @@ from flmm.foundation.cache import (
     llava_recipe,
     sam_recipe,
 )
+from flmm.lmm import FrozenLMM
 from flmm.runtime import CONFIG_PATH, exit_on_user_error
+
+AGREEMENT_STREAM = 103  # RNG stream of the scenes the exported copy is checked on
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,21 @@ def export_llava(src: str | Path, out: Path) -> None:
     shutil.copy(Path(src) / "pretraining.json", out / "pretraining.json")
 
 
+def export_agreement(original: str | Path, copy: str | Path, n: int = 60, seed: int = 0) -> dict:
+    """How many of ``n`` greedy answers of the half-precision ``copy`` (loaded as float32) equal
+    the float32 ``original``'s: first turns of pretraining conversations (captions and questions,
+    existence questions included) about scenes of their own RNG stream."""
+    models = [FrozenLMM.from_pretrained(str(p), dtype="float32").eval() for p in (original, copy)]
+    rng = np.random.default_rng([seed, AGREEMENT_STREAM])
+    pairs = pretraining_pairs(rng, caption_prob=0.3, exist_prob=0.5, cot_prob=0.2)
+    same = 0
+    for _ in range(n):
+        images, [(prompt, _)] = next(pairs)
+        answers = {m.generate(images, prompt, max_new_tokens=40, do_sample=False) for m in models}
+        same += len(answers) == 1
+    return {"identical": same, "of": n}
+
+
 def export_sam(src: str | Path, out: Path) -> None:
     """Copy the float32 SAM state dict ``src`` to ``out`` in half precision."""
     state = torch.load(src, map_location="cpu", weights_only=True)
@@ -63,8 +84,9 @@ def build_foundation(cache_dir: str, llava: dict, sam: dict, out_dir: Path) -> d
     args = [llava[k] for k in ("pretrain_steps", "seed", "batch_size", "image_size", "lr")]
     llava_path = cached_tiny_llava(cache_dir, *args, dict(llava.get("corpus") or {}), fresh=True)
     export_llava(llava_path, out_dir / SHIPPED["tiny_llava"].name)
-    recipe = llava_recipe(**llava)
-    built["tiny_llava"] = {"recipe": recipe, "seconds": round(time.time() - start, 1)}
+    recipe, seconds = llava_recipe(**llava), round(time.time() - start, 1)
+    agreement = export_agreement(llava_path, out_dir / SHIPPED["tiny_llava"].name)
+    built["tiny_llava"] = {"recipe": recipe, "seconds": seconds, "half_vs_float32": agreement}
     start = time.time()
     sam_path = cached_tiny_sam(cache_dir, **sam, fresh=True)
     export_sam(sam_path, out_dir / SHIPPED["tiny_sam"].name)
