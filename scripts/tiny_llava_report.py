@@ -1,12 +1,13 @@
 """What the frozen LMM alone does on the synthetic world's test split (no F-LMM checkpoint needed).
 
     python scripts/tiny_llava_report.py [--lmm DIR] [--world data/synthetic_world] [--limit N]
+        [--cot-limit N] [--captions N] [--max-new-tokens N] [--out logs/tiny_llava_report]
 
 - POPE, plain answers, on each synthetic POPE file (first ``--limit`` questions; the same
   answering, parsing, resuming and scoring as ``python -m flmm.evaluate_pope``): accuracy,
   yes-ratio...
 - the visual chain of thought's first step (the LMM completes "The object most relevant to the
-  question is"), on the same questions: the share that names the asked object.
+  question is"), on the first ``--cot-limit`` of them: the share that names the asked object.
 - caption hallucination, CHAIR-style (:mod:`flmm.data.synthetic.hallucination`): the F-LMM
   description prompt's greedy caption of each test image (first ``--captions``), and the share of
   the objects it mentions that are not in the scene.
@@ -91,12 +92,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lmm", default=str(SHIPPED["tiny_llava"]))
     parser.add_argument("--world", type=Path, default=Path("data/synthetic_world"))
     parser.add_argument("--limit", type=int, default=200, help="POPE questions per file")
+    parser.add_argument("--cot-limit", type=int, default=None, help="of those, asked for CoT")
     parser.add_argument("--captions", type=int, default=200, help="test images to caption")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=Path("logs/tiny_llava_report"))
     args = parser.parse_args(argv)
-    if args.limit < 1 or args.captions < 1:
-        parser.error("--limit and --captions must be positive")
+    cot_limit = args.limit if args.cot_limit is None else args.cot_limit
+    if min(args.limit, cot_limit, args.captions) < 1:
+        parser.error("--limit, --cot-limit and --captions must be positive")
     answerer = LMMAnswerer(FrozenLMM.from_pretrained(args.lmm, dtype="float32").eval())
     pope_dir = ensure_pope(args.world)
     sets = read_sets(pope_dir, [f"pope_{f}.json" for f in POPE_FILES], args.limit)
@@ -104,7 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"lmm": args.lmm, "limit": args.limit}
     pope = evaluate(answerer, sets, image_dir, args.out, ["plain"], max_new_tokens=8)
     report["pope_plain"] = {name: by_mode["plain"] for name, by_mode in pope.items()}
-    report["cot_names_asked"] = {n: cot_share(answerer, qs, image_dir) for n, qs in sets.items()}
+    report["cot_names_asked"] = {
+        n: cot_share(answerer, qs[:cot_limit], image_dir) for n, qs in sets.items()
+    }
     report["captions"] = caption_chair(answerer, args.world, args.captions, args.max_new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))

@@ -35,10 +35,12 @@ def test_asked_object_and_naming(report):
 def test_report_runs_end_to_end(report, tmp_path):
     world = write_world(tmp_path / "world", 2, 2, 3, seed=1)
     lmm = build_tiny_llava(tmp_path / "lmm", vocabulary(), num_layers=1, vision_layers=1)
-    argv = ["--lmm", str(lmm), "--world", str(world), "--limit", "4", "--captions", "2"]
-    out = report.main([*argv, "--max-new-tokens", "6", "--out", str(tmp_path / "out")])
+    argv = ["--lmm", str(lmm), "--world", str(world), "--limit", "4", "--cot-limit", "3"]
+    out = report.main(
+        [*argv, "--captions", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "out")]
+    )
     assert json.loads((tmp_path / "out/report.json").read_text()) == json.loads(json.dumps(out))
     assert set(out["pope_plain"]) == {"pope_random", "pope_popular", "pope_adversarial"}
     assert all(m["n"] == 4 for m in out["pope_plain"].values())
-    assert all(c["n"] == 4 and 0 <= c["share"] <= 1 for c in out["cot_names_asked"].values())
+    assert all(c["n"] == 3 and 0 <= c["share"] <= 1 for c in out["cot_names_asked"].values())
     assert out["captions"]["captions"] == 2 and 0 <= out["captions"]["chair_i"] <= 1
