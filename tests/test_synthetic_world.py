@@ -249,8 +249,9 @@ def first_turns(n: int, seed: int = 4, **kw) -> list[tuple[list[np.ndarray], str
 
 def test_existence_questions_are_frequent_balanced_and_phrased_like_pope():
     samples = first_turns(1500)
+    # the first turn (as POPE asks) is an existence question 15-25% of the time; more follow
+    assert 0.15 <= np.mean([" in the image?" in p for _, p, _ in samples]) <= 0.25
     asked = [(p, a) for _, p, a in samples if p.endswith("in the image?")]
-    assert 0.15 <= len(asked) / len(samples) <= 0.25
     assert abs([a for _, a in asked].count("yes") / len(asked) - 0.5) < 0.06
     pope_like = [p for p, _ in asked if re.fullmatch(r"Is there an? \w+ \w+ in the image\?", p)]
     assert len(pope_like) > len(asked) / 2
@@ -280,7 +281,7 @@ def test_existence_answers_are_true_and_hard_negatives_look_alike():
 
 def test_chain_of_thought_names_the_asked_object():
     samples = [s for s in first_turns(800, seed=5) if corpus.COT_QUESTION in s[1]]
-    assert 0.15 < len(samples) / 800 < 0.35
+    assert 0.1 < len(samples) / 800 < 0.3
     for _, prompt, answer in samples:
         assert answer.startswith(corpus.COT_ANSWER + " the ") and answer.endswith(".")
         subject = answer.removeprefix(corpus.COT_ANSWER + " the ").removesuffix(".")
