@@ -14,6 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm.data.synthetic.corpus import vocabulary
 from flmm.foundation import build as build_module
@@ -93,6 +94,7 @@ def pretrain(model, out, state_path, steps: int = 4) -> list[float]:
         device="cpu",
         state_path=state_path,
         checkpoint_every=2,
+        vision_aux=0.5,
     )
 
 
@@ -117,6 +119,31 @@ def test_interrupted_pretraining_resumes_exactly(tmp_path, monkeypatch):
     assert resumed == straight and not state.exists()
     a = (tmp_path / "a/model.safetensors").read_bytes()
     assert a == (tmp_path / "b/model.safetensors").read_bytes()
+
+
+def test_patch_probe_reads_each_samples_scene_image(tmp_path):
+    model = build_tiny_llava(tmp_path / "m", vocabulary(), num_layers=1, vision_layers=1)
+    processor = AutoProcessor.from_pretrained(model)
+    llava = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch.float32)
+    scene, other = np.full((96, 96, 3), 200, np.uint8), np.zeros((96, 96, 3), np.uint8)
+    crop = np.full((20, 30, 3), 90, np.uint8)
+    samples = [([scene, crop], [("where?", "left")]), ([other], [("what?", "red")])]
+    batch = pretrain_lmm.make_batch(processor, samples)
+    _, features = pretrain_lmm.first_image_features(llava, batch, lambda: llava(**batch))
+    alone = pretrain_lmm.make_batch(processor, [([scene], [("x", "y")]), ([other], [("x", "y")])])
+    _, want = pretrain_lmm.first_image_features(llava, alone, lambda: llava(**alone))
+    torch.testing.assert_close(features, want)
+    probe = pretrain_lmm.PatchProbe(features.shape[-1], patch=8)
+    labels = torch.zeros(2, 2, 96, 96, dtype=torch.uint8)
+    labels[:, :, :48] = 3  # the top half is colour 3 and shape 3
+    with torch.no_grad():
+        for head in probe.heads:
+            head.weight.zero_()
+            head.bias.copy_((torch.arange(head.out_features) == 0).float() * 20)
+        background = probe.loss(features, labels)
+    # every patch is called background, surely: right on the bottom half (loss 0), wrong on the
+    # top half (loss 20), for both heads
+    assert abs(background.item() - 20) < 0.01
 
 
 @pytest.mark.slow

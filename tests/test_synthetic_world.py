@@ -165,7 +165,7 @@ def test_vocabulary_covers_all_text():
         for t in range(len(scene.objects)):
             for e in referring_expressions(scene, t):
                 seen |= set(words(e.text))
-    for _, turns in first_turns_pairs(300, turns=4):
+    for _, turns, _ in first_turns_pairs(300, turns=4):
         seen |= {w for prompt, answer in turns for w in words(f"{prompt} {answer}")}
     assert seen <= vocab, seen - vocab
     assert set(SHAPES) <= seen and set(COLOURS) <= seen
@@ -186,7 +186,8 @@ def test_captions_and_qa_are_true():
             *_, colour, shape = q[:-1].split()
             present = {(o.colour, o.shape) for o in scene.objects}
             assert (a == "yes") == ((colour, shape) in present)
-    images, turns = next(pretraining_pairs(np.random.default_rng(0), image_size=64, turns=2))
+    images, turns, labels = next(pretraining_pairs(np.random.default_rng(0), image_size=64, turns=2))
+    assert labels.shape == (2, 64, 64) and labels.max() > 0
     assert images[0].shape == (64, 64, 3) and len(turns) == 2 and all(p and a for p, a in turns)
 
 
@@ -244,7 +245,7 @@ def first_turns_pairs(n: int, seed: int = 4, **kw):
 
 
 def first_turns(n: int, seed: int = 4, **kw) -> list[tuple[list[np.ndarray], str, str]]:
-    return [(images, *turns[0]) for images, turns in first_turns_pairs(n, seed, **kw)]
+    return [(images, *turns[0]) for images, turns, _ in first_turns_pairs(n, seed, **kw)]
 
 
 def test_existence_questions_are_frequent_balanced_and_phrased_like_pope():

@@ -11,6 +11,7 @@ original's). Loading converts the half-precision weights to the configured dtype
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -29,6 +30,7 @@ from flmm.foundation.cache import (
     SHIPPED,
     cached_tiny_llava,
     cached_tiny_sam,
+    ensure_tiny_llava,
     llava_recipe,
     sam_recipe,
 )
@@ -44,6 +46,13 @@ def recipe_args(node: DictConfig) -> dict:
     """The keyword arguments of an ``ensure_tiny_*`` config node (no ``_target_``, no cache)."""
     args = OmegaConf.to_container(node, resolve=True)
     return {k: v for k, v in args.items() if k not in ("_target_", "cache_dir")}
+
+
+def llava_args(args: dict) -> dict:
+    """``args`` of :func:`~flmm.foundation.cache.ensure_tiny_llava` with its defaults filled in."""
+    defaults = inspect.signature(ensure_tiny_llava).parameters
+    full = {k: args.get(k, p.default) for k, p in defaults.items() if k != "cache_dir"}
+    return full | {"corpus": dict(full["corpus"] or {})}
 
 
 def export_llava(src: str | Path, out: Path) -> None:
@@ -64,7 +73,7 @@ def export_agreement(original: str | Path, copy: str | Path, n: int = 60, seed: 
     pairs = pretraining_pairs(rng, caption_prob=0.3, exist_prob=0.5, cot_prob=0.2)
     same = 0
     for _ in range(n):
-        images, [(prompt, _)] = next(pairs)
+        images, [(prompt, _)], _ = next(pairs)
         answers = {m.generate(images, prompt, max_new_tokens=40, do_sample=False) for m in models}
         same += len(answers) == 1
     return {"identical": same, "of": n}
@@ -81,8 +90,7 @@ def build_foundation(cache_dir: str, llava: dict, sam: dict, out_dir: Path) -> d
     them to ``out_dir``, write ``out_dir/recipe.json``; returns what it wrote there."""
     out_dir.mkdir(parents=True, exist_ok=True)
     built, start = {}, time.time()
-    args = [llava[k] for k in ("pretrain_steps", "seed", "batch_size", "image_size", "lr")]
-    llava_path = cached_tiny_llava(cache_dir, *args, dict(llava.get("corpus") or {}), fresh=True)
+    llava_path = cached_tiny_llava(cache_dir, **llava_args(llava), fresh=True)
     export_llava(llava_path, out_dir / SHIPPED["tiny_llava"].name)
     recipe, seconds = llava_recipe(**llava), round(time.time() - start, 1)
     agreement = export_agreement(llava_path, out_dir / SHIPPED["tiny_llava"].name)

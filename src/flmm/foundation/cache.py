@@ -40,6 +40,7 @@ def llava_recipe(
     image_size: int = 96,
     lr: float = 1e-3,
     corpus: dict | None = None,
+    vision_aux: float = 0.0,
 ) -> dict:
     """What a tiny LLaVA build depends on: its arguments, :data:`TINY_VERSION` and a digest of
     the vocabulary (the training settings only when it is pretrained)."""
@@ -48,6 +49,7 @@ def llava_recipe(
     recipe |= {"pretrain_steps": pretrain_steps, "seed": seed}
     if pretrain_steps:
         recipe |= {"batch_size": batch_size, "lr": lr, "corpus": dict(corpus or {})}
+        recipe |= {"vision_aux": vision_aux} if vision_aux else {}
     return recipe
 
 
@@ -82,15 +84,18 @@ def ensure_tiny_llava(
     image_size: int = 96,
     lr: float = 1e-3,
     corpus: dict | None = None,
+    vision_aux: float = 0.0,
 ) -> str:
     """Path of the tiny LLaVA pretrained for ``pretrain_steps`` (0: random weights): the shipped
     one if it was built from this recipe, else built into ``cache_dir`` if missing.
 
     ``corpus`` holds the keyword arguments of
-    :func:`~flmm.data.synthetic.corpus.pretraining_pairs`. The folder name carries a digest of
-    the whole recipe, so a changed recipe builds a new model instead of reusing a stale one.
+    :func:`~flmm.data.synthetic.corpus.pretraining_pairs`; ``vision_aux`` weighs the vision
+    tower's patch probe (:class:`~flmm.foundation.pretrain_lmm.PatchProbe`). The folder name
+    carries a digest of the whole recipe, so a changed recipe builds a new model instead of
+    reusing a stale one.
     """
-    args = (pretrain_steps, seed, batch_size, image_size, lr, dict(corpus or {}))
+    args = (pretrain_steps, seed, batch_size, image_size, lr, dict(corpus or {}), vision_aux)
     recipe = llava_recipe(*args)
     return shipped_path("tiny_llava", recipe) or cached_tiny_llava(cache_dir, *args)
 
@@ -103,11 +108,12 @@ def cached_tiny_llava(
     image_size: int,
     lr: float,
     corpus: dict,
+    vision_aux: float = 0.0,
     fresh: bool = False,
 ) -> str:
     """Path of the tiny LLaVA of this recipe in ``cache_dir`` (float32), built if missing (or
     rebuilt, if ``fresh``); an interrupted pretraining resumes from its state file there."""
-    args = (pretrain_steps, seed, batch_size, image_size, lr, corpus)
+    args = (pretrain_steps, seed, batch_size, image_size, lr, corpus, vision_aux)
     name = f"tiny_llava_seed{seed}_steps{pretrain_steps}_{recipe_digest(llava_recipe(*args))}"
     out = Path(cache_dir) / name
     state = Path(cache_dir) / f".{name}.state.pt"
@@ -163,6 +169,7 @@ def _build_llava(
     image_size: int,
     lr: float,
     corpus: dict,
+    vision_aux: float,
     state_path: Path | None = None,
 ) -> None:
     init = tmp.parent / f"{tmp.name}-init"
@@ -181,6 +188,7 @@ def _build_llava(
         image_size=image_size,
         corpus=corpus,
         state_path=state_path,
+        vision_aux=vision_aux,
     )
     shutil.rmtree(init)
 

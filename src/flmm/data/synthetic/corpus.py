@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -139,6 +140,26 @@ def ask(
     return [scene.image], q.text, q.answer
 
 
+class Conversation(NamedTuple):
+    """One pretraining sample: ``images`` (the scene's ``H x W x 3`` uint8 image, then any crop),
+    ``turns`` ``[(prompt, answer), ...]``, and ``labels``, ``2 x H x W`` uint8: the colour and the
+    shape of the object under each pixel of the scene's image (1-based indices into
+    :data:`~flmm.data.synthetic.world.COLOURS` and ``SHAPES``; 0: background)."""
+
+    images: list[np.ndarray]
+    turns: list[tuple[str, str]]
+    labels: np.ndarray
+
+
+def pixel_labels(scene: Scene) -> np.ndarray:
+    """``2 x H x W`` uint8: each pixel's object colour and shape index (1-based; 0: none)."""
+    labels = np.zeros((2, *scene.image.shape[:2]), dtype=np.uint8)
+    for o in scene.objects:
+        labels[0][o.mask] = list(COLOURS).index(o.colour) + 1
+        labels[1][o.mask] = SHAPES.index(o.shape) + 1
+    return labels
+
+
 def any_question(
     scene: Scene, rng: np.random.Generator, stats: ObjectStats, exist_prob: float
 ) -> Question:
@@ -161,14 +182,14 @@ def pretraining_pairs(
     crop_prob: float = 0.0,
     turns: int = 1,
     stats: ObjectStats | None = None,
-) -> Iterator[tuple[list[np.ndarray], list[tuple[str, str]]]]:
-    """Endless ``(images, [(prompt, answer), ...])`` conversations about fresh scenes of ``rng``.
+) -> Iterator[Conversation]:
+    """Endless :class:`Conversation` s about fresh scenes of ``rng``.
 
     The first turn is a caption (chance ``caption_prob``, see :func:`captions`) or a question
     (an existence question with chance ``exist_prob``, see :func:`any_question`) asked as
     :func:`ask` says; ``turns - 1`` more questions follow (text only, no crop), so the image is
-    read once for several answers. ``images`` holds the scene's ``H x W x 3`` uint8 image, then
-    any crop. ``stats`` counts the scenes drawn (for POPE-like "no" objects); new if None.
+    read once for several answers. ``stats`` counts the scenes drawn (for POPE-like "no"
+    objects); new if None.
     """
     if turns < 1:
         raise ValueError(f"turns must be at least 1, got {turns}")
@@ -182,4 +203,5 @@ def pretraining_pairs(
             q = any_question(scene, rng, stats, exist_prob)
             images, *first = ask(scene, q, rng, cot_prob, crop_prob)
         more = [any_question(scene, rng, stats, exist_prob) for _ in range(turns - 1)]
-        yield images, [tuple(first)] + [ask(scene, q, rng, cot_prob, 0.0)[1:] for q in more]
+        talk = [tuple(first)] + [ask(scene, q, rng, cot_prob, 0.0)[1:] for q in more]
+        yield Conversation(images, talk, pixel_labels(scene))
