@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 def recipe_args(node: DictConfig) -> dict:
     """The keyword arguments of an ``ensure_tiny_*`` config node (no ``_target_``, no cache)."""
-    args = OmegaConf.to_container(node, resolve=True)
-    return {k: v for k, v in args.items() if k not in ("_target_", "cache_dir")}
+    keep = [k for k in node if k not in ("_target_", "cache_dir")]
+    return OmegaConf.to_container(OmegaConf.masked_copy(node, keep), resolve=True)
 
 
 def llava_args(args: dict) -> dict:
