@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 PYTEST  := $(PYTHON) -m pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test test-slow test-all evidence bench bench-cache bench-train clean clean-cache
+.PHONY: help venv run test test-slow test-all evidence foundation bench bench-cache bench-train clean clean-cache
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-run: venv ## train F-LMM on the synthetic world (builds world and tiny models on first use)
+run: venv ## train F-LMM on the synthetic world (writes the world on first use; tiny models ship with flmm)
 	$(PYTHON) -m flmm.train
 
 test: venv ## fast test suite (everything not marked slow)
@@ -35,6 +35,9 @@ test-all: venv ## every CPU test
 
 evidence: venv ## the synthetic world's evidence table (pretrained vs random LMM, coarse vs refined)
 	$(PYTHON) scripts/synthetic_evidence.py
+
+foundation: venv ## rebuild the shipped tiny LLaVA and tiny SAM from their recipes (CUDA if present; about 1.5 h on 1 CPU thread), print the time
+	$(PYTHON) -m flmm.foundation.build
 
 bench: venv ## attention-capture benchmark (time and memory, side by side)
 	$(PYTHON) benchmarks/attention_capture.py
@@ -50,5 +53,5 @@ clean: ## remove run logs and caches of Python
 	rm -rf logs outputs multirun .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-clean-cache: ## remove the generated world and the cached tiny foundation models
+clean-cache: ## remove the generated world and the cached (not the shipped) tiny foundation models
 	rm -rf .cache data/synthetic_world

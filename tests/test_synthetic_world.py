@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
+from PIL import Image
 from transformers import AutoProcessor
 
 from flmm import chat
@@ -17,8 +19,11 @@ from flmm.data.synthetic import (
     attribute_oracle_masks,
     captions,
     corpus,
+    hallucination,
+    pope,
     pretraining_pairs,
     qa,
+    questions,
     referring_expressions,
     sample_expressions,
     sample_scene,
@@ -28,10 +33,15 @@ from flmm.data.synthetic import (
 )
 from flmm.data.synthetic import write as write_module
 from flmm.data.synthetic.corpus import region
-from flmm.data.synthetic.world import COLOURS, PLURALS, SHAPES, shape_mask
+from flmm.data.synthetic.expressions import RELATIONS, matching
+from flmm.data.synthetic.world import COLOURS, PLURALS, SHAPES, SIZES, shape_mask
+from flmm.foundation import pretrain_lmm
 from flmm.foundation.pretrain_lmm import make_batch
+from flmm.foundation.tiny_llava import build_tiny_llava
+from flmm.runtime import CONFIG_PATH
 
 SINGULAR = {p: s for s, p in PLURALS.items()}
+CONF = Path(CONFIG_PATH)
 
 
 def scenes(n: int, seed: int = 0, image_size: int = 96):
@@ -156,6 +166,8 @@ def test_vocabulary_covers_all_text():
         for t in range(len(scene.objects)):
             for e in referring_expressions(scene, t):
                 seen |= set(words(e.text))
+    for _, turns, _ in first_turns_pairs(300, turns=4):
+        seen |= {w for prompt, answer in turns for w in words(f"{prompt} {answer}")}
     assert seen <= vocab, seen - vocab
     assert set(SHAPES) <= seen and set(COLOURS) <= seen
 
@@ -175,8 +187,11 @@ def test_captions_and_qa_are_true():
             *_, colour, shape = q[:-1].split()
             present = {(o.colour, o.shape) for o in scene.objects}
             assert (a == "yes") == ((colour, shape) in present)
-    image, prompt, answer = next(pretraining_pairs(np.random.default_rng(0), image_size=64))
-    assert image.shape == (64, 64, 3) and prompt and answer
+    images, turns, labels = next(
+        pretraining_pairs(np.random.default_rng(0), image_size=64, turns=2)
+    )
+    assert labels.shape == (2, 64, 64) and labels.max() > 0
+    assert images[0].shape == (64, 64, 3) and len(turns) == 2 and all(p and a for p, a in turns)
 
 
 TERSE_PLACES = sorted(
@@ -222,20 +237,147 @@ def test_chain_of_thought_text_matches_what_chat_asks():
     assert corpus.COT_ANSWER == chat.COT_PREFIX.lower()
 
 
-def test_is_there_questions_are_balanced():
-    rng = np.random.default_rng(4)
-    answers = [dict(qa(scene, rng)) for scene in scenes(300, seed=4)]
-    yes = [a for qas in answers for q, a in qas.items() if q.startswith("is there")]
-    assert abs(yes.count("yes") / len(yes) - 0.5) < 0.08
+# the default tiny LLaVA's pretraining mix (conf/model/lmm/tiny.yaml), first turns only
+CURRICULUM = dict(OmegaConf.load(CONF / "model/lmm/tiny.yaml").name_or_path.corpus, turns=1)
 
 
-def test_pretraining_labels_are_the_answer_and_the_end_token(tiny_llava_dir):
+def first_turns_pairs(n: int, seed: int = 4, **kw):
+    """``n`` pretraining conversations of the default mix (``kw`` overrides it)."""
+    pairs = pretraining_pairs(np.random.default_rng(seed), **(CURRICULUM | kw))
+    return [next(pairs) for _ in range(n)]
+
+
+def first_turns(n: int, seed: int = 4, **kw) -> list[tuple[list[np.ndarray], str, str]]:
+    return [(images, *turns[0]) for images, turns, _ in first_turns_pairs(n, seed, **kw)]
+
+
+def test_existence_questions_are_frequent_balanced_and_phrased_like_pope():
+    samples = first_turns(1500)
+    # the first turn (as POPE asks) is an existence question 15-25% of the time; more follow
+    assert 0.15 <= np.mean([" in the image?" in p for _, p, _ in samples]) <= 0.25
+    asked = [(p, a) for _, p, a in samples if p.endswith("in the image?")]
+    assert abs([a for _, a in asked].count("yes") / len(asked) - 0.5) < 0.06
+    pope_like = [p for p, _ in asked if re.fullmatch(r"Is there an? \w+ \w+ in the image\?", p)]
+    assert len(pope_like) > len(asked) / 2
+    assert all(pope.pope_question(" ".join(p.split()[3:5])) == p for p in pope_like)
+
+
+def test_existence_answers_are_true_and_hard_negatives_look_alike():
+    rng = np.random.default_rng(8)
+    stats, alike, n_no = questions.ObjectStats(), 0, 0
+    for scene in scenes(600, seed=8):
+        stats.add(scene)
+        q = questions.existence_question(scene, rng, stats)
+        said = q.text.removesuffix(" in the image?").split()[3:]
+        attrs = {("colour" if w in COLOURS else "size" if w in SIZES else "shape"): w for w in said}
+        if attrs.get("shape") == "object":
+            del attrs["shape"]
+        assert (q.answer == "yes") == bool(matching(scene.objects, **attrs)), q.text
+        if q.answer == "no" and {"colour", "shape"} <= attrs.keys():
+            n_no += 1
+            alike += any(
+                o.colour == attrs["colour"] or o.shape == attrs["shape"] for o in scene.objects
+            )
+    # popular and adversarial negatives: absent objects that share a colour or a shape with a
+    # present one (random ones, a third of the negatives, often do too in this world)
+    assert alike / n_no > 0.75
+
+
+def test_chain_of_thought_names_the_asked_object():
+    samples = [s for s in first_turns(800, seed=5) if corpus.COT_QUESTION in s[1]]
+    assert 0.1 < len(samples) / 800 < 0.3
+    for _, prompt, answer in samples:
+        assert answer.startswith(corpus.COT_ANSWER + " the ") and answer.endswith(".")
+        subject = answer.removeprefix(corpus.COT_ANSWER + " the ").removesuffix(".")
+        assert subject in prompt.lower().removesuffix(corpus.COT_QUESTION), (prompt, answer)
+
+
+def test_crop_questions_show_the_object_beside_the_image():
+    samples = [s for s in first_turns(400, seed=6) if len(s[0]) == 2]
+    assert len(samples) > 20
+    for (image, crop), _, _ in samples:
+        assert crop.ndim == 3 and crop.shape[0] < image.shape[0] and crop.shape[1] < image.shape[1]
+
+
+def test_relation_questions_are_true():
+    rng = np.random.default_rng(9)
+    found = 0
+    for scene in scenes(200, seed=9):
+        for q in questions.relation_questions(scene, rng):
+            m = re.fullmatch(r"is the (.+) (left of|right of|above|below) the (.+)\?", q.text)
+            (a,), (b,) = (
+                resolve(scene.objects, "the " + m[1]),
+                resolve(scene.objects, "the " + m[3]),
+            )
+            axis, sign = RELATIONS[m[2]]
+            lead = sign * (scene.objects[a].center[axis] - scene.objects[b].center[axis])
+            assert (q.answer == "yes") == (lead > 0) and q.target == a
+            found += 1
+    assert found > 200
+
+
+def test_captions_mention_only_objects_in_the_scene_with_shapes_and_sizes():
+    rng = np.random.default_rng(10)
+    texts, truth = [], []
+    for scene in scenes(200, seed=10):
+        texts.append(captions(scene, rng, refer_prob=0.8, terse=True))
+        truth.append(
+            [{"shape": o.shape, "colour": o.colour, "size": o.size} for o in scene.objects]
+        )
+    measured = hallucination.chair(texts, truth)
+    assert measured["chair_i"] == 0 and measured["mentions"] > 600
+    said = Counter(w for t in texts for w in words(t))
+    assert all(said[s] > 20 for s in SHAPES) and said["small"] > 50 and said["large"] > 50
+
+
+def test_caption_hallucination_counts_mentions_not_in_the_scene():
+    scene = [{"shape": "circle", "colour": "red", "size": "small"}]
+    assert hallucination.mentions("the large red circle left of the blue object.") == [
+        {"shape": "circle", "colour": "red", "size": "large"},
+        {"colour": "blue"},
+    ]
+    assert hallucination.hallucinated("a small red circle top left.", scene) == (0, 1)
+    assert hallucination.hallucinated("the two circles. a blue square. the object.", scene) == (
+        1,
+        2,
+    )
+    measured = hallucination.chair(["a red circle.", "a red square."], [scene, scene])
+    assert measured["chair_i"] == 0.5 and measured["chair_s"] == 0.5
+
+
+def test_pretraining_scenes_come_from_their_own_stream(monkeypatch, tmp_path):
+    # the world's splits draw from default_rng([seed, split]) with split 0, 1, 2 (POPE: 101);
+    # pretraining draws from [seed, PRETRAIN_STREAM]: never a val or test scene, whatever the seed
+    seen = []
+
+    def record(rng, **kw):
+        seen.append(tuple(rng.bit_generator.seed_seq.entropy))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain_lmm, "pretraining_pairs", record)
+    model = build_tiny_llava(tmp_path / "m", vocabulary(), num_layers=1, vision_layers=1)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_lmm.pretrain_tiny_llava(model, tmp_path / "out", steps=1, seed=3, device="cpu")
+    assert seen == [(3, corpus.PRETRAIN_STREAM)]
+    assert corpus.PRETRAIN_STREAM not in (*range(len(write_module.SPLITS)), pope.POPE_STREAM)
+    held_out = write_world(tmp_path / "w", 0, 30, 60, seed=3, image_size=96)
+    kept = {np.asarray(Image.open(p)).tobytes() for p in (held_out / "images").glob("*.png")}
+    pairs = pretraining_pairs(np.random.default_rng([3, corpus.PRETRAIN_STREAM]), **CURRICULUM)
+    drawn = {next(pairs)[0][0].tobytes() for _ in range(300)}
+    assert len(kept) == 90 and not drawn & kept
+
+
+def test_pretraining_labels_are_the_answers_and_the_end_tokens(tiny_llava_dir):
     processor = AutoProcessor.from_pretrained(tiny_llava_dir)
-    image = np.zeros((96, 96, 3), dtype=np.uint8)
-    batch = make_batch(processor, [(image, "where is the red circle?", "at the top left.")])
-    labels = batch["labels"][0]
-    answer = processor.tokenizer.convert_ids_to_tokens(labels[labels >= 0])
-    assert answer == ["at", "the", "top", "left", ".", processor.tokenizer.eos_token]
+    image, crop = np.zeros((96, 96, 3), dtype=np.uint8), np.zeros((30, 20, 3), dtype=np.uint8)
+    turns = [("where is the red circle?", "at the top left."), ("what colour is it?", "red")]
+    batch = make_batch(processor, [([image, crop], turns), ([image], turns[1:])])
+    eos = processor.tokenizer.eos_token
+    wanted = (["at", "the", "top", "left", ".", eos, "red", eos], ["red", eos])
+    for labels, want in zip(batch["labels"], wanted):
+        assert processor.tokenizer.convert_ids_to_tokens(labels[labels >= 0]) == want
+    ids, image_token = batch["input_ids"], processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (ids[0] == image_token).sum() == 2 * (ids[1] == image_token).sum()
 
 
 @pytest.fixture(scope="module")

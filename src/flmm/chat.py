@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from transformers import TextIteratorStreamer, TextStreamer
 
+from flmm.data.masks import expand_box, mask_box
 from flmm.errors import FlmmUserError
+from flmm.foundation.cache import SHIPPED
 from flmm.heads import build_sam
 from flmm.lit_module import FLMM, Grounding
 from flmm.lmm import FrozenLMM
@@ -268,23 +270,6 @@ def object_phrase(object_text: str) -> str:
     return object_text.removeprefix(COT_PREFIX).split(".")[0].strip()
 
 
-def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """``(x0, y0, x1, y1)`` (end-exclusive) of the True pixels of a non-empty ``H x W`` mask."""
-    ys, xs = np.nonzero(mask)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
-def expand_box(
-    box: tuple[int, int, int, int], size: tuple[int, int], ratio: float = 0.1, min_pad: int = 4
-) -> tuple[int, int, int, int]:
-    """Grow ``box`` by ``ratio`` of its side (at least ``min_pad`` px), clipped to ``(H, W)``."""
-    x0, y0, x1, y1 = box
-    px = max(min_pad, round((x1 - x0) * ratio))
-    py = max(min_pad, round((y1 - y0) * ratio))
-    height, width = size
-    return max(0, x0 - px), max(0, y0 - py), min(width, x1 + px), min(height, y1 + py)
-
-
 def check_image(image) -> None:
     """Raise a :class:`FlmmUserError` unless ``image`` is an ``H x W x 3`` uint8 array."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
@@ -314,11 +299,11 @@ def flmm_home() -> Path:
 
 
 def default_sam_path() -> str:
-    """The synthetic world's cached tiny SAM; a clear error if it was never built."""
-    path = flmm_home() / ".cache/flmm/foundation/tiny_sam_seed0_steps600.pth"
+    """The synthetic world's tiny SAM, shipped with flmm; a clear error if the file is missing."""
+    path = SHIPPED["tiny_sam"]
     if not path.is_file():
         raise FileNotFoundError(
-            f"no SAM checkpoint given and the synthetic world's tiny SAM is not cached at {path}; "
-            "pass sam=/path/to/sam_vit_l_0b3195.pth, or run `make run` once to build it"
+            f"no SAM checkpoint given and the tiny SAM shipped with flmm is missing at {path}; "
+            "pass sam=/path/to/sam_vit_l_0b3195.pth, or rebuild it with `make foundation`"
         )
     return str(path)

@@ -1,5 +1,5 @@
 """COCO segmentations (polygon, multi-polygon, RLE) to exact boolean masks, through pycocotools;
-COCO panoptic id maps (``rgb2id``)."""
+COCO panoptic id maps (``rgb2id``); boxes of masks, grown for crops."""
 
 from __future__ import annotations
 
@@ -84,3 +84,20 @@ def id2rgb(ids: np.ndarray) -> np.ndarray:
     """Inverse of :func:`rgb2id`: ``H x W`` ids (below 256^3) to an ``H x W x 3`` uint8 id map."""
     ids = ids.astype(np.int64)
     return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` (end-exclusive) of the True pixels of a non-empty ``H x W`` mask."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def expand_box(
+    box: tuple[int, int, int, int], size: tuple[int, int], ratio: float = 0.1, min_pad: int = 4
+) -> tuple[int, int, int, int]:
+    """Grow ``box`` by ``ratio`` of its side (at least ``min_pad`` px), clipped to ``(H, W)``."""
+    x0, y0, x1, y1 = box
+    px = max(min_pad, round((x1 - x0) * ratio))
+    py = max(min_pad, round((y1 - y0) * ratio))
+    height, width = size
+    return max(0, x0 - px), max(0, y0 - py), min(width, x1 + px), min(height, y1 + py)

@@ -1,8 +1,10 @@
-"""Build the synthetic world's foundation models once, cache them, return their paths.
+"""The synthetic world's foundation models: the shipped files, or built once and cached.
 
 Each function returns the path a user's real model would have (a ``save_pretrained`` folder, a SAM
-state dict), so the configs hand it to the ordinary loaders. Builds are seeded, atomic (written to
-a temporary folder, then renamed) and guarded by a file lock, so concurrent ranks build once.
+state dict), so the configs hand it to the ordinary loaders. When the recipe asked for is the one
+the package's shipped files were built from (``shipped/recipe.json``), that is the shipped path;
+otherwise the model is built into the cache. Builds are seeded, atomic (written to a temporary
+folder, then renamed) and guarded by a file lock, so concurrent ranks build once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,53 @@ from flmm.foundation.tiny_llava import build_tiny_llava
 
 log = logging.getLogger(__name__)
 # bump when the tiny models' architecture, vocabulary or training code changes what a recipe builds
-TINY_VERSION = 2
+TINY_VERSION = 3
+SHIPPED_DIR = Path(__file__).with_name("shipped")
+SHIPPED = {"tiny_llava": SHIPPED_DIR / "tiny_llava", "tiny_sam": SHIPPED_DIR / "tiny_sam.pth"}
+RECIPE_FILE = SHIPPED_DIR / "recipe.json"
+
+
+def llava_recipe(
+    pretrain_steps: int = 2000,
+    seed: int = 0,
+    batch_size: int = 32,
+    image_size: int = 96,
+    lr: float = 1e-3,
+    corpus: dict | None = None,
+    vision_aux: float = 0.0,
+) -> dict:
+    """What a tiny LLaVA build depends on: its arguments, :data:`TINY_VERSION` and a digest of
+    the vocabulary (the training settings only when it is pretrained)."""
+    words = hashlib.sha256(" ".join(vocabulary()).encode()).hexdigest()[:12]
+    recipe = {"version": TINY_VERSION, "vocabulary": words, "image_size": image_size}
+    recipe |= {"pretrain_steps": pretrain_steps, "seed": seed}
+    if pretrain_steps:
+        recipe |= {"batch_size": batch_size, "lr": lr, "corpus": dict(corpus or {})}
+        recipe |= {"vision_aux": vision_aux} if vision_aux else {}
+    return recipe
+
+
+def sam_recipe(pretrain_steps: int = 600, seed: int = 0, image_size: int = 96) -> dict:
+    """What a tiny SAM build depends on."""
+    return {
+        "version": TINY_VERSION,
+        "pretrain_steps": pretrain_steps,
+        "seed": seed,
+        "image_size": image_size,
+    }
+
+
+def shipped_path(name: str, recipe: dict) -> str | None:
+    """The shipped file of ``name`` (``tiny_llava`` or ``tiny_sam``) if it was built from
+    ``recipe``, else None."""
+    built = json.loads(RECIPE_FILE.read_text()) if RECIPE_FILE.is_file() else {}
+    found = built.get(name, {}).get("recipe")
+    same = json.dumps(found, sort_keys=True) == json.dumps(recipe, sort_keys=True)
+    return str(SHIPPED[name]) if same and SHIPPED[name].exists() else None
+
+
+def recipe_digest(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def ensure_tiny_llava(
@@ -36,29 +84,64 @@ def ensure_tiny_llava(
     image_size: int = 96,
     lr: float = 1e-3,
     corpus: dict | None = None,
+    vision_aux: float = 0.0,
 ) -> str:
-    """Path of the tiny LLaVA pretrained for ``pretrain_steps`` (0: random weights), built if missing.
+    """Path of the tiny LLaVA pretrained for ``pretrain_steps`` (0: random weights): the shipped
+    one if it was built from this recipe, else built into ``cache_dir`` if missing.
 
     ``corpus`` holds the keyword arguments of
-    :func:`~flmm.data.synthetic.corpus.pretraining_pairs`. The folder name carries a digest of
-    the whole recipe, so a changed recipe builds a new model instead of reusing a stale one.
+    :func:`~flmm.data.synthetic.corpus.pretraining_pairs`; ``vision_aux`` weighs the vision
+    tower's patch probe (:class:`~flmm.foundation.pretrain_lmm.PatchProbe`). The folder name
+    carries a digest of the whole recipe, so a changed recipe builds a new model instead of
+    reusing a stale one.
     """
-    corpus = dict(corpus or {})
-    recipe = {"version": TINY_VERSION, "image_size": image_size}
-    if pretrain_steps:
-        recipe |= {"batch_size": batch_size, "lr": lr, "corpus": corpus}
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
-    out = Path(cache_dir) / f"tiny_llava_seed{seed}_steps{pretrain_steps}_{digest}"
-    return _build_once(
-        out, lambda tmp: _build_llava(tmp, pretrain_steps, seed, batch_size, image_size, lr, corpus)
-    )
+    args = (pretrain_steps, seed, batch_size, image_size, lr, dict(corpus or {}), vision_aux)
+    recipe = llava_recipe(*args)
+    return shipped_path("tiny_llava", recipe) or cached_tiny_llava(cache_dir, *args)
+
+
+def cached_tiny_llava(
+    cache_dir: str,
+    pretrain_steps: int,
+    seed: int,
+    batch_size: int,
+    image_size: int,
+    lr: float,
+    corpus: dict,
+    vision_aux: float = 0.0,
+    fresh: bool = False,
+) -> str:
+    """Path of the tiny LLaVA of this recipe in ``cache_dir`` (float32), built if missing (or
+    rebuilt, if ``fresh``); an interrupted pretraining resumes from its state file there."""
+    args = (pretrain_steps, seed, batch_size, image_size, lr, corpus, vision_aux)
+    name = f"tiny_llava_seed{seed}_steps{pretrain_steps}_{recipe_digest(llava_recipe(*args))}"
+    out = Path(cache_dir) / name
+    state = Path(cache_dir) / f".{name}.state.pt"
+    if fresh:
+        _remove(out)
+    return _build_once(out, lambda tmp: _build_llava(tmp, *args, state_path=state))
 
 
 def ensure_tiny_sam(
     cache_dir: str, pretrain_steps: int = 600, seed: int = 0, image_size: int = 96
 ) -> str:
-    """Path of the tiny SAM state dict pretrained on the world's promptable segmentation."""
-    out = Path(cache_dir) / f"tiny_sam_seed{seed}_steps{pretrain_steps}.pth"
+    """Path of the tiny SAM state dict pretrained on the world's promptable segmentation: the
+    shipped one if it was built from this recipe, else built into ``cache_dir`` if missing."""
+    recipe = sam_recipe(pretrain_steps, seed, image_size)
+    return shipped_path("tiny_sam", recipe) or cached_tiny_sam(
+        cache_dir, pretrain_steps, seed, image_size
+    )
+
+
+def cached_tiny_sam(
+    cache_dir: str, pretrain_steps: int, seed: int, image_size: int, fresh: bool = False
+) -> str:
+    """Path of the tiny SAM of this recipe in ``cache_dir`` (float32), built if missing (or
+    rebuilt, if ``fresh``)."""
+    digest = recipe_digest(sam_recipe(pretrain_steps, seed, image_size))
+    out = Path(cache_dir) / f"tiny_sam_seed{seed}_steps{pretrain_steps}_{digest}.pth"
+    if fresh:
+        _remove(out)
     scenes = world_scenes(image_size)
     return _build_once(
         out,
@@ -79,7 +162,15 @@ def world_scenes(image_size: int):
 
 
 def _build_llava(
-    tmp: Path, steps: int, seed: int, batch_size: int, image_size: int, lr: float, corpus: dict
+    tmp: Path,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    image_size: int,
+    lr: float,
+    corpus: dict,
+    vision_aux: float,
+    state_path: Path | None = None,
 ) -> None:
     init = tmp.parent / f"{tmp.name}-init"
     _remove(init)
@@ -88,7 +179,16 @@ def _build_llava(
         init.rename(tmp)
         return
     pretrain_tiny_llava(
-        init, tmp, steps, batch_size, lr, seed=seed, image_size=image_size, corpus=corpus
+        init,
+        tmp,
+        steps,
+        batch_size,
+        lr,
+        seed=seed,
+        image_size=image_size,
+        corpus=corpus,
+        state_path=state_path,
+        vision_aux=vision_aux,
     )
     shutil.rmtree(init)
 

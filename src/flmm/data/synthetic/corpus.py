@@ -1,5 +1,12 @@
 """Text about synthetic scenes, to pretrain a tiny LLaVA: captions, questions and answers.
 
+:func:`pretraining_pairs` mixes captions in F-LMM's own prompt format, existence questions in
+POPE's wording, other questions (:mod:`flmm.data.synthetic.questions`), the visual chain of thought
+("the object most relevant to the question is ...") on questions about one object, and questions
+asked with a second image, a crop around an object, as ``flmm.chat``'s visual chain of thought asks
+again. Scenes come from the generator given, a stream apart from the world's splits
+(:data:`PRETRAIN_STREAM`), so the held-out val and test scenes are never pretrained on.
+
 Every word a caption, question, answer or referring expression can hold is in
 :func:`vocabulary`, split the way :func:`words` splits text, so a word-level tokenizer covers it.
 """
@@ -8,13 +15,26 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
+from flmm.data.masks import expand_box, mask_box
 from flmm.data.synthetic.expressions import DIRECTIONS, RELATIONS, referring_expressions
-from flmm.data.synthetic.world import COLOURS, PLURALS, SHAPES, SIZES, Obj, Scene, sample_scene
+from flmm.data.synthetic.questions import (
+    NUMBERS,
+    ObjectStats,
+    Question,
+    count_questions,
+    existence_question,
+    object_questions,
+    region,
+    relation_questions,
+)
+from flmm.data.synthetic.world import COLOURS, PLURALS, SHAPES, SIZES, Scene, sample_scene
 
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
+# RNG stream of the pretraining scenes, apart from the world's splits 0, 1, 2 and POPE's 101
+PRETRAIN_STREAM = 102
 # F-LMM's own instruction (flmm.lmm.families.DEFAULT_INSTRUCTION): the LMM learns to describe
 # scenes in exactly the prompt it is later grounded with.
 CAPTION_PROMPT = "please give me a description of the image."
@@ -52,29 +72,19 @@ def vocabulary() -> list[str]:
     return sorted({w for p in parts for w in words(p)} | set(PUNCTUATION))
 
 
-def region(obj: Obj, image_size: int) -> str:
-    """Where ``obj`` lies in a 3 x 3 grid: "at the top left", "on the right", "in the center"."""
-    row = ("top", "", "bottom")[min(int(3 * obj.y / image_size), 2)]
-    col = ("left", "", "right")[min(int(3 * obj.x / image_size), 2)]
-    if not row and not col:
-        return "in the center"
-    if not row:
-        return f"on the {col}"
-    return f"at the {row} {col}".rstrip()
-
-
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
 def _name(scene: Scene, t: int, rng: np.random.Generator, refer_prob: float) -> str:
-    """A referring expression of object ``t`` (with chance ``refer_prob``) or "a [size] colour shape"."""
+    """A referring expression of object ``t`` (with chance ``refer_prob``) or "a [size] colour
+    shape" (the size in 70% of names)."""
     o = scene.objects[t]
     if rng.random() < refer_prob:
         expressions = referring_expressions(scene, t)
         if expressions:
             return expressions[rng.integers(len(expressions))].text
-    noun = f"{o.size} {o.colour} {o.shape}" if rng.random() < 0.5 else f"{o.colour} {o.shape}"
+    noun = f"{o.size} {o.colour} {o.shape}" if rng.random() < 0.7 else f"{o.colour} {o.shape}"
     return f"{_article(noun)} {noun}"
 
 
@@ -98,47 +108,66 @@ def captions(
     return " ".join(parts)
 
 
-def _object_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
-    qa = []
-    size = scene.image.shape[0]
-    for t, o in enumerate(scene.objects):
-        expressions = referring_expressions(scene, t)
-        if not expressions:
-            continue
-        e = expressions[rng.integers(len(expressions))].text
-        qa.append((f"where is {e}?", region(o, size)))
-        qa.append((f"where is {e}? {COT_QUESTION}", f"{COT_ANSWER} {e}."))
-        if o.colour not in e.split():
-            qa.append((f"what colour is {e}?", o.colour))
-        if o.shape not in e.split() and PLURALS[o.shape] not in e.split():
-            qa.append((f"what shape is {e}?", o.shape))
-        qa.append((f"what size is {e}?", o.size))
-    return qa
-
-
-def _count_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    colour = list(COLOURS)[rng.integers(len(COLOURS))]
-    n_shape = sum(o.shape == shape for o in scene.objects)
-    n_colour = sum(o.colour == colour for o in scene.objects)
-    present = {(o.colour, o.shape) for o in scene.objects}
-    absent = sorted({(c, s) for c in COLOURS for s in SHAPES} - present)
-    # as many "yes" as "no" answers, so that "yes" alone is no better than chance
-    pool = sorted(present) if rng.random() < 0.5 else absent
-    asked = pool[rng.integers(len(pool))]
-    return [
-        (f"how many {PLURALS[shape]} are there?", NUMBERS[n_shape]),
-        (f"how many {colour} objects are there?", NUMBERS[n_colour]),
-        (
-            f"is there {_article(asked[0])} {asked[0]} {asked[1]}?",
-            "yes" if asked in present else "no",
-        ),
-    ]
-
-
 def qa(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Question-answer pairs about ``scene``: where, what colour / shape / size, how many..."""
-    return _object_questions(scene, rng) + _count_questions(scene, rng)
+    """Question-answer pairs about ``scene`` (every kind but existence, see :func:`questions`)."""
+    return [(q.text, q.answer) for q in questions(scene, rng)]
+
+
+def questions(scene: Scene, rng: np.random.Generator) -> list[Question]:
+    """Where, what colour / shape / size, how many, and relations about ``scene``."""
+    return (
+        object_questions(scene, rng) + count_questions(scene, rng) + relation_questions(scene, rng)
+    )
+
+
+def crop(scene: Scene, t: int) -> np.ndarray:
+    """The image inside object ``t``'s box grown as ``flmm.chat``'s visual chain of thought grows
+    it (``h x w x 3`` uint8)."""
+    x0, y0, x1, y1 = expand_box(mask_box(scene.objects[t].mask), scene.image.shape[:2])
+    return scene.image[y0:y1, x0:x1]
+
+
+def ask(
+    scene: Scene, q: Question, rng: np.random.Generator, cot_prob: float, crop_prob: float
+) -> tuple[list[np.ndarray], str, str]:
+    """``(images, prompt, answer)`` of ``q``: with chance ``cot_prob`` (if it asks about one
+    object) its chain-of-thought step naming that object; else, with chance ``crop_prob`` (if it
+    shows one), the question about the image and the crop of that object; else the question."""
+    if q.subject is not None and rng.random() < cot_prob:
+        return [scene.image], f"{q.text} {COT_QUESTION}", f"{COT_ANSWER} {q.subject}."
+    if q.target is not None and rng.random() < crop_prob:
+        return [scene.image, crop(scene, q.target)], q.text, q.answer
+    return [scene.image], q.text, q.answer
+
+
+class Conversation(NamedTuple):
+    """One pretraining sample: ``images`` (the scene's ``H x W x 3`` uint8 image, then any crop),
+    ``turns`` ``[(prompt, answer), ...]``, and ``labels``, ``2 x H x W`` uint8: the colour and the
+    shape of the object under each pixel of the scene's image (1-based indices into
+    :data:`~flmm.data.synthetic.world.COLOURS` and ``SHAPES``; 0: background)."""
+
+    images: list[np.ndarray]
+    turns: list[tuple[str, str]]
+    labels: np.ndarray
+
+
+def pixel_labels(scene: Scene) -> np.ndarray:
+    """``2 x H x W`` uint8: each pixel's object colour and shape index (1-based; 0: none)."""
+    labels = np.zeros((2, *scene.image.shape[:2]), dtype=np.uint8)
+    for o in scene.objects:
+        labels[0][o.mask] = list(COLOURS).index(o.colour) + 1
+        labels[1][o.mask] = SHAPES.index(o.shape) + 1
+    return labels
+
+
+def any_question(
+    scene: Scene, rng: np.random.Generator, stats: ObjectStats, exist_prob: float
+) -> Question:
+    """An existence question (chance ``exist_prob``) or one of :func:`questions`."""
+    if rng.random() < exist_prob:
+        return existence_question(scene, rng, stats)
+    pool = questions(scene, rng)
+    return pool[rng.integers(len(pool))]
 
 
 def pretraining_pairs(
@@ -148,14 +177,31 @@ def pretraining_pairs(
     caption_prob: float = 0.5,
     refer_prob: float = 0.0,
     terse: bool = False,
-) -> Iterator[tuple[np.ndarray, str, str]]:
-    """Endless ``(image, prompt, answer)`` triples on fresh scenes: captions (chance
-    ``caption_prob``, see :func:`captions`) or one question-answer pair."""
+    exist_prob: float = 0.0,
+    cot_prob: float = 0.0,
+    crop_prob: float = 0.0,
+    turns: int = 1,
+    stats: ObjectStats | None = None,
+) -> Iterator[Conversation]:
+    """Endless :class:`Conversation` s about fresh scenes of ``rng``.
+
+    The first turn is a caption (chance ``caption_prob``, see :func:`captions`) or a question
+    (an existence question with chance ``exist_prob``, see :func:`any_question`) asked as
+    :func:`ask` says; ``turns - 1`` more questions follow (text only, no crop), so the image is
+    read once for several answers. ``stats`` counts the scenes drawn (for POPE-like "no"
+    objects); new if None.
+    """
+    if turns < 1:
+        raise ValueError(f"turns must be at least 1, got {turns}")
+    stats = ObjectStats() if stats is None else stats
     while True:
         scene = sample_scene(rng, image_size, n_objects)
+        stats.add(scene)
         if rng.random() < caption_prob:
-            yield scene.image, CAPTION_PROMPT, captions(scene, rng, refer_prob, terse)
+            images, first = [scene.image], (CAPTION_PROMPT, captions(scene, rng, refer_prob, terse))
         else:
-            pairs = qa(scene, rng)
-            question, answer = pairs[rng.integers(len(pairs))]
-            yield scene.image, question, answer
+            q = any_question(scene, rng, stats, exist_prob)
+            images, *first = ask(scene, q, rng, cot_prob, crop_prob)
+        more = [any_question(scene, rng, stats, exist_prob) for _ in range(turns - 1)]
+        talk = [tuple(first)] + [ask(scene, q, rng, cot_prob, 0.0)[1:] for q in more]
+        yield Conversation(images, talk, pixel_labels(scene))

@@ -58,7 +58,7 @@ def _descriptions(objects: list[Obj], t: int) -> list[tuple[str, list[int]]]:
     ]
 
 
-def _unique_noun(objects: list[Obj], i: int) -> str | None:
+def unique_noun(objects: list[Obj], i: int) -> str | None:
     o = objects[i]
     if len(matching(objects, shape=o.shape)) == 1:
         return o.shape
@@ -113,7 +113,7 @@ def _relational_expressions(objects: list[Obj], t: int, margin: float) -> list[t
         if len(group) < 2:
             continue
         for j in range(len(objects)):
-            landmark = _unique_noun(objects, j)
+            landmark = unique_noun(objects, j)
             if j in group or landmark is None:
                 continue
             for rel, (axis, sign) in RELATIONS.items():

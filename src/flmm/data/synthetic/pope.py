@@ -41,19 +41,30 @@ def pope_question(obj: str) -> str:
 def split_objects(root: str | Path, split: str = "test") -> dict[str, list[str]]:
     """``image file name -> objects ("colour shape", sorted, distinct)`` for images of ``split``,
     read from the world written at ``root`` (its ``instances.json`` and ``refs(unc).p``)."""
+    scenes = split_attributes(root, split)
+    return {
+        name: sorted({f"{a['colour']} {a['shape']}" for a in objects})
+        for name, objects in scenes.items()
+    }
+
+
+def split_attributes(root: str | Path, split: str = "test") -> dict[str, list[dict[str, str]]]:
+    """``image file name -> attributes ({shape, colour, size}) of each of its objects`` for the
+    images of ``split`` (in image id order) of the world written at ``root``."""
     folder = Path(root) / "synthetic"
+    if not (folder / "instances.json").is_file():
+        raise FileNotFoundError(f"no synthetic world at {str(root)!r} (synthetic/instances.json)")
     instances = json.loads((folder / "instances.json").read_text())
     wanted = {r["image_id"] for r in load_refs(folder / "refs(unc).p") if r["split"] == split}
-    objects: dict[int, set[str]] = {i: set() for i in wanted}
+    objects: dict[int, list[dict[str, str]]] = {i: [] for i in wanted}
     for ann in instances["annotations"]:
-        attrs = ann["attributes"]
         if ann["image_id"] in objects:
-            objects[ann["image_id"]].add(f"{attrs['colour']} {attrs['shape']}")
+            objects[ann["image_id"]].append(ann["attributes"])
     names = {img["id"]: img["file_name"] for img in instances["images"]}
-    return {names[i]: sorted(objects[i]) for i in sorted(objects)}
+    return {names[i]: objects[i] for i in sorted(objects)}
 
 
-def _absent_ranked(present: list[str], strategy: str, frequency: Counter, cooc: Counter) -> list:
+def absent_ranked(present: list[str], strategy: str, frequency: Counter, cooc: Counter) -> list:
     """Absent objects, best first, for the deterministic strategies (ties: frequency, name)."""
     absent = [c for c in CATEGORIES if c not in present]
     if strategy == "popular":
@@ -79,7 +90,7 @@ def pope_sets(
         absent = [c for c in CATEGORIES if c not in present]
         no = {"random": [absent[i] for i in rng.permutation(len(absent))[:n]]}
         for strategy in ("popular", "adversarial"):
-            no[strategy] = _absent_ranked(present, strategy, frequency, cooc)[:n]
+            no[strategy] = absent_ranked(present, strategy, frequency, cooc)[:n]
         for strategy, rows in sets.items():
             for y, x in zip(yes, no[strategy]):
                 for obj, label in ((y, "yes"), (x, "no")):

@@ -1,0 +1,121 @@
+"""What the frozen LMM alone does on the synthetic world's test split (no F-LMM checkpoint needed).
+
+    python scripts/tiny_llava_report.py [--lmm DIR] [--world data/synthetic_world] [--limit N]
+        [--cot-limit N] [--captions N] [--max-new-tokens N] [--out logs/tiny_llava_report]
+
+- POPE, plain answers, on each synthetic POPE file (first ``--limit`` questions; the same
+  answering, parsing, resuming and scoring as ``python -m flmm.evaluate_pope``): accuracy,
+  yes-ratio...
+- the visual chain of thought's first step (the LMM completes "The object most relevant to the
+  question is"), on the first ``--cot-limit`` of them: the share that names the asked object.
+- caption hallucination, CHAIR-style (:mod:`flmm.data.synthetic.hallucination`): the F-LMM
+  description prompt's greedy caption of each test image (first ``--captions``), and the share of
+  the objects it mentions that are not in the scene.
+Writes ``report.json`` (and the answer files) in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from flmm.chat import COT_PREFIX, COT_QUESTION, object_phrase
+from flmm.data.synthetic.hallucination import chair
+from flmm.data.synthetic.pope import ensure_pope, split_attributes
+from flmm.foundation.cache import SHIPPED
+from flmm.lmm import FrozenLMM
+from flmm.lmm.families import DEFAULT_INSTRUCTION
+from flmm.pope import POPE_FILES, evaluate, load_image, read_sets
+
+
+class LMMAnswerer:
+    """The frozen LMM's greedy answers, as :class:`flmm.pope.Answerer` asks (plain mode only)."""
+
+    def __init__(self, lmm: FrozenLMM) -> None:
+        self.lmm = lmm
+
+    def answer(self, image: np.ndarray, question: str, max_new_tokens: int = 32) -> str:
+        return self.lmm.generate([image], question, max_new_tokens=max_new_tokens, do_sample=False)
+
+    def cot_object(self, image: np.ndarray, question: str, max_new_tokens: int = 16) -> str:
+        """The object the chain of thought's first step names for ``question``."""
+        ask = COT_QUESTION.format(question=question)
+        text = self.lmm.generate(
+            [image], ask, answer_prefix=COT_PREFIX, max_new_tokens=max_new_tokens, do_sample=False
+        )
+        return object_phrase(f"{COT_PREFIX} {text.strip()}")
+
+
+def asked_object(question: str) -> str:
+    """The object of a POPE question: "Is there a red circle in the image?" -> "red circle"."""
+    found = re.fullmatch(r"is there an? (.+) in the image\?", question.strip().lower())
+    if found is None:
+        raise ValueError(f"not a POPE question: {question!r}")
+    return found.group(1)
+
+
+def names_asked(phrase: str, asked: str) -> bool:
+    """Whether the named ``phrase`` says the asked object's words, in order ("the red circle")."""
+    return re.search(rf"\b{re.escape(asked)}\b", phrase.lower()) is not None
+
+
+def cot_share(answerer: LMMAnswerer, questions, image_dir: Path) -> dict:
+    """The share of questions whose chain-of-thought step names the asked object, and examples."""
+    named = []
+    for q in questions:
+        phrase = answerer.cot_object(load_image(image_dir, q.image), q.text)
+        named.append((names_asked(phrase, asked_object(q.text)), q.label, q.text, phrase))
+    share = float(np.mean([n for n, *_ in named]))
+    by_label = {
+        lab: float(np.mean([n for n, la, *_ in named if la == lab])) for lab in ("yes", "no")
+    }
+    return {"share": share, "by_label": by_label, "n": len(named), "examples": named[:6]}
+
+
+def caption_chair(answerer: LMMAnswerer, world: Path, n: int, max_new_tokens: int) -> dict:
+    """CHAIR of the greedy descriptions of the first ``n`` test images."""
+    scenes = list(split_attributes(world, "test").items())[:n]
+    captions = [
+        answerer.answer(load_image(world / "images", name), DEFAULT_INSTRUCTION, max_new_tokens)
+        for name, _ in scenes
+    ]
+    out = chair(captions, [objects for _, objects in scenes])
+    return out | {"examples": [(name, c) for (name, _), c in zip(scenes[:4], captions)]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lmm", default=str(SHIPPED["tiny_llava"]))
+    parser.add_argument("--world", type=Path, default=Path("data/synthetic_world"))
+    parser.add_argument("--limit", type=int, default=200, help="POPE questions per file")
+    parser.add_argument("--cot-limit", type=int, default=None, help="of those, asked for CoT")
+    parser.add_argument("--captions", type=int, default=200, help="test images to caption")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=Path("logs/tiny_llava_report"))
+    args = parser.parse_args(argv)
+    cot_limit = args.limit if args.cot_limit is None else args.cot_limit
+    if min(args.limit, cot_limit, args.captions) < 1:
+        parser.error("--limit, --cot-limit and --captions must be positive")
+    answerer = LMMAnswerer(FrozenLMM.from_pretrained(args.lmm, dtype="float32").eval())
+    pope_dir = ensure_pope(args.world)
+    sets = read_sets(pope_dir, [f"pope_{f}.json" for f in POPE_FILES], args.limit)
+    image_dir = args.world / "images"
+    report = {"lmm": args.lmm, "limit": args.limit}
+    pope = evaluate(answerer, sets, image_dir, args.out, ["plain"], max_new_tokens=8)
+    report["pope_plain"] = {name: by_mode["plain"] for name, by_mode in pope.items()}
+    report["cot_names_asked"] = {
+        n: cot_share(answerer, qs[:cot_limit], image_dir) for n, qs in sets.items()
+    }
+    report["captions"] = caption_chair(answerer, args.world, args.captions, args.max_new_tokens)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The shipped foundation models: recipe up to date, small, half precision that loads as float32;
+the pretraining resumes exactly; the recipe still runs (slow)."""
+
+from __future__ import annotations
+
+import json
+import re
+from fnmatch import fnmatch
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from flmm.data.synthetic.corpus import vocabulary
+from flmm.foundation import build as build_module
+from flmm.foundation import cache, pretrain_lmm
+from flmm.foundation.tiny_llava import build_tiny_llava
+from flmm.heads import build_sam
+from flmm.lmm import FrozenLMM
+from flmm.runtime import CONFIG_PATH
+
+CONF = Path(CONFIG_PATH)
+MAX_SHIPPED_MB = 50
+
+
+def default_node(group: str) -> dict:
+    """The recipe arguments of the default tiny LLaVA (``lmm``) or tiny SAM (``sam``)."""
+    node = OmegaConf.load(CONF / f"model/{group}/tiny.yaml")
+    return node.name_or_path if group == "lmm" else node.checkpoint
+
+
+def test_shipped_files_were_built_from_the_current_recipe(tmp_path):
+    built = json.loads(cache.RECIPE_FILE.read_text())
+    hint = "the recipe changed since the shipped models were built: run `make foundation`"
+    llava = build_module.recipe_args(default_node("lmm"))
+    sam = build_module.recipe_args(default_node("sam"))
+    assert built["tiny_llava"]["recipe"] == cache.llava_recipe(**llava), hint
+    assert built["tiny_sam"]["recipe"] == cache.sam_recipe(**sam), hint
+    for group, name in (("lmm", "tiny_llava"), ("sam", "tiny_sam")):
+        node = OmegaConf.merge(default_node(group), {"cache_dir": str(tmp_path)})
+        assert hydra.utils.instantiate(node) == str(cache.SHIPPED[name])
+    assert not any(tmp_path.iterdir())  # nothing was built
+
+
+def test_a_changed_recipe_is_not_served_the_shipped_files(tmp_path):
+    llava = build_module.recipe_args(default_node("lmm"))
+    recipe = cache.llava_recipe(**llava)
+    assert cache.shipped_path("tiny_llava", recipe) == str(cache.SHIPPED["tiny_llava"])
+    for changed in ({"pretrain_steps": 7}, {"corpus": {**llava["corpus"], "turns": 9}}):
+        assert cache.shipped_path("tiny_llava", cache.llava_recipe(**(llava | changed))) is None
+    path = cache.ensure_tiny_llava(str(tmp_path), pretrain_steps=0)
+    assert Path(path).parent == tmp_path
+
+
+def test_shipped_files_are_small_half_precision_and_packaged():
+    files = [p for p in cache.SHIPPED_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < MAX_SHIPPED_MB * 2**20
+    with safe_open(cache.SHIPPED["tiny_llava"] / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 == {"F16"}
+    sam = torch.load(cache.SHIPPED["tiny_sam"], weights_only=True)
+    assert {v.dtype for v in sam.values() if v.is_floating_point()} == {torch.float16}
+    pyproject = (CONF.parent / "pyproject.toml").read_text()
+    patterns = json.loads(re.search(r'^"flmm.foundation" = (\[.*\])$', pyproject, re.MULTILINE)[1])
+    for p in files:  # a wheel carries them
+        name = p.relative_to(cache.SHIPPED_DIR.parent).as_posix()
+        assert any(fnmatch(name, pattern) for pattern in patterns), name
+
+
+def test_shipped_models_load_in_float32():
+    lmm = FrozenLMM.from_pretrained(str(cache.SHIPPED["tiny_llava"]), dtype="float32")
+    assert {p.dtype for p in lmm.model.parameters()} == {torch.float32}
+    sam = build_sam("tiny", cache.SHIPPED["tiny_sam"])
+    assert {p.dtype for p in sam.parameters()} == {torch.float32}
+    image = np.full((96, 96, 3), 220, dtype=np.uint8)
+    answer = lmm.generate([image], "Is there a red circle in the image?", max_new_tokens=4)
+    assert answer.strip() in ("yes", "no")
+
+
+CORPUS = {"caption_prob": 0.5, "exist_prob": 0.5, "cot_prob": 0.3, "crop_prob": 0.3, "turns": 2}
+
+
+def pretrain(model, out, state_path, steps: int = 4) -> list[float]:
+    return pretrain_lmm.pretrain_tiny_llava(
+        model,
+        out,
+        steps,
+        batch_size=2,
+        warmup=2,
+        corpus=CORPUS,
+        device="cpu",
+        state_path=state_path,
+        checkpoint_every=2,
+        vision_aux=0.5,
+    )
+
+
+def test_interrupted_pretraining_resumes_exactly(tmp_path, monkeypatch):
+    model = build_tiny_llava(tmp_path / "m", vocabulary(), num_layers=1, vision_layers=1)
+    straight = pretrain(model, tmp_path / "a", None)
+    real, calls = pretrain_lmm.make_batch, []
+
+    def dies_at_step_three(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(pretrain_lmm, "make_batch", dies_at_step_three)
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(model, tmp_path / "b", state)
+    assert state.is_file() and not (tmp_path / "b").exists()
+    monkeypatch.setattr(pretrain_lmm, "make_batch", real)
+    resumed = pretrain(model, tmp_path / "b", state)
+    assert resumed == straight and not state.exists()
+    a = (tmp_path / "a/model.safetensors").read_bytes()
+    assert a == (tmp_path / "b/model.safetensors").read_bytes()
+
+
+def test_patch_probe_reads_each_samples_scene_image(tmp_path):
+    model = build_tiny_llava(tmp_path / "m", vocabulary(), num_layers=1, vision_layers=1)
+    processor = AutoProcessor.from_pretrained(model)
+    llava = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch.float32)
+    scene, other = np.full((96, 96, 3), 200, np.uint8), np.zeros((96, 96, 3), np.uint8)
+    crop = np.full((20, 30, 3), 90, np.uint8)
+    samples = [([scene, crop], [("where?", "left")]), ([other], [("what?", "red")])]
+    batch = pretrain_lmm.make_batch(processor, samples)
+    _, features = pretrain_lmm.first_image_features(llava, batch, lambda: llava(**batch))
+    alone = pretrain_lmm.make_batch(processor, [([scene], [("x", "y")]), ([other], [("x", "y")])])
+    _, want = pretrain_lmm.first_image_features(llava, alone, lambda: llava(**alone))
+    torch.testing.assert_close(features, want)
+    probe = pretrain_lmm.PatchProbe(features.shape[-1], patch=8)
+    labels = torch.zeros(2, 2, 96, 96, dtype=torch.uint8)
+    labels[:, :, :48] = 3  # the top half is colour 3 and shape 3
+    with torch.no_grad():
+        for head in probe.heads:
+            head.weight.zero_()
+            head.bias.copy_((torch.arange(head.out_features) == 0).float() * 20)
+        background = probe.loss(features, labels)
+    # every patch is called background, surely: right on the bottom half (loss 0), wrong on the
+    # top half (loss 20), for both heads
+    assert abs(background.item() - 20) < 0.01
+
+
+@pytest.mark.slow
+def test_the_recipe_still_runs(tmp_path):
+    llava = build_module.recipe_args(default_node("lmm")) | {"pretrain_steps": 3, "batch_size": 2}
+    sam = build_module.recipe_args(default_node("sam")) | {"pretrain_steps": 2}
+    built = build_module.build_foundation(str(tmp_path / "cache"), llava, sam, tmp_path / "out")
+    assert built["tiny_llava"]["recipe"] == cache.llava_recipe(**llava)
+    recipe = json.loads((tmp_path / "out/recipe.json").read_text())
+    assert recipe["tiny_sam"]["recipe"] == cache.sam_recipe(**sam)
+    lmm = FrozenLMM.from_pretrained(str(tmp_path / "out/tiny_llava"), dtype="float32")
+    assert lmm.generate([np.zeros((96, 96, 3), np.uint8)], "where?", max_new_tokens=2) is not None
+    build_sam("tiny", tmp_path / "out/tiny_sam.pth")

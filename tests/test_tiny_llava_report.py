@@ -1,0 +1,46 @@
+"""scripts/tiny_llava_report.py: the LMM-only figures (POPE plain, CoT naming, caption CHAIR)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from flmm.data.synthetic import write_world
+from flmm.data.synthetic.corpus import vocabulary
+from flmm.foundation.tiny_llava import build_tiny_llava
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "tiny_llava_report.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("tiny_llava_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_asked_object_and_naming(report):
+    assert report.asked_object("Is there an orange cross in the image?") == "orange cross"
+    assert report.names_asked("the orange cross", "orange cross")
+    assert report.names_asked("the large orange cross", "orange cross")
+    assert not report.names_asked("the orange crosses", "orange cross")
+    with pytest.raises(ValueError, match="not a POPE question"):
+        report.asked_object("where is the red circle?")
+
+
+def test_report_runs_end_to_end(report, tmp_path):
+    world = write_world(tmp_path / "world", 2, 2, 3, seed=1)
+    lmm = build_tiny_llava(tmp_path / "lmm", vocabulary(), num_layers=1, vision_layers=1)
+    argv = ["--lmm", str(lmm), "--world", str(world), "--limit", "4", "--cot-limit", "3"]
+    out = report.main(
+        [*argv, "--captions", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "out")]
+    )
+    assert json.loads((tmp_path / "out/report.json").read_text()) == json.loads(json.dumps(out))
+    assert set(out["pope_plain"]) == {"pope_random", "pope_popular", "pope_adversarial"}
+    assert all(m["n"] == 4 for m in out["pope_plain"].values())
+    assert all(c["n"] == 3 and 0 <= c["share"] <= 1 for c in out["cot_names_asked"].values())
+    assert out["captions"]["captions"] == 2 and 0 <= out["captions"]["chair_i"] <= 1
