@@ -28,7 +28,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from flmm.data.synthetic.corpus import PRETRAIN_STREAM, pretraining_pairs
 from flmm.data.synthetic.questions import ObjectStats
 from flmm.data.synthetic.world import COLOURS, SHAPES
-from flmm.lmm.adapter import pad_to_square
+from flmm.frame import pad_to_square
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def make_batch(
 ) -> dict[str, torch.Tensor]:
     """Tokenise ``(images, [(prompt, answer), ...])`` conversations; labels keep only the answers.
 
-    Each sample's images (``H x W x 3`` uint8) are padded to squares with the processor's mean
+    Each sample's images (``H x W x 3`` uint8) are padded to centred squares with the mean
     colour, as :class:`~flmm.lmm.FrozenLMM` pads LLaVA's images (a crop need not be square).
     """
     texts, spans = zip(*(conversation(processor, turns, len(ims)) for ims, turns, *_ in samples))
