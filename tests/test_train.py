@@ -15,8 +15,10 @@ from conftest import CONF, compose_cfg, run_flmm
 
 from flmm.errors import CheckpointMismatchError
 
-# the default run measured test gIoU 48.3, random LMM weights 23.3, a whole-image mask 3.4 (README)
-DEFAULT_RUN_FLOOR = 40.0
+# the default run measured test gIoU 34.7 refined / 20.8 coarse; random LMM weights 22.5 / 8.3, a
+# whole-image mask 3.4 (README)
+DEFAULT_RUN_FLOOR = 28.0
+COARSE_FLOOR = 14.0
 
 
 def options(group: str) -> list[str]:
@@ -72,7 +74,8 @@ def test_the_embedded_default_run(tmp_path):
     assert "(cached for later runs)" not in result.stdout + result.stderr  # no foundation build
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test/giou"] > DEFAULT_RUN_FLOOR
-    assert metrics["test/giou"] >= metrics["test/coarse_giou"]
+    assert metrics["test/coarse_giou"] > COARSE_FLOOR  # the mask head's own masks cross 0.5
+    assert 0.5 * metrics["test/giou"] <= metrics["test/coarse_giou"] <= metrics["test/giou"]
 
 
 def test_checkpoint_holds_only_trainable_state(tiny_run):
