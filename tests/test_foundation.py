@@ -74,6 +74,9 @@ def test_shipped_files_are_small_half_precision_and_packaged():
 def test_shipped_models_load_in_float32():
     lmm = FrozenLMM.from_pretrained(str(cache.SHIPPED["tiny_llava"]), dtype="float32")
     assert {p.dtype for p in lmm.model.parameters()} == {torch.float32}
+    config = lmm.model.config  # the architecture cache.WORLD_LLAVA builds
+    assert config.vision_feature_layer == cache.WORLD_LLAVA["vision_feature_layer"]
+    assert config.vision_config.num_hidden_layers == cache.WORLD_LLAVA["vision_layers"]
     sam = build_sam("tiny", cache.SHIPPED["tiny_sam"])
     assert {p.dtype for p in sam.parameters()} == {torch.float32}
     image = np.full((96, 96, 3), 220, dtype=np.uint8)

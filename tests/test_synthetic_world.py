@@ -183,14 +183,20 @@ def test_captions_and_qa_are_true():
     for q, a in answers.items():
         if q.startswith("what colour is"):
             assert a == scene.objects[resolve(scene.objects, q[15:-1])[0]].colour
-        if q.startswith("is there"):
-            *_, colour, shape = q[:-1].split()
-            present = {(o.colour, o.shape) for o in scene.objects}
-            assert (a == "yes") == ((colour, shape) in present)
+        for attribute in ("shape", "size"):
+            if q.startswith(f"what {attribute} is "):
+                (t,) = resolve(scene.objects, q[len(f"what {attribute} is ") : -1])
+                assert a == getattr(scene.objects[t], attribute)
     images, turns, labels = next(
         pretraining_pairs(np.random.default_rng(0), image_size=64, turns=2)
     )
     assert labels.shape == (2, 64, 64) and labels.max() > 0
+    assert (labels[0] > 0).sum() == (labels[1] > 0).sum() > 0
+    labels = corpus.pixel_labels(scene)
+    for o in scene.objects:
+        assert (labels[0][o.mask] == list(COLOURS).index(o.colour) + 1).all()
+        assert (labels[1][o.mask] == SHAPES.index(o.shape) + 1).all()
+    assert (labels[:, ~np.any([o.mask for o in scene.objects], axis=0)] == 0).all()
     assert images[0].shape == (64, 64, 3) and len(turns) == 2 and all(p and a for p, a in turns)
 
 

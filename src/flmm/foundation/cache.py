@@ -28,6 +28,9 @@ from flmm.foundation.tiny_llava import build_tiny_llava
 log = logging.getLogger(__name__)
 # bump when the tiny models' architecture, vocabulary or training code changes what a recipe builds
 TINY_VERSION = 3
+# the synthetic world's tiny LLaVA: a 3-layer vision tower whose last layer the projector reads
+# (the penultimate of 2 left the projector one layer's features)
+WORLD_LLAVA = {"vision_layers": 3, "vision_feature_layer": -1}
 SHIPPED_DIR = Path(__file__).with_name("shipped")
 SHIPPED = {"tiny_llava": SHIPPED_DIR / "tiny_llava", "tiny_sam": SHIPPED_DIR / "tiny_sam.pth"}
 RECIPE_FILE = SHIPPED_DIR / "recipe.json"
@@ -174,7 +177,7 @@ def _build_llava(
 ) -> None:
     init = tmp.parent / f"{tmp.name}-init"
     _remove(init)
-    build_tiny_llava(init, vocabulary(), image_size=image_size, seed=seed)
+    build_tiny_llava(init, vocabulary(), image_size=image_size, seed=seed, **WORLD_LLAVA)
     if not steps:
         init.rename(tmp)
         return

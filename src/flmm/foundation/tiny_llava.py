@@ -120,6 +120,7 @@ def build_config(
     num_kv_heads: int | None,
     vision_hidden: int,
     vision_layers: int,
+    vision_feature_layer: int = -2,
 ) -> LlavaConfig:
     vision = CLIPVisionConfig(
         image_size=image_size,
@@ -146,7 +147,7 @@ def build_config(
         vision_config=vision,
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         pad_token_id=tokenizer.pad_token_id,
@@ -164,15 +165,16 @@ def build_tiny_llava(
     num_heads: int = 4,
     num_kv_heads: int | None = None,
     vision_hidden: int = 64,
-    vision_layers: int = 3,
+    vision_layers: int = 2,
+    vision_feature_layer: int = -2,
     seed: int = 0,
 ) -> Path:
     """Build and save a random tiny LLaVA-1.5 (model + processor) to ``out_dir``; return the path.
 
     ``words`` is the vocabulary (``default_words()`` when None). The image grid is
     ``image_size // patch_size`` squared (12 x 12 = 144 image tokens by default). The projector
-    reads the vision tower's last layer (LLaVA-1.5 reads the penultimate of 24; with a tower of
-    2-3 layers that would leave a third to half of it unused).
+    reads the vision tower's layer ``vision_feature_layer`` (LLaVA-1.5's penultimate by default;
+    the synthetic world's recipe reads the last of 3, see :mod:`flmm.foundation.cache`).
     """
     out = Path(out_dir)
     tokenizer = build_tokenizer(words if words is not None else default_words())
@@ -187,6 +189,7 @@ def build_tiny_llava(
         num_kv_heads=num_kv_heads,
         vision_hidden=vision_hidden,
         vision_layers=vision_layers,
+        vision_feature_layer=vision_feature_layer,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
