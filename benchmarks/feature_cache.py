@@ -1,7 +1,7 @@
 """Per-sample training-step time with and without the frozen-feature cache, and the losses.
 
 F-LMM's LMM and SAM image encoder are frozen, so ``data.cache_dir=`` stores their outputs per
-sample (``flmm.feature_cache``) and later epochs run only the trainable part. This benchmark
+sample (``flmm.training.feature_cache``) and later epochs run only the trainable part. This benchmark
 trains on batches of the synthetic world three ways, on the same weights (AdamW with lr 0, so
 every step costs a real optimizer step but leaves the weights as they were):
 
@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 
 from flmm.data.synthetic import SyntheticDataModule
-from flmm.feature_cache import attach
 from flmm.foundation.tiny_llava import build_tiny_llava
 from flmm.heads import build_sam
-from flmm.lit_module import FLMM
 from flmm.lmm import FrozenLMM
+from flmm.model.module import FLMM
+from flmm.training.feature_cache import attach
 
 PRESETS = {
     "tiny": {"llava": {}, "sam": ("tiny", {}), "base_channels": 16},

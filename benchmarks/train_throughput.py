@@ -63,13 +63,13 @@ import torch
 import transformers
 
 from flmm.attention.capture import IMPLEMENTATION, phrase_rows
-from flmm.feature_cache import FeatureCache
 from flmm.foundation.tiny_llava import CHAT_TEMPLATE, DEFAULT_WORDS, build_tokenizer, default_words
 from flmm.heads import SamRefiner, build_sam
 from flmm.heads.sam_refiner import coarse_boxes, mask_prompt
-from flmm.lit_module import FLMM
 from flmm.lmm import FrozenLMM
 from flmm.lmm.families import get_family
+from flmm.model.module import FLMM
+from flmm.training.feature_cache import FeatureCache
 from flmm.types import CaptureOutput, GroundingBatch, GroundingSample
 
 CASES = ("reference", "flmm", "cached", "floor")

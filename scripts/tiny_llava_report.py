@@ -4,7 +4,7 @@
         [--cot-limit N] [--captions N] [--max-new-tokens N] [--out logs/tiny_llava_report]
 
 - POPE, plain answers, on each synthetic POPE file (first ``--limit`` questions; the same
-  answering, parsing, resuming and scoring as ``python -m flmm.evaluate_pope``): accuracy,
+  answering, parsing, resuming and scoring as ``python -m flmm.chat.evaluate_pope``): accuracy,
   yes-ratio...
 - the visual chain of thought's first step (the LMM completes "The object most relevant to the
   question is"), on the first ``--cot-limit`` of them: the share that names the asked object.
@@ -23,17 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-from flmm.chat import COT_PREFIX, COT_QUESTION, object_phrase
+from flmm.chat.conversation import COT_PREFIX, COT_QUESTION, object_phrase
+from flmm.chat.pope import POPE_FILES, evaluate, load_image, read_sets
 from flmm.data.synthetic.hallucination import chair
 from flmm.data.synthetic.pope import ensure_pope, split_attributes
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
 from flmm.lmm.families import DEFAULT_INSTRUCTION
-from flmm.pope import POPE_FILES, evaluate, load_image, read_sets
 
 
 class LMMAnswerer:
-    """The frozen LMM's greedy answers, as :class:`flmm.pope.Answerer` asks (plain mode only)."""
+    """The frozen LMM's greedy answers, as :class:`flmm.chat.pope.Answerer` asks (plain mode only)."""
 
     def __init__(self, lmm: FrozenLMM) -> None:
         self.lmm = lmm

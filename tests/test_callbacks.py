@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flmm.callbacks import PALETTE, MaskOverlays, fingerprint, overlay, overlay_row
+from flmm.overlay import PALETTE, overlay, overlay_row
+from flmm.training.callbacks import MaskOverlays, fingerprint
 
 
 def test_overlay_tints_only_masked_pixels():
@@ -16,6 +17,20 @@ def test_overlay_tints_only_masked_pixels():
     assert (out[0, 0] == PALETTE[0]).all() and (out[3, 4] == PALETTE[1]).all()
     assert out.sum() == PALETTE[0].sum() + PALETTE[1].sum()
     assert overlay_row(image, [masks, masks]).shape == (4, 15, 3)
+
+
+def test_overlapping_masks_stay_apart_not_a_mix():
+    """The smaller mask is drawn on top, the larger one keeps its outline; no muddy tint."""
+    image = torch.full((9, 9, 3), 200, dtype=torch.uint8)
+    masks = torch.zeros(2, 9, 9, dtype=torch.bool)
+    masks[0] = True  # whole image
+    masks[1, 3:6, 3:6] = True  # a small square inside it
+    out = overlay(image, masks, alpha=1.0)
+    assert (out[4, 4] == PALETTE[1]).all() and (out[3, 3] == PALETTE[1]).all()
+    assert (out[1, 1] == PALETTE[0]).all() and (out[0, 4] == PALETTE[0]).all()
+    half = overlay(image, masks, alpha=0.5)
+    assert np.abs(half[4, 4].astype(int) - (200 + PALETTE[1].astype(int)) / 2).max() <= 1
+    assert (overlay(image.numpy(), masks[:0].numpy()) == 200).all()  # no masks: the image
 
 
 def test_fingerprint_sees_any_weight_change():
@@ -30,7 +45,7 @@ def test_overlays_are_logged_only_to_wandb(tiny_run, tmp_path, monkeypatch):
     import hydra
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-    from flmm.lit_module import FLMM
+    from flmm.model.module import FLMM
 
     root, cfg, _ = tiny_run
     model = FLMM.from_checkpoint(

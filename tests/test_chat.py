@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from flmm.chat import ChatResult, GroundedChat, expand_box, mask_box, sam_variant_of
+from flmm.chat.conversation import ChatResult, GroundedChat, expand_box, mask_box, sam_variant_of
+from flmm.chat.selector import KeywordSelector, word_spans
 from flmm.errors import FlmmUserError
 from flmm.heads import build_sam
-from flmm.lit_module import FLMM
 from flmm.lmm import FrozenLMM
-from flmm.selector import KeywordSelector, word_spans
+from flmm.model.module import FLMM
 from flmm.types import GroundingBatch, GroundingSample
 
 QUESTION = "what colour is the circle?"

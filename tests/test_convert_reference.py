@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from conftest import CONF
 from omegaconf import OmegaConf
 
-from flmm.checkpoint import SHAPE_KEYS
-from flmm.convert_reference import main
 from flmm.errors import CheckpointMismatchError
 from flmm.foundation.tiny_models import build_tiny_lmm
 from flmm.heads import MaskHead, build_sam
-from flmm.lit_module import FLMM
 from flmm.lmm import FrozenLMM
 from flmm.lmm.grids import TokenGrid, to_frame
-from flmm.reference_checkpoint import RELEASED, Released, Target, convert, expected_state
+from flmm.model.checkpoint import SHAPE_KEYS
+from flmm.model.convert_reference import main
+from flmm.model.module import FLMM
+from flmm.model.reference import RELEASED, Released, Target, convert, expected_state
 
 LMM_PREFIX = {"llava": "llava", "llava_next": "llava", "deepseek_vl": "deepseek_vl"}
 LMM_PREFIX["deepseek_vl_hybrid"] = "deepseek_vl"

@@ -1,6 +1,6 @@
 """Lightning DDP with 2 CPU processes (gloo) through the real entry point matches 1 process.
 
-Both runs see the same global batch each step (1 x 4 vs 2 x 2, see flmm.distributed) with one
+Both runs see the same global batch each step (1 x 4 vs 2 x 2, see flmm.data.distributed) with one
 phrase per sample, so the DDP-averaged gradient equals the single-process one up to the order of
 float additions: trained weights and every metric must agree to float tolerance. Evaluation
 shards are unpadded, so every val/test phrase is scored exactly once (Lightning's own sampler
@@ -17,7 +17,7 @@ import torch
 from conftest import TINY, run_flmm
 from omegaconf import OmegaConf
 
-from flmm.distributed import ShardSampler, build_loader
+from flmm.data.distributed import ShardSampler, build_loader
 
 RUN = [
     *[o for o in TINY if not o.startswith(("trainer.limit_", "data.n_val", "data.n_test"))],

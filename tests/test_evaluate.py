@@ -16,8 +16,8 @@ from omegaconf import open_dict
 from png_fixtures import write_png_fixture
 from refer_fixtures import write_refer_fixture
 
+from flmm.errors import exit_on_user_error
 from flmm.evaluate import evaluate
-from flmm.runtime import exit_on_user_error
 from flmm.train import train
 
 # the tiny random LLaVA and tiny SAM, one training batch, no test

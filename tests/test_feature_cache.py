@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import TINY, compose_cfg
 
-from flmm.feature_cache import FeatureCache, attach, join_capture, split_capture
 from flmm.heads import build_sam
-from flmm.lit_module import FLMM
 from flmm.lmm import FrozenLMM
+from flmm.model.module import FLMM
 from flmm.train import train
+from flmm.training.feature_cache import FeatureCache, attach, join_capture, split_capture
 
 
 @pytest.fixture(scope="module")

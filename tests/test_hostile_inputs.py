@@ -15,7 +15,7 @@ from conftest import CONF, TINY
 from refer_fixtures import _refs, write_refer_fixture
 
 from flmm.data import ReferDataset, load_refer
-from flmm.runtime import exit_on_user_error
+from flmm.errors import exit_on_user_error
 
 
 def one_line_error(capsys, fn, *args, **kwargs) -> str:
@@ -182,7 +182,7 @@ def with_hparams(good: bytes, **hparams) -> dict:
 
 @pytest.mark.parametrize("kind", sorted(BROKEN_CHECKPOINTS))
 def test_broken_checkpoint_is_one_line(tiny_run, tiny_models, tmp_path, capsys, kind):
-    from flmm.lit_module import FLMM
+    from flmm.model.module import FLMM
 
     make, message = BROKEN_CHECKPOINTS[kind]
     path = tmp_path / f"{kind}.ckpt"
@@ -209,7 +209,7 @@ def test_truncated_last_ckpt_names_the_previous_good_one(tiny_run, tmp_path, cap
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     import torch
 
-    from flmm.checkpoint import AtomicCheckpointIO
+    from flmm.model.checkpoint import AtomicCheckpointIO
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
@@ -359,7 +359,7 @@ def huge_png(path: Path, side: int = 20000) -> Path:
 
 
 def test_ground_cli_decompression_bomb(tmp_path, capsys):
-    from flmm.ground import load_image
+    from flmm.chat.ground import load_image
 
     err = one_line_error(capsys, load_image, huge_png(tmp_path / "bomb.png"))
     assert "bomb.png" in err and "too large" in err
@@ -374,7 +374,7 @@ def test_ground_cli_decompression_bomb(tmp_path, capsys):
     ],
 )
 def test_ground_cli_text_and_phrases(capsys, text, phrases, message):
-    from flmm.ground import run
+    from flmm.chat.ground import run
 
     image = np.zeros((8, 8, 3), np.uint8)
     assert message in one_line_error(capsys, run, None, image, text, phrases, "ground")
@@ -384,7 +384,7 @@ def test_ground_cli_text_and_phrases(capsys, text, phrases, message):
 def test_reasonseg_text_as_one_string_is_one_query(tmp_path, capsys):
     from PIL import Image
 
-    from flmm.reasonseg import read_item
+    from flmm.chat.reasonseg import read_item
 
     Image.new("RGB", (8, 6)).save(tmp_path / "a.jpg")
     anno = {"text": "what is the red thing?", "is_sentence": True, "shapes": []}
@@ -396,7 +396,7 @@ def test_reasonseg_text_as_one_string_is_one_query(tmp_path, capsys):
 
 
 def test_pope_answers_with_a_repeated_question_id(tmp_path, capsys):
-    from flmm.pope import read_answers
+    from flmm.chat.pope import read_answers
 
     record = {"question_id": 7, "image": "a.jpg", "label": "yes", "answer": "Yes"}
     lines = [record, {**record, "question_id": 8}, {**record, "answer": "No"}]
@@ -411,7 +411,7 @@ def test_frozen_lmm_check_on_a_val_split_smaller_than_its_image_count():
 
     import torch
 
-    from flmm.callbacks import FrozenLMMCheck
+    from flmm.training.callbacks import FrozenLMMCheck
 
     class Answering(torch.nn.Linear):
         def answer(self, image, question, max_new_tokens):
@@ -426,7 +426,7 @@ def test_frozen_lmm_check_on_a_val_split_smaller_than_its_image_count():
 def test_feature_cache_entry_of_another_format_is_recomputed(tiny_models, tmp_path, caplog):
     import torch
 
-    from flmm.feature_cache import FORMAT_VERSION, LMM_FIELDS, EntryStore, lmm_identity
+    from flmm.training.feature_cache import FORMAT_VERSION, LMM_FIELDS, EntryStore, lmm_identity
 
     store = EntryStore(tmp_path, {"format": FORMAT_VERSION}, LMM_FIELDS)
     store.save("ab01", {"maps": torch.zeros(2), "box": torch.zeros(4)})  # an older layout
@@ -445,7 +445,7 @@ def test_feature_cache_entry_of_another_format_is_recomputed(tiny_models, tmp_pa
     ],
 )
 def test_web_refuses_a_non_loopback_bind_without_auth(monkeypatch, capsys, argv, message):
-    from flmm import web
+    from flmm.chat import web
 
     monkeypatch.delenv(web.AUTH_ENV, raising=False)
     monkeypatch.setattr(web, "load_chat", lambda args: pytest.fail("models loaded"))
@@ -454,7 +454,7 @@ def test_web_refuses_a_non_loopback_bind_without_auth(monkeypatch, capsys, argv,
 
 
 def test_web_login_comes_from_the_environment_or_a_file(monkeypatch, tmp_path):
-    from flmm.web import AUTH_ENV, serving_auth
+    from flmm.chat.web import AUTH_ENV, serving_auth
 
     monkeypatch.setenv(AUTH_ENV, "ada:s3cret:with:colons")
     assert serving_auth("0.0.0.0", True, None) == [("ada", "s3cret:with:colons")]
@@ -466,7 +466,7 @@ def test_web_login_comes_from_the_environment_or_a_file(monkeypatch, tmp_path):
 def test_web_clients_see_no_server_paths_or_raw_exceptions(tmp_path, caplog):
     import gradio as gr
 
-    from flmm.web import Limits, respond
+    from flmm.chat.web import Limits, respond
 
     class Broken:
         def chat(self, *args, **kwargs):
@@ -490,7 +490,7 @@ def test_web_clients_see_no_server_paths_or_raw_exceptions(tmp_path, caplog):
 
 
 def test_web_uploads_are_deleted_on_a_schedule():
-    from flmm.web import Limits, build_app
+    from flmm.chat.web import Limits, build_app
 
     app = build_app(None, Limits(keep_files_s=60))
     assert app.delete_cache == (60, 60)  # every 60 s, files older than 60 s are deleted

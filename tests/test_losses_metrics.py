@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flmm.losses import bce_dice_loss
-from flmm.metrics import PNGRecallMetric, ReferSegMetric, png_average_recall
+from flmm.model.losses import bce_dice_loss
+from flmm.model.metrics import PNGRecallMetric, ReferSegMetric, png_average_recall
 
 
 def test_bce_dice_by_hand():

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flmm.metrics import PNGRecallMetric, ReferSegMetric
+from flmm.model.metrics import PNGRecallMetric, ReferSegMetric
 
 GROUPS = ("all", "things", "stuff", "singular", "plural")
 

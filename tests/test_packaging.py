@@ -99,7 +99,7 @@ def test_flmm_command_lists_every_entry_point(capsys):
 
 
 def test_missing_web_extra_is_one_line(monkeypatch, capsys):
-    from flmm import web
+    from flmm.chat import web
 
     monkeypatch.setattr(web, "gr", None)
     with pytest.raises(SystemExit) as stop:

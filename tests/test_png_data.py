@@ -11,10 +11,10 @@ from flmm.data.masks import id2rgb, rgb2id
 from flmm.data.png import (
     PNGDataModule,
     PNGDataset,
-    SyntheticPNGDataModule,
     join_utterances,
     load_png,
 )
+from flmm.data.synthetic import SyntheticPNGDataModule
 from flmm.types import GroundingBatch
 
 

@@ -18,11 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from flmm.data.synthetic.pope import CATEGORIES, ensure_pope, pope_sets, split_objects
-from flmm.data.synthetic.write import write_world
-from flmm.errors import FlmmUserError
-from flmm.evaluate_pope import evaluate_pope
-from flmm.pope import (
+from flmm.chat.evaluate_pope import evaluate_pope
+from flmm.chat.pope import (
     PopeFormatError,
     check_settings,
     evaluate,
@@ -34,6 +31,9 @@ from flmm.pope import (
     read_sets,
     score_answers,
 )
+from flmm.data.synthetic.pope import CATEGORIES, ensure_pope, pope_sets, split_objects
+from flmm.data.synthetic.write import write_world
+from flmm.errors import FlmmUserError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pope"
 GOOD = {"question_id": 1, "image": "a.png", "text": "Is there a cat in the image?", "label": "yes"}
@@ -329,7 +329,7 @@ def test_cli_names_a_malformed_line_without_traceback(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "flmm.evaluate_pope",
+        "flmm.chat.evaluate_pope",
         f"paths.root_dir={tmp_path}",
         "synthetic_world=null",
         f"pope_dir={tmp_path}",

@@ -10,13 +10,8 @@ import pytest
 from PIL import Image
 from test_ground_cli import save_flmm
 
-from flmm.chat import GroundedChat
-from flmm.data.synthetic import sample_scene
-from flmm.errors import FlmmUserError
-from flmm.heads import build_sam
-from flmm.lit_module import FLMM
-from flmm.lmm import FrozenLMM
-from flmm.reasonseg import (
+from flmm.chat.conversation import GroundedChat
+from flmm.chat.reasonseg import (
     IGNORE,
     evaluate,
     main,
@@ -27,6 +22,11 @@ from flmm.reasonseg import (
     scores,
     write_synthetic_split,
 )
+from flmm.data.synthetic import sample_scene
+from flmm.errors import FlmmUserError
+from flmm.heads import build_sam
+from flmm.lmm import FrozenLMM
+from flmm.model.module import FLMM
 
 BOX = [[2, 2], [11, 2], [11, 7], [2, 7]]  # x 2..11, y 2..7: 10 x 6 pixels, outline included
 

@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 from flmm import frame
 from flmm.attention.capture import phrase_rows
 from flmm.errors import ConfigError, ModelLoadError
-from flmm.foundation.tiny_models import build_tiny_lmm
+from flmm.foundation.tiny_models import BUILDERS, build_tiny_lmm
 from flmm.heads import build_sam
-from flmm.lit_module import FLMM
 from flmm.lmm import Family, FrozenLMM, get_family, list_lmms
 from flmm.lmm.grids import PARTS
+from flmm.model.module import FLMM
 from flmm.train import train
 from flmm.types import GroundingBatch
 
@@ -56,16 +56,11 @@ def tiny_lmms(tiny_dirs):
     return get
 
 
-def test_registry_lists_every_family():
-    assert set(FAMILIES) == {
-        "llava",
-        "llava_next",
-        "llava_onevision",
-        "qwen2_5_vl",
-        "internvl",
-        "deepseek_vl",
-        "deepseek_vl_hybrid",
-    }
+def test_registry_every_family_has_a_tiny_builder_and_a_real_config():
+    """What adding a family takes: its registry row, its tiny builder, one real-model config."""
+    assert set(FAMILIES) == {"llava", *BUILDERS}
+    real = {OmegaConf.load(path).get("family") for path in (CONF / "model" / "lmm").glob("*.yaml")}
+    assert set(FAMILIES) <= real
     with pytest.raises(ConfigError, match="known families: .*qwen2_5_vl"):
         get_family("minigemini")
     with pytest.raises(ValueError, match="grid must be one of"):
@@ -365,7 +360,7 @@ def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, ragge
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_registry_configs_name_real_checkpoints(family):
-    """A tiny config per family; real configs load the family's own hub checkpoints."""
+    """Real configs load the family's own hub checkpoints."""
     real = {}
     for path in (CONF / "model" / "lmm").glob("*.yaml"):
         cfg = OmegaConf.to_container(OmegaConf.load(path))
@@ -375,8 +370,6 @@ def test_registry_configs_name_real_checkpoints(family):
         if cfg.get("family") == family and isinstance(cfg["name_or_path"], str):
             real[path.stem] = cfg["name_or_path"]
     assert real and set(real.values()) <= set(get_family(family).checkpoints)
-    tiny = OmegaConf.load(CONF / "model" / "lmm" / f"{family}_tiny.yaml")
-    assert tiny["family"] == family and tiny["name_or_path"]["family"] == family
 
 
 def test_registry_grid_size_override(tiny_dirs, ragged_batch):
@@ -406,8 +399,9 @@ def test_registry_remote_code_is_not_run_by_default(tmp_path):
 def test_registry_tiny_config_composes_for_every_family(tmp_path):
     for family in FAMILIES:
         cfg = compose_cfg(tmp_path, [f"model={family}_tiny"])
-        assert cfg.model.lmm.family == family
+        assert cfg.model.lmm.family == cfg.model.lmm.name_or_path.family == family
         assert cfg.model.lmm.name_or_path._target_.endswith("ensure_tiny_lmm")
+        assert cfg.model.lmm.grid_size == get_family(family).tiny_grid_size
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from flmm.chat.selector import KeywordSelector, f1_scores, runs, word_spans
+from flmm.chat.train_selector import grounded_caption, train_selector, word_labels
 from flmm.data.synthetic import sample_scene
 from flmm.errors import CheckpointMismatchError
 from flmm.lmm import FrozenLMM
 from flmm.runtime import CONFIG_PATH
-from flmm.selector import KeywordSelector, f1_scores, runs, word_spans
-from flmm.train_selector import grounded_caption, train_selector, word_labels
 
 
 def test_word_spans_and_runs():

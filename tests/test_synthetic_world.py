@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import AutoProcessor
 
-from flmm import chat
+from flmm.chat import conversation as chat
 from flmm.data import ReferDataset
 from flmm.data.synthetic import (
     SyntheticDataModule,
@@ -238,7 +238,7 @@ def test_refer_captions_name_each_object_then_say_where_it_is():
 
 
 def test_chain_of_thought_text_matches_what_chat_asks():
-    # the tiny LLaVA learns the wording flmm.chat's visual chain of thought uses; keep them equal
+    # the tiny LLaVA learns the wording flmm.chat.conversation's visual chain of thought uses; keep them equal
     assert corpus.COT_QUESTION == chat.COT_QUESTION.format(question="").strip().lower()
     assert corpus.COT_ANSWER == chat.COT_PREFIX.lower()
 

@@ -39,7 +39,7 @@ def test_every_group_option_composes(tmp_path, group):
 
 @pytest.mark.parametrize("logger", ["csv", "wandb"])
 def test_trainer_callbacks_and_loggers_instantiate(tmp_path, logger):
-    from flmm.checkpoint import AtomicCheckpointIO
+    from flmm.model.checkpoint import AtomicCheckpointIO
     from flmm.runtime import build_trainer
 
     cfg = compose_cfg(tmp_path, [f"logger={logger}", "trainer.accelerator=cpu"])
@@ -91,7 +91,7 @@ def test_checkpoint_holds_only_trainable_state(tiny_run):
 
 
 def test_checkpoint_for_another_lmm_is_refused(tiny_run):
-    from flmm.checkpoint import check_metadata
+    from flmm.model.checkpoint import check_metadata
 
     root, _, _ = tiny_run
     saved = torch.load(
@@ -128,7 +128,7 @@ def test_real_run_without_sam_weights_names_the_checkpoint(tmp_path):
 def test_trained_checkpoint_reloads_strictly_through_the_public_api(tiny_run):
     import hydra
 
-    from flmm.lit_module import FLMM
+    from flmm.model.module import FLMM
 
     root, cfg, _ = tiny_run
     lmm, sam = hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
@@ -154,7 +154,7 @@ def test_frozen_lmm_untouched_by_training(tiny_run):
 def test_ground_returns_masks_per_phrase_and_rejects_absent_phrases(tiny_run):
     import hydra
 
-    from flmm.lit_module import FLMM
+    from flmm.model.module import FLMM
 
     root, cfg, _ = tiny_run
     lmm, sam = hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
@@ -208,7 +208,7 @@ MISMATCHES = {  # a family-only mismatch, and a shape mismatch whose weights wou
 def test_checkpoint_for_another_lmm_is_refused_by_every_load_path(tiny_run, tmp_path, mismatch):
     import hydra
 
-    from flmm.lit_module import FLMM
+    from flmm.model.module import FLMM
 
     _, cfg, _ = tiny_run
     change, message = MISMATCHES[mismatch]
@@ -236,7 +236,7 @@ class ChangeOneLMMWeight(L.Callback):
 def test_frozen_lmm_check_compares_before_with_after(tiny_run, tmp_path, change):
     import hydra
 
-    from flmm.callbacks import FrozenLMMCheck, fingerprint
+    from flmm.training.callbacks import FrozenLMMCheck, fingerprint
 
     _, cfg, _ = tiny_run
     model = hydra.utils.instantiate(cfg.model)

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from flmm.chat import GroundedChat
-from flmm.ground import phrase_colour, render_overlay
+from flmm.chat.conversation import GroundedChat
+from flmm.chat.web import Limits, answer_html, build_app, check_request, launch, respond
 from flmm.heads import build_sam
-from flmm.lit_module import FLMM
 from flmm.lmm import FrozenLMM
-from flmm.web import Limits, answer_html, build_app, check_request, launch, respond
+from flmm.model.module import FLMM
+from flmm.overlay import phrase_colour, render_overlay
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -153,7 +153,7 @@ def test_answer_html_colours_and_escapes(chat, image_file):
     )
     assert "&lt;b&gt; &amp; " in page and "rgb(230,25,75)" in page and "red circle</span>" in page
     assert overlay.shape[2] == 3 and overlay.shape[1] >= 384
-    from flmm.chat import ChatResult
+    from flmm.chat.conversation import ChatResult
 
     result = ChatResult("q", "a <x>", [], [], np.zeros((0, 2, 2), bool), missing=["dog"])
     assert (

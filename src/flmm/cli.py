@@ -13,13 +13,19 @@ import sys
 COMMANDS = {
     "train": ("flmm.train", "train F-LMM (Hydra overrides: model=llava data=refcoco ...)"),
     "evaluate": ("flmm.evaluate", "score a checkpoint on every split (ckpt_path=...)"),
-    "ground": ("flmm.ground", "ground phrases of a text or an answer on one image"),
-    "web": ("flmm.web", "the grounded-chat web page (127.0.0.1 by default)"),
-    "pope": ("flmm.evaluate_pope", "POPE hallucination: plain answers vs visual chain of thought"),
-    "reasonseg": ("flmm.reasonseg", "ReasonSeg-style evaluation: answer, then ground the answer"),
-    "train-selector": ("flmm.train_selector", "train the keyword selector"),
+    "ground": ("flmm.chat.ground", "ground phrases of a text or an answer on one image"),
+    "web": ("flmm.chat.web", "the grounded-chat web page (127.0.0.1 by default)"),
+    "pope": (
+        "flmm.chat.evaluate_pope",
+        "POPE hallucination: plain answers vs visual chain of thought",
+    ),
+    "reasonseg": (
+        "flmm.chat.reasonseg",
+        "ReasonSeg-style evaluation: answer, then ground the answer",
+    ),
+    "train-selector": ("flmm.chat.train_selector", "train the keyword selector"),
     "convert-reference": (
-        "flmm.convert_reference",
+        "flmm.model.convert_reference",
         "turn a released reference F-LMM head into an flmm checkpoint",
     ),
 }

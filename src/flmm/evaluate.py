@@ -32,16 +32,14 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from flmm.callbacks import overlay_row
-from flmm.checkpoint import check_family, read_checkpoint
 from flmm.data.datamodule import EvalSet
-from flmm.errors import ConfigError, DataError, FlmmUserError
-from flmm.lit_module import FLMM, upsample_logits
+from flmm.errors import USER_ERRORS, ConfigError, DataError, FlmmUserError, exit_on_user_error
+from flmm.model.checkpoint import check_family, read_checkpoint
+from flmm.model.module import FLMM, upsample_logits
+from flmm.overlay import overlay_row
 from flmm.runtime import (
     CONFIG_PATH,
-    USER_ERRORS,
     build_trainer,
-    exit_on_user_error,
     write_metrics,
     write_text_atomic,
 )

@@ -6,45 +6,48 @@ import importlib.util
 import json
 import logging
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from flmm.checkpoint import AtomicCheckpointIO, check_family, newest_readable, read_checkpoint
-from flmm.distributed import LoaderPosition
+from flmm.data.distributed import LoaderPosition
 from flmm.errors import FlmmUserError, MissingExtraError
+from flmm.lmm import get_family, list_lmms
+from flmm.model.checkpoint import AtomicCheckpointIO, check_family, newest_readable, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 CONFIG_PATH = str(Path(__file__).resolve().parent / "conf")
 
 # Errors caused by the user's input (paths, configs, checkpoints): reported as one message.
-USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, FlmmUserError)
 
 
-def exit_on_user_error(fn: Callable, *args, **kwargs):
-    """Run ``fn``; a user error ends the process with one clear message and exit code 2."""
-    try:
-        return fn(*args, **kwargs)
-    except (InstantiationException, *USER_ERRORS) as err:
-        cause = err
-        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        if not isinstance(cause, USER_ERRORS):
-            raise
-        print(f"flmm: error: {cause}", file=sys.stderr)
-        sys.exit(2)
+def register_tiny_configs() -> None:
+    """``model=<family>_tiny`` for every family of the registry: the template
+    ``model/random_tiny.yaml`` with the family (and its tiny grid) filled in, so a new family
+    needs its registry row, its tiny builder and its real-model config, nothing more."""
+    store = ConfigStore.instance()
+    for family in list_lmms():
+        lmm = {"family": family, "grid_size": get_family(family).tiny_grid_size}
+        node = {"defaults": ["random_tiny", "_self_"], "lmm": lmm}
+        store.store(group="model", name=f"{family}_tiny", node=node)
+
+
+register_tiny_configs()
+
+
+def flmm_home() -> Path:
+    """The project root used for the synthetic world's defaults (``$FLMM_HOME`` or cwd)."""
+    return Path(os.environ.get("FLMM_HOME", "."))
 
 
 # config entries whose ``_target_`` needs an optional dependency: (module, extra, what needs it)

@@ -11,18 +11,18 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from flmm.feature_cache import attach
+from flmm.errors import exit_on_user_error
 from flmm.runtime import (
     CONFIG_PATH,
     build_trainer,
     checkpoint_report,
-    exit_on_user_error,
     finish_loggers,
     gather_records,
     resolve_ckpt_path,
     write_metrics,
     write_records,
 )
+from flmm.training.feature_cache import attach
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from flmm.data.distributed import build_loader
 from flmm.data.refer import ReferAnnotations, ReferDataset, check_refer_layout, load_refer
-from flmm.distributed import build_loader
 from flmm.types import GroundingBatch
 
 
@@ -42,7 +42,7 @@ class GroundingDataModule(L.LightningDataModule):
 
     Subclasses implement :meth:`make_dataset` (one split under one protocol) and ``prepare_data``
     (fail fast when files are missing). Batches are :class:`~flmm.types.GroundingBatch` es; under
-    DDP the loaders shard by rank (:mod:`flmm.distributed`: seeded per epoch, resumable
+    DDP the loaders shard by rank (:mod:`flmm.data.distributed`: seeded per epoch, resumable
     mid-epoch, evaluation shards unpadded). ``val_split`` / ``test_split``
     may list several splits, giving one loader each; ``eval_splits`` are the splits
     ``flmm.evaluate`` scores (default: the test splits).
@@ -52,7 +52,7 @@ class GroundingDataModule(L.LightningDataModule):
             ``test_protocol`` defaults to ``val_protocol``.
         max_train_samples / max_eval_samples: keep only the first samples of each split.
         max_phrases: at most this many phrases per sample (images with more give several).
-        cache_dir: folder of the frozen-feature cache (:mod:`flmm.feature_cache`); None: off.
+        cache_dir: folder of the frozen-feature cache (:mod:`flmm.training.feature_cache`); None: off.
     """
 
     name = "grounding"
@@ -75,7 +75,9 @@ class GroundingDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.cache_dir = cache_dir  # frozen-feature cache; flmm.train attaches flmm.feature_cache
+        self.cache_dir = (
+            cache_dir  # frozen-feature cache; flmm.train attaches flmm.training.feature_cache
+        )
         self.train_split = train_split
         self.val_splits, self.test_splits = _as_list(val_split), _as_list(test_split)
         self.eval_splits = _as_list(eval_splits) or list(self.test_splits)

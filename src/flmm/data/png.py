@@ -31,8 +31,6 @@ from torch.utils.data import Dataset
 
 from flmm.data.datamodule import GroundingDataModule
 from flmm.data.masks import rgb2id
-from flmm.data.synthetic.narratives import PNG_DIR
-from flmm.data.synthetic.write import ensure_world, world_spec
 from flmm.errors import ConfigError, DataError
 from flmm.types import GroundingSample
 
@@ -319,36 +317,3 @@ class PNGDataModule(GroundingDataModule):
         if split not in self._annotations:
             self._annotations[split] = load_png(self.root, split)
         return PNGDataset(self.root, split, protocol, self.max_phrases, self._annotations[split])
-
-
-class SyntheticPNGDataModule(PNGDataModule):
-    """:class:`PNGDataModule` over the synthetic world's PNG layout, written first if missing.
-
-    Args:
-        world_root: the synthetic world's folder (its PNG layout lives in
-            ``world_root/panoptic_narrative_grounding``).
-        n_train / n_val / n_test, world_seed, image_size: the world (as ``data=synthetic``).
-        **kwargs: passed on to :class:`PNGDataModule` (splits train2017 / val2017 / test2017).
-    """
-
-    def __init__(
-        self,
-        world_root: str | Path,
-        n_train: int = 700,
-        n_val: int = 200,
-        n_test: int = 400,
-        world_seed: int = 0,
-        image_size: int = 96,
-        **kwargs,
-    ) -> None:
-        super().__init__(Path(world_root) / PNG_DIR, **kwargs)
-        self.world_root = Path(world_root)
-        self.world = world_spec(n_train, n_val, n_test, world_seed, image_size)
-
-    def prepare_data(self) -> None:
-        ensure_world(self.world_root, **self.world)
-        super().prepare_data()
-
-    def prepare_eval(self) -> None:
-        ensure_world(self.world_root, **self.world)
-        super().prepare_eval()

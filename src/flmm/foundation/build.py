@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm.data.synthetic.corpus import pretraining_pairs
+from flmm.errors import exit_on_user_error
 from flmm.foundation.cache import (
     RECIPE_FILE,
     SHIPPED,
@@ -35,7 +36,7 @@ from flmm.foundation.cache import (
     sam_recipe,
 )
 from flmm.lmm import FrozenLMM
-from flmm.runtime import CONFIG_PATH, exit_on_user_error
+from flmm.runtime import CONFIG_PATH
 
 AGREEMENT_STREAM = 103  # RNG stream of the scenes the exported copy is checked on
 

@@ -75,6 +75,17 @@ def shipped_path(name: str, recipe: dict) -> str | None:
     return str(SHIPPED[name]) if same and SHIPPED[name].exists() else None
 
 
+def shipped_tiny_sam() -> str:
+    """The synthetic world's tiny SAM shipped with flmm; a clear error if the file is missing."""
+    path = SHIPPED["tiny_sam"]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no SAM checkpoint given and the tiny SAM shipped with flmm is missing at {path}; "
+            "pass sam=/path/to/sam_vit_l_0b3195.pth, or rebuild it with `make foundation`"
+        )
+    return str(path)
+
+
 def recipe_digest(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
 

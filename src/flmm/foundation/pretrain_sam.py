@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from flmm.heads.sam_build import build_tiny_sam
 from flmm.heads.sam_refiner import boxes_from_masks, mask_prompt, preprocess_image
-from flmm.losses import bce_dice_loss
+from flmm.model.losses import bce_dice_loss
 
 Scene = tuple[np.ndarray, list[np.ndarray]]  # image H x W x 3 uint8, masks of H x W bool
 PROMPT_MODES = ("box", "points", "mask", "box+mask")

@@ -41,6 +41,8 @@ class Family:
         final_norm: attribute path to the norm after the last decoder layer (HF's last hidden
             state, which the text prompts read, is its output).
         instruction: default user-turn instruction.
+        tiny_grid_size: ``grid_size`` of ``model=<family>_tiny`` where the family rule does not
+            fit the tiny model (None: the family rule).
     """
 
     name: str
@@ -56,6 +58,7 @@ class Family:
     decoder_layers: str = "model.language_model.layers"
     final_norm: str = "model.language_model.norm"
     instruction: str = DEFAULT_INSTRUCTION
+    tiny_grid_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
@@ -102,6 +105,8 @@ FAMILIES: dict[str, Family] = {
             grid="thw",
             pad_to_square=False,
             grid_size=32,
+            # its tiny model: a 96 px image is 6 x 6 merged tokens, resampled onto 12 x 12
+            tiny_grid_size=12,
         ),
         Family(
             "internvl",

@@ -5,6 +5,7 @@ from flmm.data.synthetic.expressions import Expression, referring_expressions, s
 from flmm.data.synthetic.world import Obj, Scene, sample_scene
 from flmm.data.synthetic.write import (
     SyntheticDataModule,
+    SyntheticPNGDataModule,
     attribute_oracle_masks,
     ensure_world,
     write_world,
@@ -15,6 +16,7 @@ __all__ = [
     "Obj",
     "Scene",
     "SyntheticDataModule",
+    "SyntheticPNGDataModule",
     "attribute_oracle_masks",
     "captions",
     "ensure_world",

@@ -3,7 +3,7 @@
 :func:`pretraining_pairs` mixes captions in F-LMM's own prompt format, existence questions in
 POPE's wording, other questions (:mod:`flmm.data.synthetic.questions`), the visual chain of thought
 ("the object most relevant to the question is ...") on questions about one object, and questions
-asked with a second image, a crop around an object, as ``flmm.chat``'s visual chain of thought asks
+asked with a second image, a crop around an object, as ``flmm.chat.conversation``'s visual chain of thought asks
 again. Scenes come from the generator given, a stream apart from the world's splits
 (:data:`PRETRAIN_STREAM`), so the held-out val and test scenes are never pretrained on.
 
@@ -44,7 +44,7 @@ TEMPLATE_WORDS = (
     "objects image describe please give me description center larger smaller two leftmost rightmost topmost bottommost "
     "left right top bottom above below"
 )
-# flmm.chat's visual chain of thought asks for "the object most relevant to the question".
+# flmm.chat.conversation's visual chain of thought asks for "the object most relevant to the question".
 COT_QUESTION = "what is the object most relevant to the question?"
 COT_ANSWER = "the object most relevant to the question is"
 PUNCTUATION = (".", ",", "?")
@@ -121,7 +121,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[Question]:
 
 
 def crop(scene: Scene, t: int) -> np.ndarray:
-    """The image inside object ``t``'s box grown as ``flmm.chat``'s visual chain of thought grows
+    """The image inside object ``t``'s box grown as ``flmm.chat.conversation``'s visual chain of thought grows
     it (``h x w x 3`` uint8)."""
     x0, y0, x1, y1 = expand_box(mask_box(scene.objects[t].mask), scene.image.shape[:2])
     return scene.image[y0:y1, x0:x1]

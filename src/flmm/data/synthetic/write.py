@@ -26,10 +26,11 @@ from PIL import Image
 
 from flmm.data.datamodule import ReferDataModule
 from flmm.data.masks import mask_to_bbox, mask_to_rle
+from flmm.data.png import PNGDataModule
 from flmm.data.refer import ReferDataset
 from flmm.data.synthetic.corpus import words
 from flmm.data.synthetic.expressions import Expression, sample_expressions
-from flmm.data.synthetic.narratives import ensure_png_layout, write_png_layout
+from flmm.data.synthetic.narratives import PNG_DIR, ensure_png_layout, write_png_layout
 from flmm.data.synthetic.pope import write_pope
 from flmm.data.synthetic.world import SHAPES, Scene, sample_scene
 from flmm.types import GroundingSample
@@ -220,3 +221,36 @@ class SyntheticDataModule(ReferDataModule):
     def prepare_data(self) -> None:
         ensure_world(self.root, **self.world)
         super().prepare_data()
+
+
+class SyntheticPNGDataModule(PNGDataModule):
+    """:class:`PNGDataModule` over the synthetic world's PNG layout, written first if missing.
+
+    Args:
+        world_root: the synthetic world's folder (its PNG layout lives in
+            ``world_root/panoptic_narrative_grounding``).
+        n_train / n_val / n_test, world_seed, image_size: the world (as ``data=synthetic``).
+        **kwargs: passed on to :class:`PNGDataModule` (splits train2017 / val2017 / test2017).
+    """
+
+    def __init__(
+        self,
+        world_root: str | Path,
+        n_train: int = 700,
+        n_val: int = 200,
+        n_test: int = 400,
+        world_seed: int = 0,
+        image_size: int = 96,
+        **kwargs,
+    ) -> None:
+        super().__init__(Path(world_root) / PNG_DIR, **kwargs)
+        self.world_root = Path(world_root)
+        self.world = world_spec(n_train, n_val, n_test, world_seed, image_size)
+
+    def prepare_data(self) -> None:
+        ensure_world(self.world_root, **self.world)
+        super().prepare_data()
+
+    def prepare_eval(self) -> None:
+        ensure_world(self.world_root, **self.world)
+        super().prepare_eval()

@@ -1,11 +1,11 @@
-"""`python -m flmm.train_selector [overrides]`: train the keyword selector on grounded words.
+"""`python -m flmm.chat.train_selector [overrides]`: train the keyword selector on grounded words.
 
 The synthetic world's captions ("a large red circle at the top left. ...") name every object; the
 object nouns (size, colour, shape) are the grounded words, the rest (articles, positions,
 punctuation) are not. The frozen LMM's word states are computed once per split; a linear layer is
 fit with BCE; precision / recall / F1 at the threshold (0.3) are reported on val and test and
 written to ``metrics.json``; the weights go to ``save_to`` (put them beside an F-LMM checkpoint as
-``selector.pt`` and :class:`flmm.chat.GroundedChat` loads them).
+``selector.pt`` and :class:`flmm.chat.conversation.GroundedChat` loads them).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from flmm.chat.selector import KeywordSelector, f1_scores, word_spans, word_states
 from flmm.data.synthetic import sample_scene
 from flmm.data.synthetic.corpus import CAPTION_PROMPT, region
-from flmm.runtime import CONFIG_PATH, exit_on_user_error, write_metrics
-from flmm.selector import KeywordSelector, f1_scores, word_spans, word_states
+from flmm.errors import exit_on_user_error
+from flmm.runtime import CONFIG_PATH, write_metrics
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

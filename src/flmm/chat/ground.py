@@ -1,4 +1,4 @@
-"""`python -m flmm.ground IMAGE "question or phrase" [--phrases ...]`: grounded answers on the CLI.
+"""`python -m flmm.chat.ground IMAGE "question or phrase" [--phrases ...]`: grounded answers on the CLI.
 
 Modes: ``chat`` answers the question and grounds phrases of the answer (``--phrases``, else the
 keyword selector's); ``ground`` grounds ``--phrases`` of the given text (the whole text without
@@ -15,26 +15,23 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from flmm.callbacks import PALETTE, overlay
-from flmm.chat import (
+from flmm.chat.conversation import (
     COT_PREFIX,
     ChatResult,
     GroundedChat,
     VisualCoT,
     object_phrase,
 )
-from flmm.errors import FlmmUserError
-from flmm.lit_module import phrase_spans
-from flmm.model_options import add_model_args, load_chat
-from flmm.reasonseg import reason
-from flmm.runtime import exit_on_user_error
+from flmm.chat.options import add_model_args, load_chat
+from flmm.chat.reasonseg import reason
+from flmm.errors import FlmmUserError, exit_on_user_error
+from flmm.model.module import phrase_spans
+from flmm.overlay import phrase_colour, render_overlay
 
 MODES = ("auto", "chat", "ground", "cot", "reason")
 MAX_PIXELS = 4096 * 4096
-LEGEND_ROW = 18
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -59,33 +56,6 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise FlmmUserError(
             f"cannot read {path} as an image ({err}); pass a PNG, JPEG or other PIL-readable file"
         ) from err
-
-
-def render_overlay(
-    image: np.ndarray, masks: np.ndarray, phrases: list[str], min_side: int = 384
-) -> np.ndarray:
-    """The image with each of the ``K x H x W`` masks tinted in its colour, upscaled to at least
-    ``min_side`` pixels, above a legend (a colour swatch and the phrase per row)."""
-    tinted = overlay(torch.from_numpy(image), torch.from_numpy(np.asarray(masks, dtype=bool)))
-    scale = max(1, -(-min_side // max(image.shape[:2])))
-    picture = Image.fromarray(tinted).resize(
-        (image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST
-    )
-    canvas = Image.new("RGB", (picture.width, picture.height + LEGEND_ROW * len(phrases) + 4))
-    canvas.paste((255, 255, 255), (0, 0, *canvas.size))
-    canvas.paste(picture, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for k, phrase in enumerate(phrases):
-        top = picture.height + 2 + k * LEGEND_ROW
-        colour = tuple(int(c) for c in phrase_colour(k))
-        draw.rectangle((4, top + 2, 18, top + 14), fill=colour)
-        draw.text((24, top + 2), phrase, fill=(0, 0, 0))
-    return np.asarray(canvas)
-
-
-def phrase_colour(k: int) -> np.ndarray:
-    """RGB colour of the ``k``-th phrase (the overlay's palette)."""
-    return PALETTE[k % len(PALETTE)]
 
 
 def marked(result: ChatResult) -> str:
@@ -177,7 +147,9 @@ def cot_result(cot: VisualCoT, image: np.ndarray) -> ChatResult:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flmm.ground", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m flmm.chat.ground", description=__doc__.split("\n")[0]
+    )
     p.add_argument("image", help="image file (PNG, JPEG, ...)")
     p.add_argument("text", help="a question (answered, then grounded) or a phrase to ground")
     p.add_argument("--phrases", nargs="+", help="phrases to ground, exactly as in the text/answer")

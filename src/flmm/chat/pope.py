@@ -56,7 +56,7 @@ class PopeQuestion:
 
 
 class VisualCoTResult(Protocol):
-    """What :meth:`Answerer.visual_cot` returns (``flmm.chat.VisualCoT`` fits)."""
+    """What :meth:`Answerer.visual_cot` returns (``flmm.chat.conversation.VisualCoT`` fits)."""
 
     object_text: str
     box: tuple[int, int, int, int] | None
@@ -64,7 +64,7 @@ class VisualCoTResult(Protocol):
 
 
 class Answerer(Protocol):
-    """Answers questions about an ``H x W x 3`` uint8 RGB image (``flmm.chat.GroundedChat`` fits)."""
+    """Answers questions about an ``H x W x 3`` uint8 RGB image (``flmm.chat.conversation.GroundedChat`` fits)."""
 
     def answer(self, image: np.ndarray, question: str, max_new_tokens: int = 32) -> str: ...
 

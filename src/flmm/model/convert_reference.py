@@ -1,4 +1,4 @@
-"""`python -m flmm.convert_reference CKPT --model ROW [--out PATH]`: a released F-LMM head as an
+"""`python -m flmm.model.convert_reference CKPT --model ROW [--out PATH]`: a released F-LMM head as an
 flmm checkpoint.
 
 CKPT is one of the reference implementation's trained checkpoints (wusize/F-LMM, README
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from flmm.reference_checkpoint import RELEASED, convert
-from flmm.runtime import exit_on_user_error
+from flmm.errors import exit_on_user_error
+from flmm.model.reference import RELEASED, convert
 
 
 def parser() -> argparse.ArgumentParser:
     rows = ", ".join(f"{name} ({r.file_name})" for name, r in RELEASED.items())
     about = " ".join(__doc__.split("\n\n")[0].split())
-    p = argparse.ArgumentParser(prog="python -m flmm.convert_reference", description=about)
+    p = argparse.ArgumentParser(prog="python -m flmm.model.convert_reference", description=about)
     p.add_argument("ckpt", help="the reference's .pth file")
     p.add_argument("--model", required=True, choices=list(RELEASED), help=f"paper row: {rows}")
     p.add_argument("--out", help="checkpoint to write (default: CKPT with the suffix .ckpt)")

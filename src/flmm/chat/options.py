@@ -1,5 +1,5 @@
-"""Command-line options that pick the models, shared by ``flmm.ground``, ``flmm.reasonseg`` and
-``flmm.web``: an F-LMM checkpoint (default: the newest under ``logs/``), the frozen LMM it was
+"""Command-line options that pick the models, shared by ``flmm.chat.ground``, ``flmm.chat.reasonseg`` and
+``flmm.chat.web``: an F-LMM checkpoint (default: the newest under ``logs/``), the frozen LMM it was
 trained on (default: the one its metadata names), SAM and the keyword selector."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from flmm.chat import GroundedChat, flmm_home
-from flmm.checkpoint import check_family, read_checkpoint
+from flmm.chat.conversation import GroundedChat
 from flmm.errors import FlmmUserError
+from flmm.model.checkpoint import check_family, read_checkpoint
+from flmm.runtime import flmm_home
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

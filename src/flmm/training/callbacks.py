@@ -8,11 +8,11 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from flmm.lit_module import upsample_logits
+from flmm.model.module import upsample_logits
+from flmm.overlay import overlay_row
 
 log = logging.getLogger(__name__)
 
@@ -119,22 +119,3 @@ class MaskOverlays(L.Callback):
         wandb.log_image(
             key="val/overlays", images=panels, caption=captions, step=trainer.global_step
         )
-
-
-PALETTE = np.array(
-    [[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240]],
-    dtype=np.float32,
-)
-
-
-def overlay(image: torch.Tensor, masks: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
-    """``H x W x 3`` uint8: ``image`` with each of the ``K x H x W`` masks tinted in its own colour."""
-    out = image.cpu().numpy().astype(np.float32)
-    for k, mask in enumerate(masks.cpu().numpy().astype(bool)):
-        out[mask] = (1 - alpha) * out[mask] + alpha * PALETTE[k % len(PALETTE)]
-    return out.round().astype(np.uint8)
-
-
-def overlay_row(image: torch.Tensor, mask_sets: list[torch.Tensor]) -> np.ndarray:
-    """The image, then one overlay per mask set (e.g. target, coarse, refined), side by side."""
-    return np.concatenate([image.cpu().numpy()] + [overlay(image, m) for m in mask_sets], axis=1)

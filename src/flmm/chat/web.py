@@ -1,10 +1,10 @@
-"""`python -m flmm.web`: a small Gradio page to ask about an image and see the answer grounded.
+"""`python -m flmm.chat.web`: a small Gradio page to ask about an image and see the answer grounded.
 
 Upload an image, ask a question (or give a phrase), and the page shows the answer with each
 grounded phrase coloured like its mask, and the overlay. It binds to 127.0.0.1 unless told
 otherwise, rejects uploads over ``--max-file-mb`` or ``--max-pixels`` and non-images with a
 clear message, queues requests (one at a time, ``--max-queue`` waiting) and caps the length of
-every text field and the answer tokens. Model options as in `python -m flmm.ground` (defaults:
+every text field and the answer tokens. Model options as in `python -m flmm.chat.ground` (defaults:
 the synthetic world's models and the newest F-LMM checkpoint under ``logs/``).
 
 Serving beyond this machine (``--host`` other than a loopback address) needs ``--allow-remote``
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flmm.chat import ChatResult, GroundedChat
-from flmm.errors import FlmmUserError, MissingExtraError
-from flmm.ground import MODES, load_image, phrase_colour, render_overlay, run
-from flmm.model_options import add_model_args, load_chat
-from flmm.runtime import USER_ERRORS, exit_on_user_error
+from flmm.chat.conversation import ChatResult, GroundedChat
+from flmm.chat.ground import MODES, load_image, run
+from flmm.chat.options import add_model_args, load_chat
+from flmm.errors import USER_ERRORS, FlmmUserError, MissingExtraError, exit_on_user_error
+from flmm.overlay import phrase_colour, render_overlay
 
 log = logging.getLogger(__name__)
 AUTH_ENV = "FLMM_WEB_AUTH"
@@ -214,7 +214,7 @@ def serving_auth(host: str, allow_remote: bool, auth_file: str | None) -> list |
 
 def main(argv: list[str] | None = None) -> None:
     exit_on_user_error(require_gradio)
-    p = argparse.ArgumentParser(prog="python -m flmm.web", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m flmm.chat.web", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-file-mb", type=int, default=Limits.max_file_mb)

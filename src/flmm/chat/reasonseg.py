@@ -8,8 +8,8 @@ drawn largest first, so a smaller one on top wins); ``flag`` shapes are deprecat
 gIoU is the mean per-query IoU (1 when prediction and target are both empty), cIoU is the summed
 intersection over the summed union.
 
-`python -m flmm.reasonseg DIR [--limit N] [--out results.json]` (model options as in
-`python -m flmm.ground`).
+`python -m flmm.chat.reasonseg DIR [--limit N] [--out results.json]` (model options as in
+`python -m flmm.chat.ground`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flmm.chat import ChatResult, GroundedChat
-from flmm.errors import FlmmUserError
-from flmm.model_options import add_model_args, load_chat
-from flmm.runtime import exit_on_user_error
+from flmm.chat.conversation import ChatResult, GroundedChat
+from flmm.chat.options import add_model_args, load_chat
+from flmm.errors import FlmmUserError, exit_on_user_error
 
 IGNORE = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -193,7 +192,9 @@ def write_synthetic_split(out_dir: str | Path, n: int, seed: int = 0, image_size
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m flmm.reasonseg", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m flmm.chat.reasonseg", description=__doc__.split("\n")[0]
+    )
     p.add_argument("split_dir", help="a ReasonSeg split folder (NAME.jpg + NAME.json)")
     p.add_argument(
         "--write-synthetic",

@@ -114,7 +114,7 @@ class KeywordSelector(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(
                 f"keyword selector not found: {path}; "
-                "train one with `python -m flmm.train_selector`"
+                "train one with `python -m flmm.chat.train_selector`"
             )
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if "selector" not in saved:
@@ -124,7 +124,7 @@ class KeywordSelector(nn.Module):
             raise CheckpointMismatchError(
                 f"keyword selector {path} was trained on LMM {meta['lmm_id']!r} (hidden size "
                 f"{meta['hidden_size']}), but this LMM's hidden size is {hidden_size}; "
-                "retrain it with `python -m flmm.train_selector` for this LMM"
+                "retrain it with `python -m flmm.chat.train_selector` for this LMM"
             )
         selector = cls(meta["hidden_size"], meta["threshold"], meta["lmm_id"])
         selector.load_state_dict(saved["state_dict"], strict=True)

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from flmm.callbacks import fingerprint
 from flmm.errors import FlmmUserError
+from flmm.training.callbacks import fingerprint
 from flmm.types import CaptureOutput, GroundingBatch
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def _widest(entries: list[dict[str, torch.Tensor]], name: str) -> torch.dtype:
 
 
 def attach(model, cache_dir: str | Path | None) -> FeatureCache | None:
-    """Give ``model`` (an :class:`~flmm.lit_module.FLMM`) a feature cache at ``cache_dir``
+    """Give ``model`` (an :class:`~flmm.model.module.FLMM`) a feature cache at ``cache_dir``
     (None or empty: no cache)."""
     if not cache_dir:
         return None

@@ -15,17 +15,22 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from flmm import frame
-from flmm.checkpoint import (
+from flmm.errors import CheckpointMismatchError
+from flmm.heads import MaskHead, SamRefiner, TextPrompt
+from flmm.lmm import FrozenLMM
+from flmm.model.checkpoint import (
     check_metadata,
     checkpoint_metadata,
     load_trainable_state,
     read_checkpoint,
 )
-from flmm.errors import CheckpointMismatchError
-from flmm.heads import MaskHead, SamRefiner, TextPrompt
-from flmm.lmm import FrozenLMM
-from flmm.losses import bce_dice_loss
-from flmm.metrics import PNGRecallMetric, ReferSegMetric, intersections_unions, ious_from_counts
+from flmm.model.losses import bce_dice_loss
+from flmm.model.metrics import (
+    PNGRecallMetric,
+    ReferSegMetric,
+    intersections_unions,
+    ious_from_counts,
+)
 from flmm.types import CaptureOutput, GroundingBatch, GroundingSample
 
 log = logging.getLogger(__name__)
@@ -122,7 +127,7 @@ class FLMM(L.LightningModule):
         self.text_prompt = text_prompt
         self.refiner = refiner
         self.test_records: list[dict] = []  # per-phrase IoUs and tags of the last test run
-        self.feature_cache = None  # flmm.feature_cache.attach (data.cache_dir=...) sets it
+        self.feature_cache = None  # flmm.training.feature_cache.attach (data.cache_dir=...) sets it
         self.metrics = nn.ModuleDict(
             {
                 f"{split}_{stage}": ReferSegMetric()

@@ -1,6 +1,6 @@
-"""`python -m flmm.evaluate_pope [overrides]`: POPE object hallucination, plain vs visual CoT.
+"""`python -m flmm.chat.evaluate_pope [overrides]`: POPE object hallucination, plain vs visual CoT.
 
-Loads the frozen LMM, SAM and an F-LMM checkpoint as :class:`flmm.chat.GroundedChat`, answers
+Loads the frozen LMM, SAM and an F-LMM checkpoint as :class:`flmm.chat.conversation.GroundedChat`, answers
 every question of each POPE file plainly and with visual chain of thought (answers appended to
 ``answers/<file>.<mode>.jsonl`` as they come; a rerun with the same ``output_dir`` resumes), and
 writes ``pope_metrics.json`` and ``pope_table.md``. See conf/evaluate_pope.yaml.
@@ -15,10 +15,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from flmm.chat import GroundedChat
+from flmm.chat.conversation import GroundedChat
+from flmm.chat.pope import check_modes, check_settings, evaluate, format_table, read_sets
 from flmm.data.synthetic.pope import ensure_pope
-from flmm.pope import check_modes, check_settings, evaluate, format_table, read_sets
-from flmm.runtime import CONFIG_PATH, exit_on_user_error
+from flmm.errors import exit_on_user_error
+from flmm.runtime import CONFIG_PATH
 
 log = logging.getLogger(__name__)
 

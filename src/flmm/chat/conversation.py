@@ -9,7 +9,6 @@ being generated. Phrases come from the user or from the keyword selector.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,13 @@ import numpy as np
 import torch
 from transformers import TextIteratorStreamer, TextStreamer
 
+from flmm.chat.selector import SELECTOR_FILE, KeywordSelector
 from flmm.data.masks import expand_box, mask_box
 from flmm.errors import FlmmUserError
-from flmm.foundation.cache import SHIPPED
+from flmm.foundation.cache import shipped_tiny_sam
 from flmm.heads import build_sam
-from flmm.lit_module import FLMM, Grounding
 from flmm.lmm import FrozenLMM
-from flmm.selector import SELECTOR_FILE, KeywordSelector
+from flmm.model.module import FLMM, Grounding
 
 COT_QUESTION = "{question} What is the object most relevant to the question?"
 COT_PREFIX = "The object most relevant to the question is"
@@ -110,7 +109,7 @@ class GroundedChat:
             selector: keyword selector file; None = ``selector.pt`` beside the checkpoint if any.
             kw: passed to :meth:`FrozenLMM.from_pretrained` (``dtype``, ``text_layers``...).
         """
-        sam = sam or default_sam_path()
+        sam = sam or shipped_tiny_sam()
         model = FLMM.from_checkpoint(
             checkpoint,
             FrozenLMM.from_pretrained(lmm, family=family, **kw),
@@ -195,7 +194,7 @@ class GroundedChat:
         if self.selector is None:
             raise FlmmUserError(
                 "no keyword selector is loaded: pass phrases explicitly (--phrases ...), or train "
-                f"one with `python -m flmm.train_selector` and put {SELECTOR_FILE} beside the "
+                f"one with `python -m flmm.chat.train_selector` and put {SELECTOR_FILE} beside the "
                 "F-LMM checkpoint"
             )
         with self.lmm.user_turn(question):
@@ -291,19 +290,3 @@ def sam_variant_of(path: str) -> str:
             f"(one of {', '.join(SAM_VARIANTS)})"
         )
     return found[0]
-
-
-def flmm_home() -> Path:
-    """The project root used for the synthetic world's defaults (``$FLMM_HOME`` or cwd)."""
-    return Path(os.environ.get("FLMM_HOME", "."))
-
-
-def default_sam_path() -> str:
-    """The synthetic world's tiny SAM, shipped with flmm; a clear error if the file is missing."""
-    path = SHIPPED["tiny_sam"]
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no SAM checkpoint given and the tiny SAM shipped with flmm is missing at {path}; "
-            "pass sam=/path/to/sam_vit_l_0b3195.pth, or rebuild it with `make foundation`"
-        )
-    return str(path)

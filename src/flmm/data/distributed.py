@@ -15,18 +15,11 @@ Both samplers subclass ``DistributedSampler``, so Lightning keeps them instead o
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import lightning as L
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-
-log = logging.getLogger(__name__)
 
 
 def world() -> tuple[int, int]:
@@ -151,42 +144,3 @@ def build_loader(
     """Training (``shuffle``: seeded, padded shards) or evaluation (ordered, unpadded) loader."""
     sampler = ShardSampler(dataset, shuffle=shuffle, seed=seed, pad=shuffle)
     return ResumableLoader(dataset, sampler, batch_size=batch_size, **kwargs)
-
-
-class ShardedLMMStrategy(DDPStrategy):
-    """DDP for the trainable heads, with the frozen LMM's decoder sharded over the ranks (FSDP2).
-
-    Before anything moves to the device, every decoder layer of the frozen LMM (the bulk of its
-    weights) is ``fully_shard``-ed over all ranks, so each device holds ``1/W`` of them and
-    gathers one layer at a time in the forward pass. Each layer is its own FSDP root, so code that
-    calls parts of the model directly (``generate`` runs the vision tower on its own) keeps
-    working; the embeddings, vision tower and projector stay whole on every device. The
-    trainable part (mask head, text prompt, SAM) stays replicated and DDP averages its gradients;
-    DDP is told to ignore the LMM's parameters, which never get a gradient. For LMMs that do not
-    fit one device (``trainer=fsdp``); the training math is the same as ``trainer=ddp``.
-    """
-
-    strategy_name = "ddp_sharded_lmm"
-
-    def model_to_device(self) -> None:
-        """Shard the frozen LMM (once), then move the rest of the module to the device."""
-        module = self.lightning_module
-        lmm = module.lmm.model
-        if not getattr(lmm, "_flmm_sharded", False):
-            mesh = init_device_mesh(self.root_device.type, (self.world_size,))
-            for layer in module.lmm.layers:
-                fully_shard(layer, mesh=mesh)
-            lmm._flmm_sharded = True
-            sharded = sum(p.numel() for layer in module.lmm.layers for p in layer.parameters())
-            total = sum(p.numel() for p in lmm.parameters())
-            log.info(
-                "frozen LMM: %d decoder layers sharded over %d ranks (%s of %s parameters)",
-                len(module.lmm.layers),
-                self.world_size,
-                f"{sharded:,}",
-                f"{total:,}",
-            )
-        prefix = next(n for n, m in module.named_modules() if m is lmm)
-        ignored = {f"{prefix}.{name}" for name, _ in lmm.named_parameters()}
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
-        super().model_to_device()

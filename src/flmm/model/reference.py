@@ -3,7 +3,7 @@
 The reference trains ``FrozenLlavaSAM``, ``FrozenLlavaNextSAM`` and ``FrozenDeepseekVLSAM``
 (``flmm/models/*.py`` there) and publishes one state dict per paper row (its README,
 "Checkpoints"). Their trained tensors map one to one onto :meth:`FLMM.trainable_modules
-<flmm.lit_module.FLMM.trainable_modules>`:
+<flmm.model.module.FLMM.trainable_modules>`:
 
 =================================================  ================================
 reference key                                      this project's key
@@ -35,12 +35,12 @@ from pathlib import Path
 import lightning
 import torch
 
-from flmm.checkpoint import flmm_version
 from flmm.errors import CheckpointMismatchError, FlmmUserError
 from flmm.heads import MaskHead, TextPrompt, build_sam
 from flmm.heads.sam_build import MAX_KEYS_SHOWN
 from flmm.lmm import get_family
 from flmm.lmm.grids import PARTS
+from flmm.model.checkpoint import flmm_version
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ def convert_state(
 
 
 def metadata(target: Target, state: dict[str, torch.Tensor], target_size: int, source: str) -> dict:
-    """The ``flmm`` block :func:`flmm.checkpoint.check_metadata` compares, plus the SAM variant
+    """The ``flmm`` block :func:`flmm.model.checkpoint.check_metadata` compares, plus the SAM variant
     and the source file."""
     return {
         "lmm_id": target.lmm_id,
