@@ -220,3 +220,25 @@ def test_predict_step_gives_masks_at_image_size(tiny_run):
         alone = model.ground(image, text, sample["phrases"])
         torch.testing.assert_close(sample["refined"], alone.masks)
         torch.testing.assert_close(sample["coarse"], alone.coarse > 0.5)
+
+
+def test_missing_selector_stops_before_any_image(saved, images, tmp_path, capsys):
+    alone = tmp_path / "alone.ckpt"  # no selector.pt beside it
+    shutil.copy(saved[1], alone)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main(
+            [
+                str(images),
+                "--text",
+                TEXT,
+                "--output-dir",
+                str(out),
+                *saved,
+                "--checkpoint",
+                str(alone),
+            ]
+        )
+    assert stop.value.code == 2
+    assert "flmm: error: no keyword selector is loaded" in capsys.readouterr().err
+    assert not list(out.glob("*"))

@@ -207,15 +207,20 @@ class GroundedChat:
         self, images: list[np.ndarray], question: str | None, answers: list[str]
     ) -> list[list[str]]:
         """:meth:`keywords` for several images and answers, in one LMM forward."""
+        selector = self.require_selector()
+        with self.lmm.user_turn(question) if question is not None else nullcontext():
+            spans = selector.select_many(self.lmm, images, answers)
+        return [[a[s:e] for s, e in found] for a, found in zip(answers, spans)]
+
+    def require_selector(self) -> KeywordSelector:
+        """The keyword selector; a clear error when none is loaded."""
         if self.selector is None:
             raise FlmmUserError(
                 "no keyword selector is loaded: pass phrases explicitly (--phrases ...), or train "
                 f"one with `python -m flmm.chat.train_selector` and put {SELECTOR_FILE} beside the "
                 "F-LMM checkpoint"
             )
-        with self.lmm.user_turn(question) if question is not None else nullcontext():
-            spans = self.selector.select_many(self.lmm, images, answers)
-        return [[a[s:e] for s, e in found] for a, found in zip(answers, spans)]
+        return self.selector
 
     def chat(
         self,

@@ -279,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     started = time.perf_counter()
     chat = load_chat(args)
+    if any(item.phrases is None for item in todo):
+        chat.require_selector()
     loaded = time.perf_counter()
     options = (args.save_masks, not args.no_overlay)
     phrases, unreadable = predict(chat, todo, out, args.batch_size, *options)
