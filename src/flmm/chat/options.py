@@ -1,6 +1,7 @@
-"""Command-line options that pick the models, shared by ``flmm.chat.ground``, ``flmm.chat.reasonseg`` and
-``flmm.chat.web``: an F-LMM checkpoint (default: the newest under ``logs/``), the frozen LMM it was
-trained on (default: the one its metadata names), SAM and the keyword selector."""
+"""Command-line options that pick the models, shared by ``flmm.chat.ground``,
+``flmm.chat.predict``, ``flmm.chat.reasonseg`` and ``flmm.chat.web``: an F-LMM checkpoint
+(default: the newest under ``logs/``), the frozen LMM it was trained on (default: the one its
+metadata names), SAM and the keyword selector."""
 
 from __future__ import annotations
 
