@@ -13,7 +13,8 @@ Rules, all "is there a <colour> object in the image?" answered yes / no half the
 - ``exist``: the pretraining corpus's existence questions alone (scenes of the world).
 
 The model is not saved. Measured on the shipped model (one thread): ``text`` and ``image`` fall
-to a loss near 0 within 100 steps, ``match`` and ``exist`` stay at 0.35 (docs/tiny_llava.md).
+to a loss near 0 within 100 steps (0.012, 0.003), ``match`` and ``exist`` stay at 0.35
+(docs/tiny_llava.md).
 """
 
 from __future__ import annotations
