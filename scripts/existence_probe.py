@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flmm.chat.pope import POPE_FILES, load_image, read_pope
 from flmm.data.synthetic.corpus import PRETRAIN_STREAM
 from flmm.data.synthetic.pope import ensure_pope
 from flmm.data.synthetic.questions import ObjectStats, existence_question
 from flmm.data.synthetic.world import SIZES, sample_scene
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
-from flmm.pope import POPE_FILES, load_image, read_pope
 
 
 def kind(question: str) -> str:

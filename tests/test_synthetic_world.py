@@ -400,12 +400,12 @@ def world_llava_dir(tmp_path_factory) -> Path:
 
 
 def test_pretraining_existence_sample_is_the_pope_prompt_token_for_token(world_llava_dir):
-    """What POPE asks the tiny LLaVA (FrozenLMM.chat_inputs, the path of flmm.pope and the
+    """What POPE asks the tiny LLaVA (FrozenLMM.chat_inputs, the path of flmm.chat.pope and the
     report) is exactly the prefix a pretraining existence sample is trained on: same template,
     words, image tokens and pixels; the loss falls on the answer word and the end token only, and
     that answer word parses as the label."""
+    from flmm.chat.pope import parse_yes_no
     from flmm.lmm import FrozenLMM
-    from flmm.pope import parse_yes_no
 
     processor = AutoProcessor.from_pretrained(world_llava_dir)
     lmm = FrozenLMM.from_pretrained(str(world_llava_dir), dtype="float32")
