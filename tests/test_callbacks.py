@@ -92,12 +92,17 @@ def test_run_folder_holds_overlay_panels_and_metrics_png(tiny_run):
     assert tuple(PALETTE[0]) in colours  # a curve was drawn
 
 
-def test_metric_curves_survive_a_resume():
-    curves = MetricCurves()
-    curves.history["val/giou"].append([0, 0.5])
+def test_checkpoints_keep_the_curves_so_a_resumed_run_draws_its_whole_history(tiny_run):
+    from flmm.model.checkpoint import read_checkpoint
+
+    root, _, metrics = tiny_run
+    state = read_checkpoint(root / "run" / "checkpoints" / "last.ckpt")["callbacks"]["MetricCurves"]
+    history = state["history"]
+    assert [x for x, _ in history["train/loss"]] == [1, 2]  # the tiny run's two optimizer steps
+    assert history["val/giou"] == [[0, pytest.approx(metrics["val/giou"])]]
     resumed = MetricCurves()
-    resumed.load_state_dict(curves.state_dict())
-    assert resumed.history["val/giou"] == [[0, 0.5]]
+    resumed.load_state_dict(state)
+    assert resumed.history == history
 
 
 @pytest.fixture

@@ -222,8 +222,9 @@ class MetricCurves(L.Callback):
         self.history: dict[str, list] = {k: [] for k in ("train/loss", "val/loss", *VAL_CURVES)}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.history["train/loss"].append([trainer.global_step, float(loss)])
+        # Lightning divides the loss it passes here by the batches accumulated
+        loss = float(outputs["loss"]) * trainer.accumulate_grad_batches
+        self.history["train/loss"].append([trainer.global_step, loss])
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
