@@ -327,8 +327,10 @@ class FLMM(L.LightningModule):
     ) -> Predictions:
         return self._evaluate(batch, "val")
 
-    def test_step(self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "test")
+    def test_step(
+        self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0
+    ) -> Predictions:
+        return self._evaluate(batch, "test")
 
     def _evaluate(self, batch: GroundingBatch, split: str) -> Predictions:
         pred = self(batch)
