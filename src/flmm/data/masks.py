@@ -1,5 +1,6 @@
 """COCO segmentations (polygon, multi-polygon, RLE) to exact boolean masks, through pycocotools;
-COCO panoptic id maps (``rgb2id``); boxes of masks, grown for crops."""
+COCO panoptic id maps (``rgb2id``); boxes of masks, grown for crops; grounded phrases as JSON
+records (``phrase_record``)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,17 @@ def mask_to_bbox(mask: np.ndarray) -> list[float]:
         return [0.0, 0.0, 0.0, 0.0]
     x0, y0 = float(xs.min()), float(ys.min())
     return [x0, y0, float(xs.max()) + 1 - x0, float(ys.max()) + 1 - y0]
+
+
+def phrase_record(text: str, span: tuple[int, int], mask: np.ndarray) -> dict:
+    """A grounded phrase as JSON: its ``text``, character ``span``, mask as compressed ``rle``
+    (:func:`mask_to_rle`) and COCO ``box`` ``[x, y, w, h]``."""
+    return {
+        "text": text,
+        "span": [int(s) for s in span],
+        "rle": mask_to_rle(mask),
+        "box": mask_to_bbox(mask),
+    }
 
 
 def rgb2id(rgb: np.ndarray) -> np.ndarray:
