@@ -240,12 +240,17 @@ class GroundedChat:
         if on_text is not None:
             gen["streamer"] = _CallbackStreamer(self.lmm.processor.tokenizer, on_text)
         text = self.answer(image, question, max_new_tokens, do_sample, **gen)
+        return self.grounded(image, question, text, *self.pick(image, question, text, phrases))
+
+    def pick(
+        self, image: np.ndarray, question: str, answer: str, phrases: list[str] | None
+    ) -> tuple[list[str], list[str]]:
+        """The ``phrases`` found in ``answer`` (in its order; the selector's if None) and those
+        missing from it."""
         if phrases is None:
-            found, missing = self.keywords(image, question, text), []
-        else:
-            found = sorted((p for p in phrases if p and p in text), key=text.find)
-            missing = [p for p in phrases if p not in found]
-        return self.grounded(image, question, text, found, missing)
+            return self.keywords(image, question, answer), []
+        found = sorted((p for p in phrases if p and p in answer), key=answer.find)
+        return found, [p for p in phrases if p not in found]
 
     def grounded(
         self, image: np.ndarray, question: str, answer: str, phrases: list[str], missing=()

@@ -106,11 +106,8 @@ def run(
     In ``cot`` mode the answer is the object sentence followed by the final answer, and the
     grounded phrase is the object.
     """
-    if mode not in MODES:
-        raise FlmmUserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    mode = resolve_mode(mode, text)
     check_text(text, phrases, mode)
-    if mode == "auto":
-        mode = "chat" if text.rstrip().endswith("?") else "ground"
     if mode == "chat":
         gen = {"do_sample": sample, "seed": seed}
         return chat.chat(image, text, phrases, max_new_tokens, **gen)
@@ -122,12 +119,21 @@ def run(
     return ChatResult("", text, out.phrases, out.spans, out.masks.numpy())
 
 
+def resolve_mode(mode: str, text: str) -> str:
+    """``mode``, with ``auto`` resolved: ``chat`` for a question (ending in "?"), else ``ground``."""
+    if mode not in MODES:
+        raise FlmmUserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "auto":
+        return "chat" if text.rstrip().endswith("?") else "ground"
+    return mode
+
+
 def check_text(text: str, phrases: list[str] | None, mode: str) -> None:
-    """One-line errors for an empty text and, when grounding the given text, for a phrase that is
-    not in it (in order)."""
+    """One-line errors for an empty text and, when grounding the given text (``mode`` resolved),
+    for a phrase that is not in it (in order)."""
     if not text.strip():
         raise FlmmUserError("the text is empty: pass a question or the text to ground")
-    if phrases and (mode == "ground" or (mode == "auto" and not text.rstrip().endswith("?"))):
+    if phrases and mode == "ground":
         try:
             phrase_spans(text, phrases)
         except ValueError as err:
