@@ -469,24 +469,24 @@ def test_web_clients_see_no_server_paths_or_raw_exceptions(tmp_path, caplog):
     from flmm.chat.web import Limits, respond
 
     class Broken:
-        def chat(self, *args, **kwargs):
+        def stream(self, *args, **kwargs):
             raise KeyError("/srv/secret/weights.bin")
 
     upload = tmp_path / "gradio" / "0123abcd" / "notes.png"
     upload.parent.mkdir(parents=True)
     upload.write_text("not an image")
     with pytest.raises(gr.Error) as bad:
-        respond(None, Limits(), str(upload), "what is this?", "", "auto")
+        list(respond(None, Limits(), str(upload), "what is this?", "", "auto"))
     assert "notes.png" in bad.value.message and str(upload.parent) not in bad.value.message
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(upload)
     with pytest.raises(gr.Error) as internal:
-        respond(Broken(), Limits(), str(upload), "what is this?", "", "chat")
+        list(respond(Broken(), Limits(), str(upload), "what is this?", "", "chat"))
     assert "internal error" in internal.value.message and "secret" not in internal.value.message
     assert "/srv/secret/weights.bin" in caplog.text  # logged on the server
     with pytest.raises(gr.Error, match="phrases field has 501 characters"):
-        respond(None, Limits(), str(upload), "what?", "x" * 501, "auto")
+        list(respond(None, Limits(), str(upload), "what?", "x" * 501, "auto"))
 
 
 def test_web_uploads_are_deleted_on_a_schedule():

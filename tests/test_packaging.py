@@ -147,6 +147,9 @@ def test_the_built_wheel_runs_from_any_folder(tmp_path):
         location, check=True, cwd=elsewhere, env=env, capture_output=True, text=True
     )
     assert where.stdout.startswith(str(target))
+    from flmm.chat.web import EXAMPLES
+
+    assert all((target / "flmm/chat/examples" / name).is_file() for name, *_ in EXAMPLES)
     for command in ("train", "evaluate", "pope", "train-selector"):
         assert "_target_" in flmm(command, "--cfg", "job")
     for command in cli.COMMANDS:

@@ -1,7 +1,9 @@
 """`python -m flmm.chat.web`: a small Gradio page to ask about an image and see the answer grounded.
 
-Upload an image, ask a question (or give a phrase), and the page shows the answer with each
-grounded phrase coloured like its mask, and the overlay. It binds to 127.0.0.1 unless told
+Upload an image (or click one of the synthetic world's examples), ask a question (or give a
+phrase): the answer streams in as it is generated, then each grounded phrase is coloured like its
+mask, the masks are drawn over the image with a legend (hover or click a phrase to show its mask
+alone), and a button downloads the masks as COCO-RLE JSON. It binds to 127.0.0.1 unless told
 otherwise, rejects uploads over ``--max-file-mb`` or ``--max-pixels`` and non-images with a
 clear message, queues requests (one at a time, ``--max-queue`` waiting) and caps the length of
 every text field and the answer tokens. Model options as in `python -m flmm.chat.ground` (defaults:
@@ -11,7 +13,7 @@ Serving beyond this machine (``--host`` other than a loopback address) needs ``-
 and a login, read from ``$FLMM_WEB_AUTH`` (``user:password``) or ``--auth-file`` (one
 ``user:password`` a line), never from the command line. Clients see only the one-line message
 of a bad request, with file names but no server paths; anything else is logged on the server
-and the client told "internal error". Uploads and overlays are deleted ``--keep-files-s`` after
+and the client told "internal error". Uploads and mask files are deleted ``--keep-files-s`` after
 they were written.
 """
 
@@ -20,24 +22,44 @@ from __future__ import annotations
 import argparse
 import html
 import ipaddress
+import json
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from flmm.chat.conversation import ChatResult, GroundedChat
-from flmm.chat.ground import MODES, load_image, run
+from flmm.chat.ground import MODES, load_image, resolve_mode, run
 from flmm.chat.options import add_model_args, load_chat
+from flmm.data.masks import phrase_record
 from flmm.errors import USER_ERRORS, FlmmUserError, MissingExtraError, exit_on_user_error
-from flmm.overlay import phrase_colour, render_overlay
+from flmm.overlay import phrase_colour
 
 log = logging.getLogger(__name__)
 AUTH_ENV = "FLMM_WEB_AUTH"
+EXAMPLES_DIR = Path(__file__).with_name("examples")
+DESCRIBE = "please give me a description of the image."
+# test-split scenes of the synthetic world (seed 0), shipped so that they exist before the world
+EXAMPLES = [
+    ("synthetic_000910.png", DESCRIBE, "blue cross; green cross", "chat"),
+    ("synthetic_000912.png", DESCRIBE, "purple object; orange object", "chat"),
+    ("synthetic_000902.png", "the red circle", "", "ground"),
+    ("synthetic_000908.png", "the yellow circle above the triangle", "", "ground"),
+]
+MASK_ALPHA = 0.6
+CSS = """
+#flmm-upload img, #flmm-masks img { image-rendering: pixelated; }
+#flmm-upload img { width: 100%; height: 100%; object-fit: contain; }
+"""
 
 try:
     import gradio as gr
+    from gradio.utils import get_upload_folder
 except ModuleNotFoundError:  # the `web` extra is not installed; main() says how to get it
     gr = None
 
@@ -74,18 +96,72 @@ def answer_html(result: ChatResult) -> str:
 
 def respond(
     chat: GroundedChat, limits: Limits, path: str | None, question: str, phrases: str, mode: str
-) -> tuple[str, np.ndarray]:
-    """One request: the answer HTML and the overlay (``H' x W' x 3`` uint8)."""
+) -> Iterator[tuple]:
+    """One request, as the page's updates ``(answer HTML, masks, download)``: the answer while it
+    is generated (chat mode), then with its grounded phrases, their masks and the RLE JSON."""
     try:
         image = check_request(limits, path, question, phrases)
         wanted = [p.strip() for p in phrases.split(";") if p.strip()] or None
-        result = run(chat, image, question.strip(), wanted, mode, limits.max_new_tokens)
+        if resolve_mode(mode, question) == "chat":
+            result = yield from streamed(chat, image, question.strip(), wanted, limits)
+        else:
+            result = run(chat, image, question.strip(), wanted, mode, limits.max_new_tokens)
+        saved = save_masks(result, path)
     except USER_ERRORS as err:
         raise gr.Error(public_message(err, path)) from err
     except Exception as err:
         log.exception("request failed (upload %s)", path)
         raise gr.Error("internal error while answering; the server log has the details") from err
-    return answer_html(result), render_overlay(image, result.masks, result.phrases)
+    yield (
+        answer_html(result),
+        annotated(image, result),
+        gr.DownloadButton(value=saved, visible=True),
+    )
+
+
+def streamed(
+    chat: GroundedChat, image: np.ndarray, question: str, wanted: list[str] | None, limits: Limits
+) -> Iterator[tuple]:
+    """Yield the page's updates while the answer is generated; return the grounded answer."""
+    answer, none = "", np.zeros((0, *image.shape[:2]), dtype=bool)
+    hidden = gr.DownloadButton(visible=False)
+    for piece in chat.stream(image, question, limits.max_new_tokens):
+        answer += piece
+        yield answer_html(ChatResult(question, answer, [], [], none)), None, hidden
+    return chat.grounded(image, question, answer, *chat.pick(image, question, answer, wanted))
+
+
+def labels(phrases: list[str]) -> list[str]:
+    """Legend labels: the phrases, numbered where one occurs twice (labels key the colours)."""
+    return [p if phrases.count(p) == 1 else f"{p} ({k + 1})" for k, p in enumerate(phrases)]
+
+
+def annotated(image: np.ndarray, result: ChatResult):
+    """The masks over the image, each in its phrase's colour, with a legend of the phrases."""
+    names = labels(result.phrases)
+    colours = {n: "#" + phrase_colour(k).tobytes().hex() for k, n in enumerate(names)}
+    masks = [(m * MASK_ALPHA, n) for m, n in zip(result.masks.astype(float), names)]
+    return gr.AnnotatedImage((image, masks), color_map=colours)
+
+
+def masks_json(result: ChatResult) -> dict:
+    """The request's answer and its grounded phrases with their masks as COCO RLE."""
+    return {
+        "question": result.question,
+        "answer": result.answer,
+        "size": list(result.masks.shape[1:]),
+        "phrases": [phrase_record(*g) for g in zip(result.phrases, result.spans, result.masks)],
+        "missing": result.missing,
+    }
+
+
+def save_masks(result: ChatResult, upload: str) -> str:
+    """Write :func:`masks_json` into Gradio's upload folder (deleted on the uploads' schedule)."""
+    os.makedirs(get_upload_folder(), exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="flmm-masks-", dir=get_upload_folder()))
+    path = folder / f"{Path(upload).stem}_masks.json"
+    path.write_text(json.dumps(masks_json(result)))
+    return str(path)
 
 
 def public_message(err: Exception, path: str | None) -> str:
@@ -111,6 +187,20 @@ def check_request(limits: Limits, path: str | None, question: str, phrases: str 
     return load_image(path, limits.max_pixels)
 
 
+def image_input(**kwargs) -> gr.Image:
+    """An image input with a preview whose handler gets the uploaded file's path unopened, so that
+    :func:`check_request` alone reads it (size, pixel and decompression-bomb limits, one clear
+    message for a non-image). Not a subclass: Gradio writes a ``.pyi`` stub beside the module of
+    every component subclass."""
+    image = gr.Image(type="filepath", **kwargs)
+
+    def unopened(payload) -> str | None:
+        return None if payload is None else payload.path
+
+    image.preprocess = unopened
+    return image
+
+
 def build_app(chat: GroundedChat, limits: Limits = Limits()) -> gr.Blocks:
     """The Gradio page around ``chat``."""
     keep = (limits.keep_files_s, limits.keep_files_s)  # every keep_files_s, delete files that old
@@ -118,7 +208,12 @@ def build_app(chat: GroundedChat, limits: Limits = Limits()) -> gr.Blocks:
         gr.Markdown("## flmm: ask about an image, see where the answer's phrases are")
         with gr.Row():
             with gr.Column():
-                upload = gr.File(label="image (PNG, JPEG)", type="filepath", elem_id="flmm-upload")
+                upload = image_input(
+                    label="image (PNG, JPEG)",
+                    sources=["upload", "clipboard"],
+                    height=280,
+                    elem_id="flmm-upload",
+                )
                 question = gr.Textbox(
                     label="question or phrase",
                     elem_id="flmm-question",
@@ -132,14 +227,26 @@ def build_app(chat: GroundedChat, limits: Limits = Limits()) -> gr.Blocks:
                 mode = gr.Radio(list(MODES), value="auto", label="mode", elem_id="flmm-mode")
                 ask = gr.Button("Ask", variant="primary", elem_id="flmm-ask")
             with gr.Column():
-                answer = gr.HTML(elem_id="flmm-answer-box")
-                overlay = gr.Image(
-                    label="overlay", type="numpy", format="png", elem_id="flmm-overlay"
+                answer = gr.HTML(label="answer", elem_id="flmm-answer-box")
+                masks = gr.AnnotatedImage(
+                    label="masks (hover or click a phrase to see its mask alone)",
+                    height=360,
+                    format="png",
+                    elem_id="flmm-masks",
                 )
-        ask.click(
-            lambda *a: respond(chat, limits, *a),
+                download = gr.DownloadButton(
+                    "masks as COCO-RLE JSON", visible=False, elem_id="flmm-download"
+                )
+        gr.Examples(
+            [[str(EXAMPLES_DIR / name), *rest] for name, *rest in EXAMPLES],
             inputs=[upload, question, phrases, mode],
-            outputs=[answer, overlay],
+            label="examples: the synthetic world's test scenes",
+            elem_id="flmm-examples",
+        )
+        ask.click(
+            partial(respond, chat, limits),
+            inputs=[upload, question, phrases, mode],
+            outputs=[answer, masks, download],
         )
     return app.queue(default_concurrency_limit=1, max_size=limits.max_queue)
 
@@ -161,6 +268,7 @@ def launch(
         show_error=False,
         auth=auth,
         quiet=True,
+        css=CSS,
     )
 
 
