@@ -75,11 +75,15 @@ def image_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(chat):
+def app(chat) -> gr.Blocks:
+    return build_app(chat, Limits(max_file_mb=1))
+
+
+@pytest.fixture(scope="module")
+def server(app):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = build_app(chat, Limits(max_file_mb=1))
     launch(app, Limits(max_file_mb=1), port=port, block=False)
     yield f"http://127.0.0.1:{port}"
     app.close()
@@ -146,7 +150,9 @@ def decoded(record: dict) -> np.ndarray:
 
 
 @browser
-def test_upload_preview_ask_and_download_the_masks(driver, server, chat, image_file, downloads):
+def test_upload_preview_ask_and_download_the_masks(
+    driver, server, app, chat, image_file, downloads
+):
     ask(driver, server, image_file, TEXT, PHRASES)
     wait_for(driver, lambda d: len(css(d, "#flmm-masks .legend-item")) == 2, 120)
     spans, legend = css(driver, "span.flmm-phrase"), css(driver, "#flmm-masks .legend-item")
@@ -164,12 +170,21 @@ def test_upload_preview_ask_and_download_the_masks(driver, server, chat, image_f
         ("blue square", [19, 30]),
     ]
     np.testing.assert_array_equal(decoded(record), grounding.masks.numpy())
+    from gradio.route_utils import delete_files_created_by_app  # what delete_cache runs
+
+    served = [f for files in app.temp_file_sets for f in files if f.endswith("_masks.json")]
+    assert served and all(Path(f).is_file() for f in served)
+    assert all(Path(f).parent.name.startswith("flmm-masks-") for f in served)  # not a copy
+    delete_files_created_by_app(app, 0)
+    assert not any(Path(f).exists() for f in served)
 
 
 @browser
 def test_an_example_fills_the_form_and_its_answer_streams(driver, server):
     driver.get(server)
-    wait_for(driver, lambda d: css(d, "#flmm-examples tbody tr"))[0].click()
+    wait_for(driver, lambda d: css(d, '#flmm-examples td[data-testid="dataset-cell-0-1"]'))[
+        0
+    ].click()
     name, question = EXAMPLES[0][0], EXAMPLES[0][1]
     assert wait_for(driver, lambda d: name in preview_src(d))
     assert css(driver, "#flmm-question textarea")[0].get_attribute("value") == question

@@ -51,7 +51,7 @@ EXAMPLES = [
     ("synthetic_000902.png", "the red circle", "", "ground"),
     ("synthetic_000908.png", "the yellow circle above the triangle", "", "ground"),
 ]
-MASK_ALPHA = 0.6
+MASK_ALPHA = 0.75
 CSS = """
 #flmm-upload img, #flmm-masks img { image-rendering: pixelated; }
 #flmm-upload img { width: 100%; height: 100%; object-fit: contain; }
@@ -211,7 +211,7 @@ def build_app(chat: GroundedChat, limits: Limits = Limits()) -> gr.Blocks:
                 upload = image_input(
                     label="image (PNG, JPEG)",
                     sources=["upload", "clipboard"],
-                    height=280,
+                    height=240,
                     elem_id="flmm-upload",
                 )
                 question = gr.Textbox(
