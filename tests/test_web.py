@@ -146,7 +146,7 @@ def downloaded_masks(driver, downloads: Path) -> dict:
 
 
 def decoded(record: dict) -> np.ndarray:
-    return np.stack([mask_utils.decode(p["rle"]).astype(bool) for p in record["phrases"]])
+    return np.stack([mask_utils.decode(p["mask"]).astype(bool) for p in record["phrases"]])
 
 
 @browser

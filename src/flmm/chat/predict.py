@@ -30,7 +30,7 @@ from tqdm import tqdm
 from flmm.chat.conversation import GroundedChat
 from flmm.chat.ground import load_image
 from flmm.chat.options import add_model_args, load_chat
-from flmm.data.masks import mask_to_bbox, mask_to_rle
+from flmm.data.masks import mask_to_rle, phrase_record
 from flmm.errors import FlmmUserError, exit_on_user_error
 from flmm.model.module import Grounding, phrase_spans
 from flmm.overlay import render_overlay
@@ -147,12 +147,8 @@ def mask_record(phrase: str, span: tuple[int, int], refined, coarse) -> dict:
     mask = (refined > 0.5).numpy()
     score = float(refined[mask].mean()) if mask.any() else 0.0
     return {
-        "text": phrase,
-        "span": list(span),
+        **phrase_record(phrase, span, mask),
         "score": round(score, 4),
-        "box": [int(v) for v in mask_to_bbox(mask)],
-        "area": int(mask.sum()),
-        "mask": mask_to_rle(mask),
         "coarse_mask": mask_to_rle((coarse > 0.5).numpy()),
     }
 

@@ -76,13 +76,15 @@ def mask_to_bbox(mask: np.ndarray) -> list[float]:
 
 
 def phrase_record(text: str, span: tuple[int, int], mask: np.ndarray) -> dict:
-    """A grounded phrase as JSON: its ``text``, character ``span``, mask as compressed ``rle``
-    (:func:`mask_to_rle`) and COCO ``box`` ``[x, y, w, h]``."""
+    """A grounded phrase as JSON (``flmm predict``, the web page's download): its ``text``,
+    character ``span``, COCO ``box`` ``[x, y, w, h]`` and ``area`` of the ``H x W`` bool ``mask``
+    (pixels), and the ``mask`` as compressed RLE (:func:`mask_to_rle`)."""
     return {
         "text": text,
-        "span": [int(s) for s in span],
-        "rle": mask_to_rle(mask),
-        "box": mask_to_bbox(mask),
+        "span": [int(i) for i in span],
+        "box": [int(v) for v in mask_to_bbox(mask)],
+        "area": int(mask.sum()),
+        "mask": mask_to_rle(mask),
     }
 
 
