@@ -49,7 +49,8 @@ class CountSteps(L.Callback):
 
 def run_train(root: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     args = (f"output_dir={run_dir}", *RUN, *overrides)
-    return run_flmm("train", root, *args, PYTHONPATH=str(TESTS))
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    return run_flmm("train", root, *args, PYTHONPATH=path)
 
 
 def trained_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -96,8 +97,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_ckpt_path_to_a_missing_file_is_a_user_error(tmp_path):
-    result = run_train(tmp_path, tmp_path / "run", f"ckpt_path={tmp_path / 'nope.ckpt'}")
+def test_checkpoint_to_a_missing_file_is_a_user_error(tmp_path):
+    result = run_train(tmp_path, tmp_path / "run", f"checkpoint={tmp_path / 'nope.ckpt'}")
     assert result.returncode == 2
-    assert "flmm: error: ckpt_path=" in result.stderr and "checkpoint=last" in result.stderr
+    assert "flmm: error: checkpoint=" in result.stderr and "checkpoint=last" in result.stderr
     assert "Traceback" not in result.stderr
