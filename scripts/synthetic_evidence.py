@@ -133,7 +133,9 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("logs/evidence"))
     parser.add_argument("--world", type=Path, default=flmm_home() / "synthetic_world")
     parser.add_argument(
-        "--reuse", action="store_true", help="score existing runs in --output-dir instead of training"
+        "--reuse",
+        action="store_true",
+        help="score existing runs in --output-dir instead of training",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to both runs")
     args = parser.parse_args()

@@ -100,9 +100,7 @@ TINY = [
 
 def compose_cfg(root: Path, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train", overrides=[*paths_at(root), *overrides], return_hydra_config=True
-        )
+        cfg = compose("train", overrides=[*paths_at(root), *overrides], return_hydra_config=True)
     with open_dict(cfg):
         cfg.paths.output_dir = str(root / "run")
         cfg.hydra.runtime.output_dir = str(root / "run")

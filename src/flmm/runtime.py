@@ -259,7 +259,9 @@ def check_resumable(last: Path) -> None:
         read_checkpoint(last)
     except FlmmUserError as err:
         previous = newest_readable(last.parent, skip=last)
-        fix = f"resume from checkpoint={previous}" if previous else "no other checkpoint there loads"
+        fix = (
+            f"resume from checkpoint={previous}" if previous else "no other checkpoint there loads"
+        )
         raise FlmmUserError(f"checkpoint=last: {err}; {fix}") from None
 
 
