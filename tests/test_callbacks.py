@@ -1,12 +1,18 @@
-"""Overlay rendering and the W&B overlay callback (with W&B offline)."""
+"""Overlay rendering, the pictures a run leaves (overlays, metrics.png) and what it logs to W&B
+(offline)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from conftest import compose_cfg
+from PIL import Image
 
-from flmm.overlay import PALETTE, overlay, overlay_row
-from flmm.training.callbacks import MaskOverlays, fingerprint
+from flmm.overlay import LEGEND_ROW, PALETTE, overlay, overlay_row
+from flmm.runtime import build_trainer, finish_loggers
+from flmm.training.callbacks import MaskOverlays, MetricCurves, fingerprint, label_map
+from flmm.training.plots import line_charts
 
 
 def test_overlay_tints_only_masked_pixels():
@@ -41,9 +47,76 @@ def test_fingerprint_sees_any_weight_change():
     assert fingerprint(layer) != before
 
 
-def test_overlays_are_logged_only_to_wandb(tiny_run, tmp_path, monkeypatch):
+def test_label_map_gives_each_pixel_its_smallest_mask():
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0] = True
+    masks[1, 1:3, 1:3] = True
+    labels = label_map(masks)
+    assert labels.dtype == np.uint8 and labels[0, 0] == 1 and labels[1, 1] == 2
+    assert (labels > 0).all() and (label_map(masks[:1] & False) == 0).all()
+
+
+def test_line_charts_draw_each_series_in_its_colour():
+    chart = line_charts({"loss": ("step", {"a": [[0, 1.0], [10, 0.5]], "b": [[5, 0.7]]})})
+    colours = {tuple(c) for c in chart.reshape(-1, 3)}
+    assert tuple(PALETTE[0]) in colours and tuple(PALETTE[1]) in colours
+    empty = line_charts({"one": ("x", {"a": []}), "two": ("x", {})})
+    assert empty.shape[1] == 2 * chart.shape[1]
+
+
+def test_run_folder_holds_overlay_panels_and_metrics_png(tiny_run):
+    """The default callbacks, any logger (the tiny run logs to CSV): overlays of the first val
+    samples each epoch, image | target | coarse | refined, and the curves at the end of fit."""
     import hydra
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    root, cfg, _ = tiny_run
+    run = root / "run"
+    assert sorted(p.name for p in (run / "overlays").iterdir()) == ["epoch_000.png"]
+    panel = np.asarray(Image.open(run / "overlays" / "epoch_000.png").convert("RGB"))
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("validate")
+    # the tiny run validates one batch: its samples, at most num_samples of them
+    rows = min(cfg.data.batch_size, cfg.callbacks.mask_overlays.num_samples)
+    height = cfg.callbacks.mask_overlays.row_height
+    assert panel.shape == (LEGEND_ROW + rows * (LEGEND_ROW + height), 4 * height, 3)
+    for r in range(rows):
+        sample = datamodule.val_sets[0][r]
+        scale = height // sample.image.shape[0]
+        target = overlay(sample.image, sample.masks).repeat(scale, 0).repeat(scale, 1)
+        top = LEGEND_ROW + r * (LEGEND_ROW + height) + LEGEND_ROW
+        assert (panel[top : top + height, height : 2 * height] == target).all()
+        assert not (panel[top : top + height, :height] == target).all()  # the image column
+    metrics = Image.open(run / "metrics.png")
+    assert metrics.size[0] > metrics.size[1] > 100
+    colours = {tuple(c) for c in np.asarray(metrics.convert("RGB")).reshape(-1, 3)}
+    assert tuple(PALETTE[0]) in colours  # a curve was drawn
+
+
+def test_checkpoints_keep_the_curves_so_a_resumed_run_draws_its_whole_history(tiny_run):
+    from flmm.model.checkpoint import read_checkpoint
+
+    root, _, metrics = tiny_run
+    state = read_checkpoint(root / "run" / "checkpoints" / "last.ckpt")["callbacks"]["MetricCurves"]
+    history = state["history"]
+    assert [x for x, _ in history["train/loss"]] == [1, 2]  # the tiny run's two optimizer steps
+    assert history["val/giou"] == [[0, pytest.approx(metrics["val/giou"])]]
+    resumed = MetricCurves()
+    resumed.load_state_dict(state)
+    assert resumed.history == history
+
+
+@pytest.fixture
+def offline_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_wandb_images_have_mask_toggles_and_test_table_one_row_per_phrase(
+    tiny_run, tmp_path, monkeypatch, offline_wandb
+):
+    import hydra
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
 
     from flmm.model.module import FLMM
 
@@ -54,22 +127,53 @@ def test_overlays_are_logged_only_to_wandb(tiny_run, tmp_path, monkeypatch):
         hydra.utils.instantiate(cfg.model.sam),
     )
     datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.setup("validate")
-    batch = next(iter(datamodule.val_dataloader()))
-    with torch.no_grad():
-        pred = model(batch)
-    logged = []
-    monkeypatch.setattr(WandbLogger, "log_image", lambda self, **kw: logged.append(kw))
+    logged = {}
+    for method in ("log_image", "log_table"):
+        real = getattr(WandbLogger, method)
 
-    class Trainer:
-        is_global_zero, global_step = True, 0
-        loggers = (CSVLogger(tmp_path),)
+        def spy(self, *args, _real=real, _method=method, **kw):
+            logged[_method] = kw
+            return _real(self, *args, **kw)  # the real wandb.Image / wandb.Table
 
-    MaskOverlays(max_images=2).on_validation_batch_end(Trainer, model, pred, batch, 0)
-    assert not logged
-    Trainer.loggers = [WandbLogger(save_dir=str(tmp_path), offline=True, project="flmm-test")]
-    MaskOverlays(max_images=2).on_validation_batch_end(Trainer, model, pred, batch, 0)
-    (call,) = logged
-    assert call["key"] == "val/overlays" and len(call["images"]) == 2
-    h, w = batch.images[0].shape[:2]
-    assert call["images"][0].shape == (h, 4 * w, 3) and call["images"][0].dtype == np.uint8
+        monkeypatch.setattr(WandbLogger, method, spy)
+    logger = WandbLogger(save_dir=str(tmp_path), project="flmm-test")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[MaskOverlays(num_samples=2, row_height=96)],
+        limit_val_batches=1,
+        limit_test_batches=1,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+    )
+    trainer.validate(model, datamodule=datamodule)
+    images = logged["log_image"]
+    assert images["key"] == "val/overlays" and len(images["images"]) == 2
+    masks = images["masks"][0]
+    assert set(masks) == {"target", "coarse", "refined"}
+    phrases = images["caption"][0].split(" | ")
+    assert masks["target"]["class_labels"] == {k + 1: p for k, p in enumerate(phrases)}
+    assert masks["target"]["mask_data"].shape == images["images"][0].shape[:2]
+    assert (tmp_path / "overlays" / "epoch_000.png").is_file()
+
+    trainer.test(model, datamodule=datamodule)
+    table = logged["log_table"]
+    batch = next(iter(datamodule.test_dataloader()))
+    assert table["key"] == "test/phrases" and len(table["data"]) == sum(batch.num_phrases)
+    columns = table["columns"]
+    assert columns[0] == "phrase" and "kind" in columns and columns[-1] == "overlay"
+    first = dict(zip(columns, table["data"][0]))
+    assert first["phrase"] == batch.phrases(0)[0] and first["kind"]
+    assert 0 <= first["iou_refined"] <= 1 and 0 <= first["iou_coarse"] <= 1
+    assert set(first["overlay"]._masks) == {"target", "coarse", "refined"}
+    logger.experiment.finish()
+
+
+def test_wandb_run_is_named_by_its_overrides_and_logs_the_config(tmp_path, offline_wandb):
+    cfg = compose_cfg(tmp_path, ["logger=wandb", "model.lr=0.003", "seed=3"])
+    trainer = build_trainer(cfg)
+    run = trainer.logger.experiment
+    assert run.name == "train:model.lr=0.003,seed=3"
+    assert run.config["model"]["lr"] == 0.003 and run.config["seed"] == 3
+    assert run.config["paths"]["output_dir"] == str(tmp_path / "run")  # resolved
+    finish_loggers(trainer)

@@ -26,6 +26,7 @@ OPTIONS = {
     "train-selector": ["device=", "model.lmm.dtype=", "output=", "output_dir="],
     "ground": ["--checkpoint", "--device", "--dtype", "--output"],
     "web": ["--checkpoint", "--device", "--dtype"],
+    "predict": ["--checkpoint", "--device", "--dtype", "--output-dir"],
     "reasonseg": ["--checkpoint", "--device", "--dtype", "--output"],
     "convert-reference": ["--output"],
 }

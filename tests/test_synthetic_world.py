@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from transformers import AutoProcessor
@@ -36,6 +37,7 @@ from flmm.data.synthetic.corpus import region
 from flmm.data.synthetic.expressions import RELATIONS, matching
 from flmm.data.synthetic.world import COLOURS, PLURALS, SHAPES, SIZES, shape_mask
 from flmm.foundation import pretrain_lmm
+from flmm.foundation.cache import WORLD_LLAVA
 from flmm.foundation.pretrain_lmm import make_batch
 from flmm.foundation.tiny_llava import build_tiny_llava
 from flmm.runtime import CONFIG_PATH
@@ -388,6 +390,42 @@ def test_pretraining_labels_are_the_answers_and_the_end_tokens(tiny_llava_dir):
         assert processor.tokenizer.convert_ids_to_tokens(labels[labels >= 0]) == want
     ids, image_token = batch["input_ids"], processor.tokenizer.convert_tokens_to_ids("<image>")
     assert (ids[0] == image_token).sum() == 2 * (ids[1] == image_token).sum()
+
+
+@pytest.fixture(scope="module")
+def world_llava_dir(tmp_path_factory) -> Path:
+    """A random tiny LLaVA of the world's architecture and vocabulary (as the recipe builds it)."""
+    out = tmp_path_factory.mktemp("world_llava") / "llava"
+    return build_tiny_llava(out, corpus.vocabulary(), **WORLD_LLAVA)
+
+
+def test_pretraining_existence_sample_is_the_pope_prompt_token_for_token(world_llava_dir):
+    """What POPE asks the tiny LLaVA (FrozenLMM.chat_inputs, the path of flmm.chat.pope and the
+    report) is exactly the prefix a pretraining existence sample is trained on: same template,
+    words, image tokens and pixels; the loss falls on the answer word and the end token only, and
+    that answer word parses as the label."""
+    from flmm.chat.pope import parse_yes_no
+    from flmm.lmm import FrozenLMM
+
+    processor = AutoProcessor.from_pretrained(world_llava_dir)
+    lmm = FrozenLMM.from_pretrained(str(world_llava_dir), dtype="float32")
+    samples = [
+        c
+        for c in first_turns_pairs(400, seed=6, crop_prob=0.0, cot_prob=0.0)
+        if re.fullmatch(r"Is there an? \w+ \w+ in the image\?", c.turns[0][0])
+    ]
+    assert {c.turns[0][1] for c in samples} == {"yes", "no"}
+    for conv in samples[:6]:
+        (question, answer), *_ = conv.turns
+        batch = make_batch(processor, [conv])
+        labels, ids = batch["labels"][0], batch["input_ids"][0]
+        start = int((labels >= 0).nonzero()[0])
+        asked = lmm.chat_inputs(conv.images, question)
+        assert torch.equal(ids[:start], asked["input_ids"][0]), question
+        assert torch.equal(batch["pixel_values"], asked["pixel_values"])
+        said = processor.tokenizer.convert_ids_to_tokens(labels[labels >= 0])
+        assert said == [answer, processor.tokenizer.eos_token]
+        assert parse_yes_no(processor.decode(labels[start : start + 1])) == answer
 
 
 @pytest.fixture(scope="module")

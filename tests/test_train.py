@@ -40,12 +40,13 @@ def test_every_group_option_composes(tmp_path, group):
 @pytest.mark.parametrize("logger", ["csv", "wandb"])
 def test_trainer_callbacks_and_loggers_instantiate(tmp_path, logger):
     from flmm.model.checkpoint import AtomicCheckpointIO
-    from flmm.runtime import build_trainer
+    from flmm.runtime import build_trainer, finish_loggers
 
     cfg = compose_cfg(tmp_path, [f"logger={logger}", "trainer.accelerator=cpu"])
     trainer = build_trainer(cfg)
     assert trainer.checkpoint_callback is not None and trainer.loggers
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    finish_loggers(trainer)  # build_trainer logged the config: the W&B run is open
 
 
 def test_default_run_end_to_end(tiny_run):

@@ -14,6 +14,10 @@ COMMANDS = {
     "train": ("flmm.train", "train F-LMM (Hydra overrides: model=llava data=refcoco ...)"),
     "evaluate": ("flmm.evaluate", "score a checkpoint on every split (checkpoint=...)"),
     "ground": ("flmm.chat.ground", "ground phrases of a text or an answer on one image"),
+    "predict": (
+        "flmm.chat.predict",
+        "ground phrases on a folder or JSONL of images: JSON with COCO RLE masks, overlays",
+    ),
     "web": ("flmm.chat.web", "the grounded-chat web page (127.0.0.1 by default)"),
     "pope": (
         "flmm.chat.evaluate_pope",

@@ -86,3 +86,43 @@ def render_overlay(
         draw.rectangle((4, top + 2, 18, top + 14), fill=tuple(int(c) for c in phrase_colour(k)))
         draw.text((24, top + 2), phrase, fill=(0, 0, 0))
     return np.asarray(canvas)
+
+
+PANEL_COLUMNS = ("image", "target", "coarse", "refined")
+
+
+def overlay_panel(rows: list[tuple], row_height: int = 192) -> np.ndarray:
+    """One picture of several samples: a header naming the columns, then per sample its phrases
+    (each in its mask colour) above ``overlay_row(image, mask_sets)``, scaled to ``row_height``.
+
+    Args:
+        rows: ``(image, phrases, mask_sets)`` per sample, ``mask_sets`` as for :func:`overlay_row`
+            (``PANEL_COLUMNS`` names them when there are three: target, coarse, refined).
+    """
+    strips = [scaled_row(overlay_row(image, sets), image, row_height) for image, _, sets in rows]
+    width = max(s.width for s in strips)
+    height = LEGEND_ROW + sum(LEGEND_ROW + s.height for s in strips)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    panel = strips[0].width // (len(rows[0][2]) + 1)
+    for c, name in enumerate(PANEL_COLUMNS[: len(rows[0][2]) + 1]):
+        draw.text((c * panel + 4, 3), name, fill=(0, 0, 0))
+    top = LEGEND_ROW
+    for strip, (_, phrases, _) in zip(strips, rows):
+        left = 4
+        for k, phrase in enumerate(phrases):
+            text = phrase if k == len(phrases) - 1 else f"{phrase} |"
+            draw.text((left, top + 3), text, fill=tuple(int(c) for c in phrase_colour(k)))
+            left += int(draw.textlength(text + " "))
+        canvas.paste(strip, (0, top + LEGEND_ROW))
+        top += LEGEND_ROW + strip.height
+    return np.asarray(canvas)
+
+
+def scaled_row(row: np.ndarray, image, row_height: int) -> Image.Image:
+    """``row`` (panels of ``image``'s size side by side) resized to ``row_height``, each panel
+    keeping the image's aspect; nearest-neighbour when enlarging, so mask edges stay crisp."""
+    h, w = as_array(image, np.uint8).shape[:2]
+    panel_width = max(1, round(w * row_height / h))
+    size = (panel_width * (row.shape[1] // w), row_height)
+    return Image.fromarray(row).resize(size, Image.NEAREST if row_height >= h else Image.BOX)

@@ -50,6 +50,15 @@ def register_tiny_configs() -> None:
 register_tiny_configs()
 
 
+def run_name(task_name: str, overrides: str) -> str:
+    """A run's name: the task and its command line's overrides, e.g.
+    ``train:data=refcoco,model=llava`` (``${flmm.run_name:${task_name},${hydra:job.override_dirname}}``)."""
+    return f"{task_name}:{overrides}" if overrides else task_name
+
+
+OmegaConf.register_new_resolver("flmm.run_name", run_name, replace=True)
+
+
 def flmm_home() -> Path:
     """Home of the foundation models' cache and the generated synthetic world (``paths.home_dir``):
     ``$FLMM_HOME``, else the per-user cache folder (``$XDG_CACHE_HOME/flmm``, ``~/.cache/flmm``)."""
@@ -152,9 +161,20 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     group_sweep_runs(cfg)
     callbacks = [*instantiate_group(cfg.get("callbacks")), LoaderPosition()]
     loggers = instantiate_group(cfg.get("logger"))
+    log_config(loggers, cfg)
     return hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
+
+
+def log_config(loggers: list, cfg: DictConfig) -> None:
+    """Log the resolved config (less Hydra's own node) as every logger's hyperparameters: the W&B
+    run's config, the CSV logger's ``hparams.yaml``."""
+    config = OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+    )
+    for logger in loggers:
+        logger.log_hyperparams(config)
 
 
 def finish_loggers(trainer: L.Trainer) -> None:

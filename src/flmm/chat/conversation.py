@@ -10,6 +10,7 @@ being generated. Phrases come from the user or from the keyword selector.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Thread
@@ -189,17 +190,37 @@ class GroundedChat:
         with self.lmm.user_turn(question):
             return self.model.ground(image, text, phrases)
 
-    def keywords(self, image: np.ndarray, question: str, answer: str) -> list[str]:
-        """The key phrases of ``answer`` that the keyword selector picks (in order)."""
+    def ground_batch(
+        self, images: list[np.ndarray], texts: list[str], phrases: list[list[str]]
+    ) -> list[Grounding]:
+        """:meth:`ground` (no question) for several images in one batched model pass."""
+        for image in images:
+            check_image(image)
+        return self.model.ground_batch(images, texts, phrases)
+
+    def keywords(self, image: np.ndarray, question: str | None, answer: str) -> list[str]:
+        """The key phrases of ``answer`` that the keyword selector picks (in order); with
+        ``question`` None, ``answer`` follows the grounding instruction (as in :meth:`ground`)."""
+        return self.keywords_batch([image], question, [answer])[0]
+
+    def keywords_batch(
+        self, images: list[np.ndarray], question: str | None, answers: list[str]
+    ) -> list[list[str]]:
+        """:meth:`keywords` for several images and answers, in one LMM forward."""
+        selector = self.require_selector()
+        with self.lmm.user_turn(question) if question is not None else nullcontext():
+            spans = selector.select_many(self.lmm, images, answers)
+        return [[a[s:e] for s, e in found] for a, found in zip(answers, spans)]
+
+    def require_selector(self) -> KeywordSelector:
+        """The keyword selector; a clear error when none is loaded."""
         if self.selector is None:
             raise FlmmUserError(
                 "no keyword selector is loaded: pass phrases explicitly (--phrases ...), or train "
                 f"one with `python -m flmm.chat.train_selector` and put {SELECTOR_FILE} beside the "
                 "F-LMM checkpoint"
             )
-        with self.lmm.user_turn(question):
-            spans = self.selector.select(self.lmm, image, answer)
-        return [answer[s:e] for s, e in spans]
+        return self.selector
 
     def chat(
         self,

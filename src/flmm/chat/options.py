@@ -1,7 +1,7 @@
-"""Command-line options that pick the models, shared by ``flmm.chat.ground``, ``flmm.chat.reasonseg`` and
-``flmm.chat.web``: an F-LMM checkpoint (default: the newest under ``logs/`` of the current folder),
-the frozen LMM it was trained on (default: the one its metadata names), its dtype and device, SAM
-and the keyword selector."""
+"""Command-line options that pick the models, shared by ``flmm.chat.ground``,
+``flmm.chat.predict``, ``flmm.chat.reasonseg`` and ``flmm.chat.web``: an F-LMM checkpoint
+(default: the newest under ``logs/`` of the current folder), the frozen LMM it was trained on
+(default: the one its metadata names), its dtype and device, SAM and the keyword selector."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from flmm.model.checkpoint import check_family, read_checkpoint
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The options that pick the models (shared by the ground, reasonseg and web commands)."""
+    """The options that pick the models (shared by the ground, predict, reasonseg and web commands)."""
     p.add_argument("--checkpoint", help="F-LMM .ckpt (default: the newest under ./logs/)")
     p.add_argument("--lmm", help="frozen LMM id or folder (default: the checkpoint's)")
     p.add_argument("--dtype", default="float32", help="the frozen LMM's dtype (bfloat16 on GPUs)")

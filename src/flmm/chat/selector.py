@@ -84,16 +84,27 @@ class KeywordSelector(nn.Module):
         """``W x D`` word states -> ``W`` logits."""
         return self.linear(states.float()).squeeze(-1)
 
-    @torch.no_grad()
     def select(self, lmm, image: np.ndarray, text: str) -> list[tuple[int, int]]:
         """Character spans of the key phrases of ``text`` (an assistant turn about ``image``)."""
-        if not WORD.search(text):
-            return []
-        states = word_states(lmm, [image], [text])[0].to(self.linear.weight.device)
-        spans = word_spans(text)
-        keep = (self(states).sigmoid() > self.threshold).tolist()
-        keep = [k and text[s:e][0].isalnum() for k, (s, e) in zip(keep, spans)]  # no punctuation
-        return runs(keep, spans)
+        return self.select_many(lmm, [image], [text])[0]
+
+    @torch.no_grad()
+    def select_many(
+        self, lmm, images: list[np.ndarray], texts: list[str]
+    ) -> list[list[tuple[int, int]]]:
+        """:meth:`select` for several images and texts, in one LMM forward."""
+        todo = [i for i, text in enumerate(texts) if WORD.search(text)]
+        found: list[list[tuple[int, int]]] = [[] for _ in texts]
+        if not todo:
+            return found
+        states = word_states(lmm, [images[i] for i in todo], [texts[i] for i in todo])
+        for i, words in zip(todo, states):
+            spans = word_spans(texts[i])
+            keep = (self(words.to(self.linear.weight.device)).sigmoid() > self.threshold).tolist()
+            # no punctuation
+            keep = [k and texts[i][s:e][0].isalnum() for k, (s, e) in zip(keep, spans)]
+            found[i] = runs(keep, spans)
+        return found
 
     def save(self, path: str | Path) -> Path:
         """Write weights and metadata (hidden size, threshold, LMM id) to ``path``."""

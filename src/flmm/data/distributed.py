@@ -90,7 +90,10 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def _skipping(self) -> bool:
-        return self.sampler.skip_epoch == self.sampler.epoch
+        # ``trainer.predict`` rebuilds the loader around a wrapped batch sampler: nothing to skip
+        return (
+            isinstance(self.sampler, ShardSampler) and self.sampler.skip_epoch == self.sampler.epoch
+        )
 
     def state_dict(self) -> dict[str, int]:
         """The epoch and how many of its batches the trainer has consumed."""

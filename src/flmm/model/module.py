@@ -259,14 +259,31 @@ class FLMM(L.LightningModule):
 
         Phrases are matched in order, each after the previous one, exactly as written in ``text``.
         """
-        spans = phrase_spans(text, phrases)
-        empty = np.zeros((len(spans), *image.shape[:2]), dtype=bool)
-        batch = GroundingBatch.collate([GroundingSample(image, text, spans, empty)]).to(self.device)
+        return self.ground_batch([image], [text], [phrases])[0]
+
+    @torch.no_grad()
+    def ground_batch(
+        self, images: list[np.ndarray], texts: list[str], phrases: list[list[str]]
+    ) -> list[Grounding]:
+        """:meth:`ground` for several images in one LMM forward and one SAM pass.
+
+        Every image needs at least one phrase; images may differ in size.
+        """
+        spans = [phrase_spans(t, p) for t, p in zip(texts, phrases)]
+        samples = [
+            GroundingSample(image, text, s, np.zeros((len(s), *image.shape[:2]), dtype=bool))
+            for image, text, s in zip(images, texts, spans)
+        ]
+        batch = GroundingBatch.collate(samples).to(self.device)
         capture = self.lmm(batch)
         pred = self.predict(batch, capture)
-        attention = capture.maps[0, : len(spans)].unflatten(1, (self.lmm.num_layers, -1)).cpu()
-        coarse = upsample_logits(pred.coarse_region[0], image.shape[:2]).sigmoid().cpu()
-        return Grounding(list(phrases), spans, attention, coarse, pred.refined[0].sigmoid().cpu())
+        out = []
+        for b, (image, s) in enumerate(zip(images, spans)):
+            maps = capture.maps[b, : len(s)].unflatten(1, (self.lmm.num_layers, -1)).cpu()
+            coarse = upsample_logits(pred.coarse_region[b], image.shape[:2]).sigmoid().cpu()
+            refined = pred.refined[b].sigmoid().cpu()
+            out.append(Grounding(list(phrases[b]), s, maps, coarse, refined))
+        return out
 
     def losses(self, batch: GroundingBatch, pred: Predictions) -> dict[str, torch.Tensor]:
         """BCE + Dice on the coarse logits (mask-head resolution) and the refined ones (image resolution)."""
@@ -310,8 +327,10 @@ class FLMM(L.LightningModule):
     ) -> Predictions:
         return self._evaluate(batch, "val")
 
-    def test_step(self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "test")
+    def test_step(
+        self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0
+    ) -> Predictions:
+        return self._evaluate(batch, "test")
 
     def _evaluate(self, batch: GroundingBatch, split: str) -> Predictions:
         pred = self(batch)
@@ -331,6 +350,23 @@ class FLMM(L.LightningModule):
                     phrase_records(batch.meta[b], batch.phrases(b), coarse, refined, target)
                 )
         return pred
+
+    def predict_step(
+        self, batch: GroundingBatch, batch_idx: int, dataloader_idx: int = 0
+    ) -> list[dict]:
+        """Per sample: ``phrases``, ``spans``, ``meta`` and the ``refined`` and ``coarse`` masks
+        (``K x H x W`` bool at the image's size, on the CPU), thresholded as in evaluation."""
+        pred = self(batch)
+        return [
+            {
+                "phrases": batch.phrases(b),
+                "spans": batch.spans[b],
+                "meta": batch.meta[b],
+                "refined": (pred.refined[b] > 0).cpu(),
+                "coarse": (upsample_logits(pred.coarse_region[b], image.shape[:2]) > 0).cpu(),
+            }
+            for b, image in enumerate(batch.images)
+        ]
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")

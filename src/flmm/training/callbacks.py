@@ -1,4 +1,5 @@
-"""Callbacks that check F-LMM's central promise: training never changes the frozen LMM."""
+"""Training callbacks: the frozen-LMM check (F-LMM's central promise: training never changes the
+LMM) and the pictures a run leaves (mask overlays each epoch, curves of its metrics)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
 
-from flmm.model.module import upsample_logits
-from flmm.overlay import overlay_row
+from flmm.model.module import Predictions, phrase_records, upsample_logits
+from flmm.overlay import PANEL_COLUMNS, as_array, disjoint, overlay_panel
+from flmm.training.plots import line_charts
+from flmm.types import GroundingBatch
 
 log = logging.getLogger(__name__)
 
@@ -89,33 +94,172 @@ def fingerprint(module: torch.nn.Module) -> str:
 
 
 class MaskOverlays(L.Callback):
-    """Log image / target / coarse / refined overlays of the first validation batch to W&B.
+    """Overlays of a few fixed validation samples each epoch, with any logger; W&B extras.
 
-    Uses the predictions ``validation_step`` returns, so nothing is computed twice.
-
-    A no-op unless a ``WandbLogger`` is among the trainer's loggers.
+    From the predictions ``validation_step`` returns (nothing is computed twice), the first
+    ``num_samples`` validation samples (the same every epoch: validation is not shuffled) are drawn
+    into ``<run dir>/overlays/epoch_<k>.png``: image | target | coarse | refined per row, the
+    phrases above it in their mask colours. With a ``WandbLogger`` the same samples are logged as
+    ``val/overlays``, images with target / coarse / refined masks the W&B UI toggles per phrase, and
+    testing logs ``test/phrases``: one row per test phrase with its tags (the synthetic world's
+    ``kind``), coarse and refined IoU and its masks. Rank zero draws what rank zero sees.
 
     Args:
-        max_images: overlays logged per validation epoch.
+        num_samples: validation samples drawn each epoch.
+        row_height: height of each sample's row in the picture, in pixels.
+        max_test_rows: at most this many phrases in the W&B test table.
     """
 
-    def __init__(self, max_images: int = 4) -> None:
-        self.max_images = max_images
+    def __init__(self, num_samples: int = 6, row_height: int = 192, max_test_rows: int = 1000):
+        self.num_samples = num_samples
+        self.row_height = row_height
+        self.max_test_rows = max_test_rows
+        self.rows: list[tuple] = []
+        self.table: list[dict] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.rows = []
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        if wandb is None or batch_idx != 0 or not trainer.is_global_zero:
+        if trainer.sanity_checking or not trainer.is_global_zero or dataloader_idx != 0:
             return
-        pred = outputs  # the Predictions validation_step returned for this batch
-        panels, captions = [], []
-        for b in range(min(self.max_images, len(batch))):
-            coarse = upsample_logits(pred.coarse_region[b], batch.masks[b].shape[-2:]) > 0
-            panels.append(
-                overlay_row(batch.images[b], [batch.masks[b], coarse, pred.refined[b] > 0])
+        for b in range(min(len(batch), self.num_samples - len(self.rows))):
+            self.rows.append(sample_masks(batch, outputs, b))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self.rows:
+            return
+        out = Path(trainer.default_root_dir) / "overlays" / f"epoch_{trainer.current_epoch:03d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(overlay_panel(self.rows, self.row_height)).save(out)
+        wandb = wandb_logger(trainer)
+        if wandb is not None:
+            wandb.log_image(
+                key="val/overlays",
+                images=[as_array(image, np.uint8) for image, _, _ in self.rows],
+                step=trainer.global_step,
+                caption=[" | ".join(phrases) for _, phrases, _ in self.rows],
+                masks=[wandb_masks(phrases, sets) for _, phrases, sets in self.rows],
             )
-            captions.append(" | ".join(batch.phrases(b)))
-        wandb.log_image(
-            key="val/overlays", images=panels, caption=captions, step=trainer.global_step
-        )
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self.table = []
+
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if wandb_logger(trainer) is None or not trainer.is_global_zero:
+            return
+        import wandb
+
+        for b in range(len(batch)):
+            image, phrases, (target, coarse, refined) = sample_masks(batch, outputs, b)
+            records = phrase_records(batch.meta[b], phrases, coarse, refined, target)
+            for k, record in enumerate(records[: self.max_test_rows - len(self.table)]):
+                sets = [m[k : k + 1] for m in (target, coarse, refined)]
+                masks = wandb_masks([phrases[k]], sets)
+                self.table.append({**record, "overlay": wandb.Image(image.numpy(), masks=masks)})
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        wandb = wandb_logger(trainer)
+        if wandb is None or not self.table:
+            return
+        fixed = ("image_id", "phrase", "iou_coarse", "iou_refined", "overlay")
+        tags = sorted({key for row in self.table for key in row} - set(fixed))
+        columns = ["phrase", *tags, "iou_coarse", "iou_refined", "overlay"]
+        data = [[row.get(c) for c in columns] for row in self.table]
+        wandb.log_table(key="test/phrases", columns=columns, data=data)
+
+
+def wandb_logger(trainer) -> WandbLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+def sample_masks(batch: GroundingBatch, pred: Predictions, b: int) -> tuple:
+    """``(image, phrases, [target, coarse, refined])`` of sample ``b``, on the CPU (masks
+    ``K x H x W`` bool)."""
+    target = batch.masks[b]
+    coarse = upsample_logits(pred.coarse_region[b], target.shape[-2:]) > 0
+    sets = [m.detach().cpu() for m in (target, coarse, pred.refined[b] > 0)]
+    return batch.images[b].cpu(), batch.phrases(b), sets
+
+
+def wandb_masks(phrases: list[str], mask_sets: list) -> dict:
+    """``wandb.Image(masks=...)`` of target / coarse / refined: a class per phrase."""
+    labels = {k + 1: phrase for k, phrase in enumerate(phrases)}
+    return {
+        name: {"mask_data": label_map(masks), "class_labels": labels}
+        for name, masks in zip(PANEL_COLUMNS[1:], mask_sets)
+    }
+
+
+def label_map(masks: torch.Tensor) -> np.ndarray:
+    """``H x W`` uint8: ``k + 1`` where mask ``k`` is drawn (the smallest on top), 0 elsewhere."""
+    ids = torch.arange(1, len(masks) + 1, dtype=torch.uint8)[:, None, None]
+    return (disjoint(masks.bool()) * ids).sum(0).to(torch.uint8).numpy()
+
+
+# val/... metric: its name in metrics.png
+VAL_CURVES = {
+    "val/giou": "gIoU",
+    "val/ciou": "cIoU",
+    "val/coarse_giou": "gIoU coarse",
+    "val/coarse_ciou": "cIoU coarse",
+}
+
+
+class MetricCurves(L.Callback):
+    """``<run dir>/metrics.png`` at the end of fit: train loss per step (and its moving mean), val
+    loss, and val gIoU / cIoU (refined and coarse) per epoch.
+
+    Collected from what the run logs, so it works with any logger; kept in checkpoints, so a
+    resumed run draws its whole history.
+    """
+
+    def __init__(self) -> None:
+        self.history: dict[str, list] = {k: [] for k in ("train/loss", "val/loss", *VAL_CURVES)}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Lightning divides the loss it passes here by the batches accumulated
+        loss = float(outputs["loss"]) * trainer.accumulate_grad_batches
+        self.history["train/loss"].append([trainer.global_step, loss])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        if "val/loss" in metrics:
+            self.history["val/loss"].append([trainer.global_step, float(metrics["val/loss"])])
+        for key in VAL_CURVES:
+            if key in metrics:
+                self.history[key].append([trainer.current_epoch, float(metrics[key])])
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        train = self.history["train/loss"]
+        window = max(1, len(train) // 20)
+        loss = {"train": train, "val": self.history["val/loss"]}
+        if window > 1:
+            loss[f"train, mean of {window} steps"] = moving_mean(train, window)
+        ious = {name: self.history[key] for key, name in VAL_CURVES.items()}
+        charts = {"loss": ("step", loss), "validation IoU (%)": ("epoch", ious)}
+        out = Path(trainer.default_root_dir) / "metrics.png"
+        Image.fromarray(line_charts(charts)).save(out)
+        log.info("curves of the run's metrics: %s", out)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = state_dict["history"]
+
+
+def moving_mean(points: list, window: int) -> list:
+    """``[x, mean of this and the previous window - 1 ys]`` of ``[x, y]`` points (from the
+    ``window``-th point on)."""
+    ys = np.array([y for _, y in points], dtype=float)
+    means = np.convolve(ys, np.ones(window) / window, mode="valid") if len(ys) else []
+    return [[x, float(m)] for (x, _), m in zip(points[window - 1 :], means)]

@@ -1,0 +1,91 @@
+"""Which yes / no rules can the tiny LLaVA learn? Fine-tune it briefly on one toy rule and print
+the answer loss (a yes / no answer at chance is ln 2 / 2 = 0.347 per answer token: the word and
+the end token).
+
+    python scripts/yes_no_controls.py RULE [--lmm DIR] [--steps 150] [--lr 5e-4] [--every 50]
+
+Rules, all "is there a <colour> object in the image?" answered yes / no half the time each:
+
+- ``text``: yes iff the asked colour is red, green or blue (the image does not matter);
+- ``image``: yes iff the image (one solid colour) is red, green or blue (the question does not);
+- ``match``: yes iff the solid image has the asked colour: the answer depends on neither the
+  question nor the image alone, only on both together, as an existence answer does;
+- ``exist``: the pretraining corpus's existence questions alone (scenes of the world).
+
+The model is not saved. Measured on the shipped model (one thread): ``text`` and ``image`` fall
+to a loss near 0 within 100 steps (0.012, 0.003), ``match`` and ``exist`` stay at 0.35
+(docs/tiny_llava.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from flmm.data.synthetic.corpus import Conversation, pixel_labels, pretraining_pairs
+from flmm.data.synthetic.world import COLOURS, sample_scene
+from flmm.foundation.cache import SHIPPED
+from flmm.foundation.pretrain_lmm import make_batch
+
+RULES = ("text", "image", "match", "exist")
+FIRST = ("red", "green", "blue")
+
+
+def toy(rule: str, rng: np.random.Generator):
+    """Endless single-turn conversations of ``rule`` (not ``exist``)."""
+    names = list(COLOURS)
+    while True:
+        scene = sample_scene(rng, 96)
+        asked, shown = names[rng.integers(len(names))], names[rng.integers(len(names))]
+        if rule == "match":
+            yes = bool(rng.random() < 0.5)
+            others = [c for c in names if c != asked]
+            shown = asked if yes else others[rng.integers(len(others))]
+        else:
+            yes = (asked if rule == "text" else shown) in FIRST
+        image = np.empty_like(scene.image)
+        image[...] = COLOURS[shown]
+        question = f"is there a {asked} object in the image?"
+        yield Conversation([image], [(question, "yes" if yes else "no")], pixel_labels(scene))
+
+
+def main(argv: list[str] | None = None) -> list[float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("rule", choices=RULES)
+    parser.add_argument("--lmm", default=str(SHIPPED["tiny_llava"]))
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng([args.seed, 4242])
+    processor = AutoProcessor.from_pretrained(args.lmm)
+    model = LlavaForConditionalGeneration.from_pretrained(args.lmm, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    exist = {"caption_prob": 0.0, "exist_prob": 1.0}
+    pairs = pretraining_pairs(rng, 96, **exist) if args.rule == "exist" else toy(args.rule, rng)
+    losses = []
+    print(f"{args.rule}: chance loss {math.log(2) / 2:.3f} per answer token")
+    for step in range(1, args.steps + 1):
+        batch = make_batch(processor, [next(pairs) for _ in range(args.batch_size)])
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % args.every == 0:
+            print(
+                f"{args.rule}: step {step}, loss {np.mean(losses[-args.every :]):.3f}", flush=True
+            )
+    return losses
+
+
+if __name__ == "__main__":
+    main()
