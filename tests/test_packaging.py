@@ -20,7 +20,7 @@ from flmm.runtime import CONFIG_PATH
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "flmm"
 # modules allowed to import an optional dependency (guarded, with a MissingExtraError)
-OPTIONAL_IMPORTS = {"gradio": ("web", {"web.py"})}
+OPTIONAL_IMPORTS = {"gradio": ("web", {"web.py"}), "wandb": ("wandb", {"callbacks.py"})}
 
 
 def normalise(name: str) -> str:

@@ -67,7 +67,7 @@ def flmm_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flmm"
 
 
-OmegaConf.register_new_resolver("flmm_home", lambda: str(flmm_home()), replace=True)
+OmegaConf.register_new_resolver("flmm.home", lambda: str(flmm_home()), replace=True)
 
 # options spelled as in an earlier version or for another kind of command -> what to write here
 RESPELLED = {
