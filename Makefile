@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-run: venv ## train F-LMM on the synthetic world (writes the world on first use; tiny models ship with flmm)
+run: venv ## train F-LMM on the synthetic world (run folder under logs/; the world is written to $FLMM_HOME on first use; tiny models ship with flmm)
 	$(PYTHON) -m flmm.train
 
 test: venv ## fast test suite (everything not marked slow)
@@ -53,5 +53,9 @@ clean: ## remove run logs and caches of Python
 	rm -rf logs outputs multirun .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-clean-cache: ## remove the generated world and the cached (not the shipped) tiny foundation models
-	rm -rf .cache data/synthetic_world
+# flmm's home (flmm.runtime.flmm_home): the generated world and the cached foundation models live
+# there for every run, wherever it starts; run folders (logs/) stay in the folder a run starts in
+FLMM_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/flmm
+
+clean-cache: ## remove the generated world and the cached (not the shipped) tiny foundation models from $FLMM_HOME
+	rm -rf "$(FLMM_HOME)/synthetic_world" "$(FLMM_HOME)/synthetic_world.lock" "$(FLMM_HOME)/foundation"

@@ -1,7 +1,7 @@
 """Does the tiny LLaVA answer existence questions on its own training distribution, or only fail
 on POPE's test split? One forward pass per question: "yes" if its logit beats "no"'s.
 
-    python scripts/existence_probe.py [--lmm DIR] [--world data/synthetic_world] [--n 200]
+    python scripts/existence_probe.py [--lmm DIR] [--world $FLMM_HOME/synthetic_world] [--n 200]
 
 - ``corpus``: fresh scenes and existence questions drawn exactly as the pretraining corpus draws
   them (:func:`flmm.data.synthetic.questions.existence_question`, single image), by kind (POPE's
@@ -30,6 +30,7 @@ from flmm.data.synthetic.questions import ObjectStats, existence_question
 from flmm.data.synthetic.world import SIZES, sample_scene
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
+from flmm.runtime import flmm_home
 
 
 def kind(question: str) -> str:
@@ -67,7 +68,7 @@ def scores(rows: list[tuple[str, str, float]]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lmm", default=str(SHIPPED["tiny_llava"]))
-    parser.add_argument("--world", type=Path, default=Path("data/synthetic_world"))
+    parser.add_argument("--world", type=Path, default=flmm_home() / "synthetic_world")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument(
         "--seed", type=int, default=1, help="corpus stream [seed, 102] (0: pretraining's)"

@@ -23,6 +23,7 @@ import numpy as np
 
 from flmm.data.refer import ReferDataset
 from flmm.data.synthetic.write import attribute_oracle_masks
+from flmm.runtime import flmm_home
 
 RUNS = {"pretrained": [], "random": ["model/lmm=tiny_random"]}
 
@@ -34,7 +35,7 @@ def train(name: str, out: Path, extra: list[str]) -> tuple[Path, float]:
         sys.executable,
         "-m",
         "flmm.train",
-        f"hydra.run.dir={run_dir}",
+        f"output_dir={run_dir}",
         f"task_name=evidence_{name}",
         *RUNS[name],
         *extra,
@@ -129,28 +130,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=Path("logs/evidence"))
-    parser.add_argument("--world", type=Path, default=Path("data/synthetic_world"))
+    parser.add_argument("--output-dir", type=Path, default=Path("logs/evidence"))
+    parser.add_argument("--world", type=Path, default=flmm_home() / "synthetic_world")
     parser.add_argument(
-        "--reuse", action="store_true", help="score existing runs in --out instead of training"
+        "--reuse",
+        action="store_true",
+        help="score existing runs in --output-dir instead of training",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to both runs")
     args = parser.parse_args()
     walls = {}
     for name in RUNS:
         if not args.reuse:
-            _, walls[name] = train(name, args.out, args.overrides)
-    runs = {name: load_records(args.out / name) for name in RUNS}
+            _, walls[name] = train(name, args.output_dir, args.overrides)
+    runs = {name: load_records(args.output_dir / name) for name in RUNS}
     keys = sorted(set(runs["pretrained"]) & set(runs["random"]))
     text, summary = table(keys, runs, reference_rows(args.world))
-    chat = json.loads((args.out / "pretrained" / "chat_check.json").read_text())
+    chat = json.loads((args.output_dir / "pretrained" / "chat_check.json").read_text())
     text += f"\n\nFrozen LMM unchanged by F-LMM training (weights fingerprint and greedy answers to {len(chat['questions'])} questions on {len(chat['before']['answers'])} images): {chat['unchanged']}\n"
     text += "Example answer: " + repr(chat["before"]["answers"][0][0]) + "\n"
     if walls:
         text += "Wall times: " + ", ".join(f"{n} {s / 60:.1f} min" for n, s in walls.items()) + "\n"
     print(text)
-    (args.out / "evidence.md").write_text(text)
-    (args.out / "evidence.json").write_text(
+    (args.output_dir / "evidence.md").write_text(text)
+    (args.output_dir / "evidence.json").write_text(
         json.dumps(
             {"groups": summary, "chat_unchanged": chat["unchanged"], "wall_s": walls}, indent=2
         )

@@ -1,7 +1,7 @@
 """What the frozen LMM alone does on the synthetic world's test split (no F-LMM checkpoint needed).
 
-    python scripts/tiny_llava_report.py [--lmm DIR] [--world data/synthetic_world] [--limit N]
-        [--cot-limit N] [--captions N] [--max-new-tokens N] [--out logs/tiny_llava_report]
+    python scripts/tiny_llava_report.py [--lmm DIR] [--world $FLMM_HOME/synthetic_world] [--limit N]
+        [--cot-limit N] [--captions N] [--max-new-tokens N] [--output-dir logs/tiny_llava_report]
 
 - POPE, plain answers, on each synthetic POPE file (first ``--limit`` questions; the same
   answering, parsing, resuming and scoring as ``python -m flmm.chat.evaluate_pope``): accuracy,
@@ -11,7 +11,7 @@
 - caption hallucination, CHAIR-style (:mod:`flmm.data.synthetic.hallucination`): the F-LMM
   description prompt's greedy caption of each test image (first ``--captions``), and the share of
   the objects it mentions that are not in the scene.
-Writes ``report.json`` (and the answer files) in ``--out``.
+Writes ``report.json`` (and the answer files) in ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from flmm.data.synthetic.pope import ensure_pope, split_attributes
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
 from flmm.lmm.families import DEFAULT_INSTRUCTION
+from flmm.runtime import flmm_home
 
 
 class LMMAnswerer:
@@ -90,12 +91,12 @@ def caption_chair(answerer: LMMAnswerer, world: Path, n: int, max_new_tokens: in
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lmm", default=str(SHIPPED["tiny_llava"]))
-    parser.add_argument("--world", type=Path, default=Path("data/synthetic_world"))
+    parser.add_argument("--world", type=Path, default=flmm_home() / "synthetic_world")
     parser.add_argument("--limit", type=int, default=200, help="POPE questions per file")
     parser.add_argument("--cot-limit", type=int, default=None, help="of those, asked for CoT")
     parser.add_argument("--captions", type=int, default=200, help="test images to caption")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--out", type=Path, default=Path("logs/tiny_llava_report"))
+    parser.add_argument("--output-dir", type=Path, default=Path("logs/tiny_llava_report"))
     args = parser.parse_args(argv)
     cot_limit = args.limit if args.cot_limit is None else args.cot_limit
     if min(args.limit, cot_limit, args.captions) < 1:
@@ -105,14 +106,14 @@ def main(argv: list[str] | None = None) -> dict:
     sets = read_sets(pope_dir, [f"pope_{f}.json" for f in POPE_FILES], args.limit)
     image_dir = args.world / "images"
     report = {"lmm": args.lmm, "limit": args.limit}
-    pope = evaluate(answerer, sets, image_dir, args.out, ["plain"], max_new_tokens=8)
+    pope = evaluate(answerer, sets, image_dir, args.output_dir, ["plain"], max_new_tokens=8)
     report["pope_plain"] = {name: by_mode["plain"] for name, by_mode in pope.items()}
     report["cot_names_asked"] = {
         n: cot_share(answerer, qs[:cot_limit], image_dir) for n, qs in sets.items()
     }
     report["captions"] = caption_chair(answerer, args.world, args.captions, args.max_new_tokens)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return report
 

@@ -59,13 +59,19 @@ def ragged_batch() -> GroundingBatch:
     )
 
 
+def paths_at(root: Path) -> list[str]:
+    """Overrides that put everything a run reads or writes under ``root``: its home (the world,
+    the foundation cache) and its runs."""
+    return [f"paths.home_dir={root}", f"paths.root_dir={root}"]
+
+
 def run_flmm(
     module: str, root: Path, *overrides: str, timeout: int = 900, **env: str
 ) -> subprocess.CompletedProcess:
-    """``python -m flmm.<module> paths.root_dir=<root> ...`` in ``root``: offline, one thread,
+    """``python -m flmm.<module> <paths_at(root)> ...`` in ``root``: offline, one thread,
     output captured; ``env`` adds environment variables."""
     environ = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
-    cmd = [sys.executable, "-m", f"flmm.{module}", f"paths.root_dir={root}", *overrides]
+    cmd = [sys.executable, "-m", f"flmm.{module}", *paths_at(root), *overrides]
     return subprocess.run(
         cmd, cwd=root, env=environ, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -94,9 +100,7 @@ TINY = [
 
 def compose_cfg(root: Path, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train", overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True
-        )
+        cfg = compose("train", overrides=[*paths_at(root), *overrides], return_hydra_config=True)
     with open_dict(cfg):
         cfg.paths.output_dir = str(root / "run")
         cfg.hydra.runtime.output_dir = str(root / "run")

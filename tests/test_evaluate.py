@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CONF, compose_cfg, run_flmm
+from conftest import CONF, compose_cfg, paths_at, run_flmm
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
@@ -41,7 +41,7 @@ def eval_cfg(root: Path, overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "evaluate",
-            overrides=[f"paths.root_dir={root}", *MODEL, *overrides],
+            overrides=[*paths_at(root), *MODEL, *overrides],
             return_hydra_config=True,
         )
     with open_dict(cfg):
@@ -63,7 +63,7 @@ def test_cli_on_the_refer_fixture_prints_both_protocols(trained):
         "data.eval_splits=[val,train]",
         "data.num_workers=0",
         "trainer.accelerator=cpu",
-        f"ckpt_path={ckpt}",
+        f"checkpoint={ckpt}",
         f"hydra.run.dir={root / 'cli'}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -97,7 +97,7 @@ def test_png_fixture_average_recall_per_group(trained):
             "data.num_workers=0",
             "+data.max_eval_samples=3",
             "trainer.accelerator=cpu",
-            f"ckpt_path={ckpt}",
+            f"checkpoint={ckpt}",
         ],
     )
     figures = evaluate(cfg)
@@ -113,7 +113,7 @@ def test_png_fixture_average_recall_per_group(trained):
 
 def test_synthetic_world_both_protocols(trained):
     root, ckpt, _ = trained
-    cfg = eval_cfg(root, [*WORLD, "trainer.accelerator=cpu", f"ckpt_path={ckpt}"])
+    cfg = eval_cfg(root, [*WORLD, "trainer.accelerator=cpu", f"checkpoint={ckpt}"])
     figures = evaluate(cfg)
     for split in ("val", "test"):
         for protocol in ("reference", "per_sentence"):
@@ -130,18 +130,18 @@ def test_bad_inputs_stop_with_one_line(trained, capsys):
     ]
     for overrides, expected in [
         (
-            ["data.eval_splits=[testA]", f"ckpt_path={ckpt}"],
+            ["data.eval_splits=[testA]", f"checkpoint={ckpt}"],
             r"corrupt or unreadable image .*_000000000005\.jpg \(image_id 5, refs \[10\]\)",
         ),
         (
-            ["data.eval_splits=[testB]", f"ckpt_path={ckpt}"],
+            ["data.eval_splits=[testB]", f"checkpoint={ckpt}"],
             r"missing image .*COCO_train2014_000000000006\.jpg \(image_id 6, refs \[11\]\)",
         ),
-        ([f"ckpt_path={root / 'nope.ckpt'}"], r"checkpoint not found: .*nope\.ckpt"),
-        (["data=png", "paths.png_root=/nowhere", f"ckpt_path={ckpt}"], "paths.png_root"),
-        (["protocols=[reference,lisa]", f"ckpt_path={ckpt}"], r"unknown protocols \['lisa'\]"),
+        ([f"checkpoint={root / 'nope.ckpt'}"], r"checkpoint not found: .*nope\.ckpt"),
+        (["data=png", "paths.png_root=/nowhere", f"checkpoint={ckpt}"], "paths.png_root"),
+        (["protocols=[reference,lisa]", f"checkpoint={ckpt}"], r"unknown protocols \['lisa'\]"),
         (
-            ["data=png", "protocols=[per_sentence]", f"ckpt_path={ckpt}"],
+            ["data=png", "protocols=[per_sentence]", f"checkpoint={ckpt}"],
             r"no evaluation set: .*defines \['reference'\]",
         ),
     ]:
@@ -166,7 +166,7 @@ def test_overlay_panels(trained):
     from flmm.evaluate import load_model, overlay_panels
 
     root, ckpt, _ = trained
-    cfg = eval_cfg(root, [*WORLD, f"ckpt_path={ckpt}"])
+    cfg = eval_cfg(root, [*WORLD, f"checkpoint={ckpt}"])
     model = load_model(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
     data = datamodule.make_dataset("val", "reference")
@@ -183,7 +183,7 @@ def test_wandb_logs_the_table_and_overlays(trained, monkeypatch):
     root, ckpt, _ = trained
     # a rerun in a folder skips the sets scored there (test_synthetic_world_both_protocols's)
     shutil.rmtree(root / "eval" / "splits", ignore_errors=True)
-    cfg = eval_cfg(root, [*WORLD, "logger=wandb", "overlays=2", f"ckpt_path={ckpt}"])
+    cfg = eval_cfg(root, [*WORLD, "logger=wandb", "overlays=2", f"checkpoint={ckpt}"])
     evaluate(cfg)
     media = root / "eval" / "wandb" / "latest-run" / "files" / "media"
     for split in ("val", "test"):
@@ -200,7 +200,7 @@ def test_wandb_logs_the_table_and_overlays(trained, monkeypatch):
 @pytest.mark.slow
 def test_ddp_two_processes_give_the_single_process_figures(trained):
     root, ckpt, _ = trained
-    overrides = [*WORLD, "data.batch_size=2", "trainer.accelerator=cpu", f"ckpt_path={ckpt}"]
+    overrides = [*WORLD, "data.batch_size=2", "trainer.accelerator=cpu", f"checkpoint={ckpt}"]
     single = evaluate(eval_cfg(root, overrides))
     ddp = run_cli(
         root, *overrides, "trainer=ddp", "trainer.devices=2", f"hydra.run.dir={root / 'ddp'}"
@@ -227,7 +227,7 @@ def test_mix_prints_refer_and_png_tables(trained, capsys):
         "data.num_workers=0",
         "+data.max_eval_samples=3",
         "trainer.accelerator=cpu",
-        f"ckpt_path={ckpt}",
+        f"checkpoint={ckpt}",
     ]
     figures = evaluate(eval_cfg(root, overrides))
     out = capsys.readouterr().out

@@ -54,7 +54,7 @@ def test_ground_mode_prints_phrases_and_writes_the_overlay(saved, image_file, tm
             "--phrases",
             "red circle",
             "blue square",
-            "--out",
+            "--output",
             str(out),
             *saved,
         ]
@@ -76,7 +76,7 @@ def test_chat_mode_answers_then_grounds(saved, image_file, tmp_path, capsys):
             "what colour is the circle?",
             "--phrases",
             "not said",
-            "--out",
+            "--output",
             str(tmp_path / "o.png"),
             "--max-new-tokens",
             "6",
@@ -98,7 +98,7 @@ def test_reasoning_modes_run(saved, image_file, tmp_path, capsys, mode):
             mode,
             "--max-new-tokens",
             "4",
-            "--out",
+            "--output",
             str(tmp_path / "o.png"),
             *saved,
         ]

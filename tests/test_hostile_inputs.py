@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONF, TINY
+from conftest import CONF, TINY, paths_at
 from refer_fixtures import _refs, write_refer_fixture
 
 from flmm.data import ReferDataset, load_refer
@@ -194,16 +194,16 @@ def test_broken_checkpoint_is_one_line(tiny_run, tiny_models, tmp_path, capsys, 
 def test_truncated_last_ckpt_names_the_previous_good_one(tiny_run, tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    from flmm.runtime import resolve_ckpt_path
+    from flmm.runtime import resolve_checkpoint
 
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
     good = tiny_checkpoint(tiny_run).read_bytes()
     (folder / "epoch_000.ckpt").write_bytes(good)
     (folder / "last.ckpt").write_bytes(good[:1000])
-    cfg = OmegaConf.create({"ckpt_path": "last", "paths": {"output_dir": str(tmp_path / "run")}})
-    err = one_line_error(capsys, resolve_ckpt_path, cfg)
-    assert "last.ckpt" in err and f"resume from ckpt_path={folder / 'epoch_000.ckpt'}" in err
+    cfg = OmegaConf.create({"checkpoint": "last", "paths": {"output_dir": str(tmp_path / "run")}})
+    err = one_line_error(capsys, resolve_checkpoint, cfg)
+    assert "last.ckpt" in err and f"resume from checkpoint={folder / 'epoch_000.ckpt'}" in err
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
@@ -231,15 +231,15 @@ def test_resuming_from_another_familys_checkpoint_is_refused_before_the_lmm_load
     import torch
     from omegaconf import OmegaConf
 
-    from flmm.runtime import resolve_ckpt_path
+    from flmm.runtime import resolve_checkpoint
 
     ckpt = torch.load(tiny_checkpoint(tiny_run), weights_only=True)
     ckpt["flmm"]["family"] = "internvl"
     torch.save(ckpt, tmp_path / "internvl.ckpt")
     cfg = OmegaConf.create(
-        {"ckpt_path": str(tmp_path / "internvl.ckpt"), "model": {"lmm": {"family": "llava"}}}
+        {"checkpoint": str(tmp_path / "internvl.ckpt"), "model": {"lmm": {"family": "llava"}}}
     )
-    err = one_line_error(capsys, resolve_ckpt_path, cfg)
+    err = one_line_error(capsys, resolve_checkpoint, cfg)
     assert "family: checkpoint 'internvl' vs configured 'llava'" in err
 
 
@@ -250,7 +250,7 @@ def test_family_mismatch_is_refused_before_the_lmm_loads(tiny_run, capsys):
 
     cfg = OmegaConf.create(
         {
-            "ckpt_path": str(tiny_checkpoint(tiny_run)),
+            "checkpoint": str(tiny_checkpoint(tiny_run)),
             # no such LMM: were it loaded first, the error would be about its path
             "model": {"lmm": {"family": "qwen2_5_vl", "name_or_path": "/no/such/lmm"}, "sam": {}},
         }
@@ -275,11 +275,11 @@ def eval_cfg(tiny_run, out: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "evaluate",
-            overrides=[f"paths.root_dir={root}", *model, *settings, *overrides],
+            overrides=[*paths_at(root), *model, *settings, *overrides],
             return_hydra_config=True,
         )
     with open_dict(cfg):
-        cfg.ckpt_path = str(tiny_checkpoint(tiny_run))
+        cfg.checkpoint = str(tiny_checkpoint(tiny_run))
         cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(out)
     HydraConfig.instance().set_config(cfg)
     return cfg

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import TINY, compose_cfg
+from conftest import TINY, compose_cfg, paths_at
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict, read_write
 
@@ -69,7 +69,7 @@ def test_two_point_optuna_multirun_with_wandb_groups_and_tags(tmp_path):
         "logger=wandb",
         "test=false",
         "callbacks.progress_bar=null",
-        f"paths.root_dir={tmp_path}",
+        *paths_at(tmp_path),
         f"hydra.sweep.dir={sweep}",
         *TINY,
     ]
@@ -125,7 +125,7 @@ def test_submitit_local_launcher_runs_each_point_as_its_own_job(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     # the jobs run at once: write the world and build the tiny models before they start
     warm = [sys.executable, "-m", "flmm.train", "train=false", "test=false"]
-    warm += [f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'warm'}", *TINY]
+    warm += [*paths_at(tmp_path), f"hydra.run.dir={tmp_path / 'warm'}", *TINY]
     subprocess.run(warm, check=True, cwd=tmp_path, env=env, capture_output=True, timeout=900)
     cmd = [
         sys.executable,
@@ -136,7 +136,7 @@ def test_submitit_local_launcher_runs_each_point_as_its_own_job(tmp_path):
         f"model.lr={','.join(LRS)}",
         "test=false",
         "callbacks.progress_bar=null",
-        f"paths.root_dir={tmp_path}",
+        *paths_at(tmp_path),
         f"hydra.sweep.dir={sweep}",
         *TINY,
     ]

@@ -107,7 +107,7 @@ def test_missing_web_extra_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(web, "gr", None)
     with pytest.raises(SystemExit) as stop:
-        web.main(["--help"])
+        web.main([])
     assert stop.value.code == 2
     assert "pip install 'flmm[web]'" in capsys.readouterr().err
 
@@ -125,8 +125,9 @@ def test_missing_wandb_extra_is_one_line(monkeypatch):
 
 @pytest.mark.slow
 def test_the_built_wheel_runs_from_any_folder(tmp_path):
-    """A built (not editable) wheel, used from an unrelated folder: configs found inside the
-    package, every entry point answers --help, the Hydra ones print their composed job."""
+    """A built (not editable) wheel, used from an unrelated folder through its `flmm` script:
+    configs found inside the package, every entry point answers --help, the Hydra ones print
+    their composed job, flmm's home is the user's cache folder, runs go under the folder."""
     import subprocess
 
     wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
@@ -136,12 +137,15 @@ def test_the_built_wheel_runs_from_any_folder(tmp_path):
     subprocess.run(build, check=True, cwd=tmp_path)
     (wheel,) = wheels.glob("flmm-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HOME": str(tmp_path)}
+    env = {
+        "PATH": f"{target / 'bin'}:/usr/bin:/bin",
+        "PYTHONPATH": str(target),
+        "HOME": str(tmp_path),
+    }
 
     def flmm(*args: str) -> str:
-        cmd = [sys.executable, "-m", "flmm.cli", *args]
         out = subprocess.run(
-            cmd, check=False, cwd=elsewhere, env=env, capture_output=True, text=True
+            ["flmm", *args], check=False, cwd=elsewhere, env=env, capture_output=True, text=True
         )
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout
@@ -158,4 +162,8 @@ def test_the_built_wheel_runs_from_any_folder(tmp_path):
         assert "_target_" in flmm(command, "--cfg", "job")
     for command in cli.COMMANDS:
         assert flmm(command, "--help")
+    assert "checkpoint=PATH|last" in flmm("train", "--help")
+    assert "--checkpoint CHECKPOINT" in flmm("ground", "--help")
+    paths = flmm("train", "--cfg", "job", "--resolve", "--package", "paths")
+    assert f"home_dir: {tmp_path}/.cache/flmm" in paths and "log_dir: ./logs" in paths
     assert not any(elsewhere.iterdir())  # nothing written where the command ran

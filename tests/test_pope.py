@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONF, TINY
+from conftest import CONF, TINY, paths_at
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -330,7 +330,7 @@ def test_cli_names_a_malformed_line_without_traceback(tmp_path):
         sys.executable,
         "-m",
         "flmm.chat.evaluate_pope",
-        f"paths.root_dir={tmp_path}",
+        *paths_at(tmp_path),
         "synthetic_world=null",
         f"pope_dir={tmp_path}",
         "files=[pope_random.json]",
@@ -349,7 +349,7 @@ def compose_pope_cfg(root: Path, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "evaluate_pope",
-            overrides=[f"paths.root_dir={root}", *overrides],
+            overrides=[*paths_at(root), *overrides],
             return_hydra_config=True,
         )
     with open_dict(cfg):

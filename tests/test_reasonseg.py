@@ -110,7 +110,7 @@ def test_answer_then_ground_on_the_synthetic_world(tiny_llava_dir, tmp_path, cap
             str(sam),
             "--max-new-tokens",
             "3",
-            "--out",
+            "--output",
             str(out),
         ]
     )

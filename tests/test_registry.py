@@ -414,7 +414,7 @@ def world_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_registry_train_one_epoch(family, world_root):
     """``python -m flmm.train model=<family>_tiny``: fit, checkpoint and test on the world."""
-    shared = [f"paths.data_dir={world_root}/data", f"paths.foundation_dir={world_root}/foundation"]
+    shared = [f"paths.home_dir={world_root}"]
     overrides = [o for o in TINY if not o.startswith("model.lmm.")]
     root = world_root / family
     metrics = train(compose_cfg(root, [f"model={family}_tiny", *shared, *overrides]))

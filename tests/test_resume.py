@@ -48,8 +48,9 @@ class CountSteps(L.Callback):
 
 
 def run_train(root: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = (f"hydra.run.dir={run_dir}", *RUN, *overrides)
-    return run_flmm("train", root, *args, PYTHONPATH=str(TESTS))
+    args = (f"output_dir={run_dir}", *RUN, *overrides)
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    return run_flmm("train", root, *args, PYTHONPATH=path)
 
 
 def trained_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -79,7 +80,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
 
     steps = tmp_path / "steps_after_resume.txt"
     count = [f"+callbacks.count._target_={__name__}.CountSteps", f"+callbacks.count.path={steps}"]
-    resumed = run_train(tmp_path, killed, "ckpt_path=last", *count)
+    resumed = run_train(tmp_path, killed, "checkpoint=last", *count)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
     # 2 epochs x 3 steps: only steps 5 and 6 remain (global step after each: 5, 6)
@@ -96,8 +97,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_ckpt_path_to_a_missing_file_is_a_user_error(tmp_path):
-    result = run_train(tmp_path, tmp_path / "run", f"ckpt_path={tmp_path / 'nope.ckpt'}")
+def test_checkpoint_to_a_missing_file_is_a_user_error(tmp_path):
+    result = run_train(tmp_path, tmp_path / "run", f"checkpoint={tmp_path / 'nope.ckpt'}")
     assert result.returncode == 2
-    assert "flmm: error: ckpt_path=" in result.stderr and "ckpt_path=last" in result.stderr
+    assert "flmm: error: checkpoint=" in result.stderr and "checkpoint=last" in result.stderr
     assert "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import paths_at
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
@@ -69,7 +70,7 @@ def test_train_selector_learns_the_grounded_words(tiny_llava_dir, tmp_path: Path
         cfg = compose(
             "selector",
             overrides=[
-                f"paths.root_dir={tmp_path}",
+                *paths_at(tmp_path),
                 "data.n_train=48",
                 "data.n_val=12",
                 "data.n_test=16",
@@ -79,7 +80,7 @@ def test_train_selector_learns_the_grounded_words(tiny_llava_dir, tmp_path: Path
             return_hydra_config=True,
         )
     with open_dict(cfg):
-        cfg.lmm.name_or_path = str(tiny_llava_dir)
+        cfg.model.lmm.name_or_path = str(tiny_llava_dir)
         cfg.paths.output_dir = str(tmp_path / "run")
         cfg.hydra.runtime.output_dir = str(tmp_path / "run")
     HydraConfig.instance().set_config(cfg)

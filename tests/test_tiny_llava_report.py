@@ -37,7 +37,7 @@ def test_report_runs_end_to_end(report, tmp_path):
     lmm = build_tiny_llava(tmp_path / "lmm", vocabulary(), num_layers=1, vision_layers=1)
     argv = ["--lmm", str(lmm), "--world", str(world), "--limit", "4", "--cot-limit", "3"]
     out = report.main(
-        [*argv, "--captions", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "out")]
+        [*argv, "--captions", "2", "--max-new-tokens", "6", "--output-dir", str(tmp_path / "out")]
     )
     assert json.loads((tmp_path / "out/report.json").read_text()) == json.loads(json.dumps(out))
     assert set(out["pope_plain"]) == {"pope_random", "pope_popular", "pope_adversarial"}

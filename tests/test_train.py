@@ -61,7 +61,7 @@ def test_default_run_end_to_end(tiny_run):
     ):
         assert key in metrics and 0.0 <= metrics[key] <= 100.0
     assert json.loads((root / "run" / "metrics.json").read_text()) == metrics
-    assert (root / "data" / "synthetic_world" / "synthetic" / "instances.json").exists()
+    assert (root / "synthetic_world" / "synthetic" / "instances.json").exists()
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import sys
 # command -> (module whose main() runs it, one line of help)
 COMMANDS = {
     "train": ("flmm.train", "train F-LMM (Hydra overrides: model=llava data=refcoco ...)"),
-    "evaluate": ("flmm.evaluate", "score a checkpoint on every split (ckpt_path=...)"),
+    "evaluate": ("flmm.evaluate", "score a checkpoint on every split (checkpoint=...)"),
     "ground": ("flmm.chat.ground", "ground phrases of a text or an answer on one image"),
     "predict": (
         "flmm.chat.predict",

@@ -1,4 +1,4 @@
-"""`python -m flmm.evaluate ckpt_path=... [overrides]`: score a trained F-LMM on every split.
+"""`flmm evaluate checkpoint=... [overrides]`: score a trained F-LMM on every split.
 
 Instantiates the data and the frozen LMM + SAM, loads the checkpoint through
 :meth:`FLMM.from_checkpoint`, then runs one ``trainer.test`` per (split, protocol) of the
@@ -10,7 +10,7 @@ scored. Writes ``evaluation.json`` (every figure, the skipped records, the setti
 ``logger=wandb`` logs the tables and a few overlay images per split. See conf/evaluate.yaml.
 
 Nothing finished is lost: each set's scores are written to ``splits/<dataset>__<split>__<protocol>
-.json`` as soon as it is done, and a rerun in the same folder (``hydra.run.dir=<that folder>``)
+.json`` as soon as it is done, and a rerun in the same folder (``output_dir=<that folder>``)
 with the same checkpoint, data and model skips the sets already scored. Before any model loads, a
 pre-flight pass reads every sample of the sets to score (``preflight=false`` turns it off).
 """
@@ -38,8 +38,8 @@ from flmm.model.checkpoint import check_family, read_checkpoint
 from flmm.model.module import FLMM, upsample_logits
 from flmm.overlay import overlay_row
 from flmm.runtime import (
-    CONFIG_PATH,
     build_trainer,
+    hydra_entry,
     write_metrics,
     write_text_atomic,
 )
@@ -54,26 +54,26 @@ PNG_COLUMNS = ("all", "things", "stuff", "singular", "plural")
 
 
 def load_model(cfg: DictConfig) -> FLMM:
-    """The frozen LMM and SAM of ``cfg.model`` with the trained state of ``cfg.ckpt_path``."""
-    check_ckpt_path(cfg)
-    saved = read_checkpoint(cfg.ckpt_path).get("flmm")
-    check_family(saved, cfg.model.lmm.family, cfg.model.lmm.get("grid_size"), cfg.ckpt_path)
+    """The frozen LMM and SAM of ``cfg.model`` with the trained state of ``cfg.checkpoint``."""
+    check_checkpoint(cfg)
+    saved = read_checkpoint(cfg.checkpoint).get("flmm")
+    check_family(saved, cfg.model.lmm.family, cfg.model.lmm.get("grid_size"), cfg.checkpoint)
     sam = hydra.utils.instantiate(cfg.model.sam)
     lmm = hydra.utils.instantiate(cfg.model.lmm)
-    return FLMM.from_checkpoint(str(cfg.ckpt_path), lmm, sam)
+    return FLMM.from_checkpoint(str(cfg.checkpoint), lmm, sam)
 
 
-def check_ckpt_path(cfg: DictConfig) -> None:
-    """A clear error when ``cfg.ckpt_path`` is unset or names no file."""
-    if not cfg.get("ckpt_path"):
+def check_checkpoint(cfg: DictConfig) -> None:
+    """A clear error when ``cfg.checkpoint`` is unset or names no file."""
+    if not cfg.get("checkpoint"):
         raise FlmmUserError(
-            "no checkpoint to evaluate: pass ckpt_path=<run>/checkpoints/<name>.ckpt "
-            "(written by `python -m flmm.train`)"
+            "no checkpoint to evaluate: pass checkpoint=<run>/checkpoints/<name>.ckpt "
+            "(written by `flmm train`)"
         )
-    if not Path(cfg.ckpt_path).is_file():
+    if not Path(cfg.checkpoint).is_file():
         raise FileNotFoundError(
-            f"F-LMM checkpoint not found: {cfg.ckpt_path}; pass the .ckpt a training run wrote "
-            "(ckpt_path=logs/train/runs/<time>/checkpoints/last.ckpt)"
+            f"F-LMM checkpoint not found: {cfg.checkpoint}; pass the .ckpt a training run wrote "
+            "(checkpoint=logs/train/runs/<time>/checkpoints/last.ckpt)"
         )
 
 
@@ -191,7 +191,7 @@ def report(results: dict, skipped: dict, cfg: DictConfig) -> dict[str, float]:
     """Write ``evaluation.json`` and ``metrics.json``; print the tables and the skipped records."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"ckpt_path": str(cfg.ckpt_path), "protocols": list(cfg.protocols)}
+    settings = {"checkpoint": str(cfg.checkpoint), "protocols": list(cfg.protocols)}
     settings["model"] = OmegaConf.to_container(cfg.model, resolve=True)
     document = {"results": results, "skipped": skipped, "settings": settings}
     write_text_atomic(out / "evaluation.json", json.dumps(document, indent=2))
@@ -239,9 +239,9 @@ def set_key(es: EvalSet) -> str:
 
 def settings_fingerprint(cfg: DictConfig) -> str:
     """What a finished set's scores depend on: the checkpoint file, the data and the model."""
-    stat = Path(cfg.ckpt_path).stat()
+    stat = Path(cfg.checkpoint).stat()
     settings = {
-        "ckpt": [str(Path(cfg.ckpt_path).resolve()), stat.st_size, stat.st_mtime_ns],
+        "ckpt": [str(Path(cfg.checkpoint).resolve()), stat.st_size, stat.st_mtime_ns],
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
     }
@@ -297,12 +297,12 @@ def preflight(eval_sets: list[EvalSet]) -> None:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Score ``cfg.ckpt_path`` on every evaluation set of ``cfg.data``; returns the figures."""
+    """Score ``cfg.checkpoint`` on every evaluation set of ``cfg.data``; returns the figures."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_eval()
     eval_sets = select_eval_sets(datamodule, list(cfg.protocols))
-    check_ckpt_path(cfg)
+    check_checkpoint(cfg)
     finished = FinishedSets(Path(cfg.paths.output_dir), settings_fingerprint(cfg))
     done = {set_key(es): finished.load(es) for es in eval_sets}
     todo = [es for es in eval_sets if done[set_key(es)] is None]
@@ -346,7 +346,7 @@ def score_set(cfg, trainer: L.Trainer, model: FLMM, datamodule, es: EvalSet, fin
     return {"scores": scores, "skipped": skipped}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
+@hydra_entry("evaluate")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(evaluate, cfg)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
 import os
+import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -20,15 +24,16 @@ from rich.console import Console
 from rich.table import Table
 
 from flmm.data.distributed import LoaderPosition
-from flmm.errors import FlmmUserError, MissingExtraError
+from flmm.errors import ConfigError, FlmmUserError, MissingExtraError, exit_on_user_error
 from flmm.lmm import get_family, list_lmms
 from flmm.model.checkpoint import AtomicCheckpointIO, check_family, newest_readable, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 CONFIG_PATH = str(Path(__file__).resolve().parent / "conf")
-
-# Errors caused by the user's input (paths, configs, checkpoints): reported as one message.
+# the primary configs search conf/ of the folder a run starts in (conf/local/default.yaml: a
+# user's paths); most folders have none, which is no reason to warn on every run
+warnings.filterwarnings("ignore", message=r"provider=hydra\.searchpath in main, path=conf is not")
 
 
 def register_tiny_configs() -> None:
@@ -55,8 +60,50 @@ OmegaConf.register_new_resolver("flmm.run_name", run_name, replace=True)
 
 
 def flmm_home() -> Path:
-    """The project root used for the synthetic world's defaults (``$FLMM_HOME`` or cwd)."""
-    return Path(os.environ.get("FLMM_HOME", "."))
+    """Home of the foundation models' cache and the generated synthetic world (``paths.home_dir``):
+    ``$FLMM_HOME``, else the per-user cache folder (``$XDG_CACHE_HOME/flmm``, ``~/.cache/flmm``)."""
+    if os.environ.get("FLMM_HOME"):
+        return Path(os.environ["FLMM_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flmm"
+
+
+OmegaConf.register_new_resolver("flmm.home", lambda: str(flmm_home()), replace=True)
+
+# options spelled as in an earlier version or for another kind of command -> what to write here
+RESPELLED = {
+    "ckpt_path": "checkpoint=PATH",
+    "save_to": "output=PATH",
+    "device": "trainer.accelerator=cpu|gpu (or trainer=gpu)",
+    "dtype": "model.lmm.dtype=NAME",
+}
+
+
+def check_spellings(config_name: str, overrides: list[str]) -> None:
+    """A :class:`ConfigError` naming the spelling to use for an override of an option this
+    command does not have but :data:`RESPELLED` knows (Hydra's own message would only say it
+    cannot override it)."""
+    options = OmegaConf.load(Path(CONFIG_PATH) / f"{config_name}.yaml")
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "=" in override and key in RESPELLED and key not in options:
+            raise ConfigError(f"{key}= is not an option of this command: use {RESPELLED[key]}")
+
+
+def hydra_entry(config_name: str) -> Callable:
+    """``@hydra.main`` with the package's config ``config_name``, after
+    :func:`check_spellings` of the command line."""
+
+    def decorate(task: Callable) -> Callable:
+        run = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)
+
+        @functools.wraps(task)
+        def main():
+            exit_on_user_error(check_spellings, config_name, sys.argv[1:])
+            return run()
+
+        return main
+
+    return decorate
 
 
 # config entries whose ``_target_`` needs an optional dependency: (module, extra, what needs it)
@@ -193,36 +240,36 @@ def write_records(records: list[dict], output_dir: str) -> Path:
     return out
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """The checkpoint ``fit`` resumes from (``cfg.ckpt_path``), checked before anything loads.
+def resolve_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint ``fit`` resumes from (``cfg.checkpoint``), checked before anything loads.
 
     ``last`` is this run folder's ``last.ckpt`` if one was written; a fresh run starts from
     scratch, so a requeued job can always pass it. The checkpoint must load and be made for the
     configured LMM family and grid (read from its metadata, before the LMM loads).
     """
-    ckpt_path = cfg.get("ckpt_path")
-    if not ckpt_path:
+    checkpoint = cfg.get("checkpoint")
+    if not checkpoint:
         return None
-    if ckpt_path == "last":
-        checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
-        folder = checkpoint.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints"
+    if checkpoint == "last":
+        callback = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+        folder = callback.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints"
         last = Path(folder) / "last.ckpt"
         if not last.is_file():
-            log.info("ckpt_path=last: no %s yet, training from the start", last)
+            log.info("checkpoint=last: no %s yet, training from the start", last)
             return None
         check_resumable(last)
         log.info("resuming from %s", last)
-        ckpt_path = str(last)
-    elif not Path(ckpt_path).is_file():
+        checkpoint = str(last)
+    elif not Path(checkpoint).is_file():
         raise FileNotFoundError(
-            f"ckpt_path={ckpt_path} does not exist; pass a .ckpt a training run wrote, or "
-            "ckpt_path=last with hydra.run.dir=<the interrupted run's folder> to resume it"
+            f"checkpoint={checkpoint} does not exist; pass a .ckpt a training run wrote, or "
+            "checkpoint=last with output_dir=<the interrupted run's folder> to resume it"
         )
     lmm = cfg.model.lmm
     check_family(
-        read_checkpoint(ckpt_path).get("flmm"), lmm.family, lmm.get("grid_size"), ckpt_path
+        read_checkpoint(checkpoint).get("flmm"), lmm.family, lmm.get("grid_size"), checkpoint
     )
-    return str(ckpt_path)
+    return str(checkpoint)
 
 
 def check_resumable(last: Path) -> None:
@@ -232,8 +279,10 @@ def check_resumable(last: Path) -> None:
         read_checkpoint(last)
     except FlmmUserError as err:
         previous = newest_readable(last.parent, skip=last)
-        fix = f"resume from ckpt_path={previous}" if previous else "no other checkpoint there loads"
-        raise FlmmUserError(f"ckpt_path=last: {err}; {fix}") from None
+        fix = (
+            f"resume from checkpoint={previous}" if previous else "no other checkpoint there loads"
+        )
+        raise FlmmUserError(f"checkpoint=last: {err}; {fix}") from None
 
 
 def gather_records(records: list[dict]) -> list[dict]:

@@ -13,12 +13,12 @@ from omegaconf import DictConfig
 
 from flmm.errors import exit_on_user_error
 from flmm.runtime import (
-    CONFIG_PATH,
     build_trainer,
     checkpoint_report,
     finish_loggers,
     gather_records,
-    resolve_ckpt_path,
+    hydra_entry,
+    resolve_checkpoint,
     write_metrics,
     write_records,
 )
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test F-LMM as configured; returns the final metrics."""
-    ckpt_path = resolve_ckpt_path(cfg) if cfg.train else None
+    resume = resolve_checkpoint(cfg) if cfg.train else None
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
@@ -37,7 +37,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     attach(model, getattr(datamodule, "cache_dir", None))
     trainer = build_trainer(cfg)
     if cfg.train:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
         checkpoint_report(trainer, model)
     metrics = dict(trainer.callback_metrics)
     records = []
@@ -54,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return write_metrics(metrics, cfg.paths.output_dir)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@hydra_entry("train")
 def main(cfg: DictConfig) -> float | None:
     metrics = exit_on_user_error(train, cfg)
     # what a sweeper (hparams_search=...) optimises; NaN if the run logged no such metric

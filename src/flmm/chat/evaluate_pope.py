@@ -1,4 +1,4 @@
-"""`python -m flmm.chat.evaluate_pope [overrides]`: POPE object hallucination, plain vs visual CoT.
+"""`flmm pope [overrides]` (`python -m flmm.chat.evaluate_pope`): POPE object hallucination, plain vs visual CoT.
 
 Loads the frozen LMM, SAM and an F-LMM checkpoint as :class:`flmm.chat.conversation.GroundedChat`, answers
 every question of each POPE file plainly and with visual chain of thought (answers appended to
@@ -19,7 +19,7 @@ from flmm.chat.conversation import GroundedChat
 from flmm.chat.pope import check_modes, check_settings, evaluate, format_table, read_sets
 from flmm.data.synthetic.pope import ensure_pope
 from flmm.errors import exit_on_user_error
-from flmm.runtime import CONFIG_PATH
+from flmm.runtime import hydra_entry
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def evaluate_pope(cfg: DictConfig) -> dict:
         ensure_pope(cfg.synthetic_world)
     questions = read_sets(cfg.pope_dir, cfg.files, cfg.limit)
     modes = check_modes(cfg.modes)
-    out = Path(cfg.output_dir)
+    out = Path(cfg.paths.output_dir)
     lmm = OmegaConf.to_container(cfg.model.lmm, resolve=True)
     settings = {"checkpoint": str(cfg.checkpoint), "lmm": lmm, "max_new_tokens": cfg.max_new_tokens}
     check_settings(out, settings)
@@ -66,7 +66,7 @@ def evaluate_pope(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate_pope")
+@hydra_entry("evaluate_pope")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(evaluate_pope, cfg)
 

@@ -153,14 +153,12 @@ def cot_result(cot: VisualCoT, image: np.ndarray) -> ChatResult:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flmm.chat.ground", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="flmm ground", description=__doc__.split("\n")[0])
     p.add_argument("image", help="image file (PNG, JPEG, ...)")
     p.add_argument("text", help="a question (answered, then grounded) or a phrase to ground")
     p.add_argument("--phrases", nargs="+", help="phrases to ground, exactly as in the text/answer")
     p.add_argument("--mode", choices=MODES, default="auto")
-    p.add_argument("--out", default="overlay.png", help="overlay PNG to write")
+    p.add_argument("--output", default="overlay.png", help="overlay PNG to write")
     add_model_args(p)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, help="seed for --sample")
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             args.sample,
             args.seed,
         )
-        out = Path(args.out)
+        out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(render_overlay(image, result.masks, result.phrases)).save(out)
         print(transcript(result, out))

@@ -1,7 +1,7 @@
 """Command-line options that pick the models, shared by ``flmm.chat.ground``,
 ``flmm.chat.predict``, ``flmm.chat.reasonseg`` and ``flmm.chat.web``: an F-LMM checkpoint
-(default: the newest under ``logs/``), the frozen LMM it was trained on (default: the one its
-metadata names), SAM and the keyword selector."""
+(default: the newest under ``logs/`` of the current folder), the frozen LMM it was trained on
+(default: the one its metadata names), its dtype and device, SAM and the keyword selector."""
 
 from __future__ import annotations
 
@@ -12,19 +12,19 @@ from pathlib import Path
 from flmm.chat.conversation import GroundedChat
 from flmm.errors import FlmmUserError
 from flmm.model.checkpoint import check_family, read_checkpoint
-from flmm.runtime import flmm_home
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The options that pick the models (shared by the ground, reasonseg and web commands)."""
-    p.add_argument("--checkpoint", help="F-LMM .ckpt (default: the newest under logs/)")
+    """The options that pick the models (shared by the ground, predict, reasonseg and web commands)."""
+    p.add_argument("--checkpoint", help="F-LMM .ckpt (default: the newest under ./logs/)")
     p.add_argument("--lmm", help="frozen LMM id or folder (default: the checkpoint's)")
+    p.add_argument("--dtype", default="float32", help="the frozen LMM's dtype (bfloat16 on GPUs)")
     p.add_argument("--family", default="llava")
     p.add_argument("--sam", help="SAM checkpoint (default: the synthetic world's tiny SAM)")
     p.add_argument("--sam-variant", choices=("vit_b", "vit_l", "vit_h", "tiny"))
     p.add_argument("--selector", help="keyword selector (default: selector.pt beside the ckpt)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
 def load_chat(args: argparse.Namespace) -> GroundedChat:
@@ -40,28 +40,27 @@ def load_chat(args: argparse.Namespace) -> GroundedChat:
         sam_variant=args.sam_variant,
         selector=args.selector,
         device=args.device,
+        dtype=args.dtype,
     )
 
 
 def default_checkpoint() -> Path:
-    """The newest F-LMM checkpoint under ``$FLMM_HOME/logs``; a clear error if there is none."""
-    found = sorted(
-        (flmm_home() / "logs").glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime
-    )
+    """The newest F-LMM checkpoint under ``logs/`` of the current folder (where ``flmm train``
+    writes its runs); a clear error if there is none."""
+    found = sorted(Path("logs").glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(
-            f"no F-LMM checkpoint under {flmm_home() / 'logs'}; train one on the synthetic world "
-            "with `make run` (python -m flmm.train), or pass --checkpoint PATH"
+            f"no F-LMM checkpoint under {Path('logs').resolve()}; train one on the synthetic world "
+            "with `flmm train` (`make run`) in this folder, or pass --checkpoint PATH"
         )
     return found[-1]
 
 
 def checkpoint_lmm(checkpoint: Path) -> str:
-    """The LMM id recorded in an F-LMM checkpoint (relative paths are under ``$FLMM_HOME``)."""
+    """The LMM (hub id or folder) recorded in an F-LMM checkpoint's metadata."""
     if not checkpoint.is_file():
         raise FileNotFoundError(f"F-LMM checkpoint not found: {checkpoint}")
     meta = read_checkpoint(checkpoint).get("flmm") or {}
     if "lmm_id" not in meta:
         raise FlmmUserError(f"{checkpoint} has no LMM id in its metadata; pass --lmm")
-    local = flmm_home() / meta["lmm_id"]
-    return str(local) if local.exists() else meta["lmm_id"]
+    return meta["lmm_id"]

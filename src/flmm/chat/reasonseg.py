@@ -8,7 +8,7 @@ drawn largest first, so a smaller one on top wins); ``flag`` shapes are deprecat
 gIoU is the mean per-query IoU (1 when prediction and target are both empty), cIoU is the summed
 intersection over the summed union.
 
-`python -m flmm.chat.reasonseg DIR [--limit N] [--out results.json]` (model options as in
+`python -m flmm.chat.reasonseg DIR [--limit N] [--output results.json]` (model options as in
 `python -m flmm.chat.ground`).
 """
 
@@ -192,9 +192,7 @@ def write_synthetic_split(out_dir: str | Path, n: int, seed: int = 0, image_size
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m flmm.chat.reasonseg", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="flmm reasonseg", description=__doc__.split("\n")[0])
     p.add_argument("split_dir", help="a ReasonSeg split folder (NAME.jpg + NAME.json)")
     p.add_argument(
         "--write-synthetic",
@@ -203,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         help="first write N synthetic-world scenes into split_dir in the ReasonSeg layout",
     )
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
-    p.add_argument("--out", default="reasonseg_results.json", help="per-query records (JSON)")
+    p.add_argument("--output", default="reasonseg_results.json", help="per-query records (JSON)")
     add_model_args(p)
     args = p.parse_args(argv)
 
@@ -212,10 +210,10 @@ def main(argv: list[str] | None = None) -> None:
             write_synthetic_split(args.split_dir, args.write_synthetic)
         items = read_split(args.split_dir)[: args.limit]
         metrics, records = evaluate(load_chat(args), items, args.max_new_tokens)
-        Path(args.out).write_text(json.dumps({"metrics": metrics, "queries": records}, indent=2))
+        Path(args.output).write_text(json.dumps({"metrics": metrics, "queries": records}, indent=2))
         print(
             f"ReasonSeg {args.split_dir}: gIoU {metrics['giou']:.4f} cIoU {metrics['ciou']:.4f} "
-            f"over {int(metrics['queries'])} queries; per-query records: {args.out}"
+            f"over {int(metrics['queries'])} queries; per-query records: {args.output}"
         )
 
     exit_on_user_error(go)

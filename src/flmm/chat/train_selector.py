@@ -1,10 +1,10 @@
-"""`python -m flmm.chat.train_selector [overrides]`: train the keyword selector on grounded words.
+"""`flmm train-selector [overrides]` (`python -m flmm.chat.train_selector`): train the keyword selector on grounded words.
 
 The synthetic world's captions ("a large red circle at the top left. ...") name every object; the
 object nouns (size, colour, shape) are the grounded words, the rest (articles, positions,
 punctuation) are not. The frozen LMM's word states are computed once per split; a linear layer is
 fit with BCE; precision / recall / F1 at the threshold (0.3) are reported on val and test and
-written to ``metrics.json``; the weights go to ``save_to`` (put them beside an F-LMM checkpoint as
+written to ``metrics.json``; the weights go to ``output`` (put them beside an F-LMM checkpoint as
 ``selector.pt`` and :class:`flmm.chat.conversation.GroundedChat` loads them).
 """
 
@@ -22,7 +22,7 @@ from flmm.chat.selector import KeywordSelector, f1_scores, word_spans, word_stat
 from flmm.data.synthetic import sample_scene
 from flmm.data.synthetic.corpus import CAPTION_PROMPT, region
 from flmm.errors import exit_on_user_error
-from flmm.runtime import CONFIG_PATH, write_metrics
+from flmm.runtime import hydra_entry, write_metrics
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -90,7 +90,7 @@ def fit_selector(
 def train_selector(cfg: DictConfig) -> dict[str, float]:
     """Build word states for every split, fit the selector, report P/R/F1, save the weights."""
     L.seed_everything(cfg.seed)
-    lmm = hydra.utils.instantiate(cfg.lmm)
+    lmm = hydra.utils.instantiate(cfg.model.lmm).to(cfg.device)
     size, batch = cfg.data.image_size, cfg.data.batch_size
     data = {
         split: split_data(lmm, cfg.data[f"n_{split}"], cfg.data.seed + i, size, batch)
@@ -105,12 +105,12 @@ def train_selector(cfg: DictConfig) -> dict[str, float]:
             scores = f1_scores(pred, labels)
             metrics.update({f"{split}/{k}": v for k, v in scores.items()})
             metrics[f"{split}/words"] = float(len(labels))
-    path = selector.save(cfg.save_to)
+    path = selector.save(cfg.output)
     log.info("keyword selector written to %s", path)
     return write_metrics(metrics, cfg.paths.output_dir)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="selector")
+@hydra_entry("selector")
 def main(cfg: DictConfig) -> float | None:
     metrics = exit_on_user_error(train_selector, cfg)
     return metrics.get("val/f1")

@@ -321,8 +321,7 @@ def serving_auth(host: str, allow_remote: bool, auth_file: str | None) -> list |
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_on_user_error(require_gradio)
-    p = argparse.ArgumentParser(prog="python -m flmm.chat.web", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="flmm web", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-file-mb", type=int, default=Limits.max_file_mb)
@@ -333,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--auth-file", help=f"user:password lines (else ${AUTH_ENV})")
     add_model_args(p)
     args = p.parse_args(argv)
+    exit_on_user_error(require_gradio)
     limits = Limits(
         max_file_mb=args.max_file_mb,
         max_pixels=args.max_pixels,

@@ -18,7 +18,6 @@ import shutil
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -36,7 +35,7 @@ from flmm.foundation.cache import (
     sam_recipe,
 )
 from flmm.lmm import FrozenLMM
-from flmm.runtime import CONFIG_PATH
+from flmm.runtime import hydra_entry
 
 AGREEMENT_STREAM = 103  # RNG stream of the scenes the exported copy is checked on
 
@@ -106,7 +105,7 @@ def build_foundation(cache_dir: str, llava: dict, sam: dict, out_dir: Path) -> d
 
 def build(cfg: DictConfig) -> dict:
     """Rebuild as configured and print how long each model took."""
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else RECIPE_FILE.parent
+    out_dir = Path(cfg.shipped_dir) if cfg.shipped_dir else RECIPE_FILE.parent
     start = time.time()
     llava, sam = recipe_args(cfg.model.lmm.name_or_path), recipe_args(cfg.model.sam.checkpoint)
     log.info("building the tiny LLaVA on %s", "cuda" if torch.cuda.is_available() else "cpu")
@@ -117,7 +116,7 @@ def build(cfg: DictConfig) -> dict:
     return built
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="foundation")
+@hydra_entry("foundation")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(build, cfg)
 

@@ -165,7 +165,7 @@ class FLMM(L.LightningModule):
         """Rebuild F-LMM around ``lmm`` and ``sam`` and load a checkpoint written by training, strictly."""
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"F-LMM checkpoint not found: {path}; pass the .ckpt a training run wrote (ckpt_path=...)"
+                f"F-LMM checkpoint not found: {path}; pass the .ckpt a training run wrote (checkpoint=...)"
             )
         ckpt = read_checkpoint(path)
         check_metadata(ckpt.get("flmm"), checkpoint_metadata(lmm, sam))
