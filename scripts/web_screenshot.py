@@ -59,7 +59,7 @@ IMAGES_LOADED = "return [...document.images].every(i => i.complete && i.naturalW
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--example", type=int, default=1, help="row of the examples table")
-    p.add_argument("--out", type=Path, default=Path("docs/web_demo.png"))
+    p.add_argument("--output", type=Path, default=Path("docs/web_demo.png"))
     add_model_args(p)
     args = p.parse_args()
     app = build_app(load_chat(args), Limits())
@@ -68,10 +68,10 @@ def main() -> None:
         port = s.getsockname()[1]
     launch(app, Limits(), port=port, block=False)
     try:
-        screenshot(f"http://127.0.0.1:{port}", args.example, args.out)
+        screenshot(f"http://127.0.0.1:{port}", args.example, args.output)
     finally:
         app.close()
-    print(f"wrote {args.out}")
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
