@@ -11,12 +11,17 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from conftest import CONF
 from huggingface_hub import ModelCard
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 from safetensors.torch import load_file
 
 from flmm.chat.conversation import GroundedChat
 from flmm.chat.options import load_chat
 from flmm.errors import CheckpointMismatchError
+from flmm.evaluate import evaluate
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
 from flmm.model.checkpoint import read_checkpoint
@@ -130,10 +135,29 @@ def test_shipped_models_are_recorded_relative_to_the_package():
 
 def test_evaluation_scores_go_into_config_and_card(run, tmp_path):
     folder = shutil.copytree(run[2], tmp_path / "model")
-    add_scores(folder, "synthetic/val/reference", {"giou": 12.345, "ciou": 67.891})
+    add_scores(folder, {"synthetic/val/reference": {"giou": 12.345, "ciou": 67.891}})
     config = json.loads((folder / "config.json").read_text())
     assert config["scores"]["evaluation"]["synthetic/val/reference"]["giou"] == 12.345
     assert "| refined (SAM) | 12.35 | 67.89 |" in (folder / "README.md").read_text()
+
+
+def test_flmm_evaluate_adds_its_scores_to_a_folder(run, tmp_path):
+    root = run[0]
+    folder = shutil.copytree(run[2], tmp_path / "model")
+    data = ["data.n_train=24", "data.n_val=8", "data.n_test=8", "data.batch_size=4"]
+    overrides = [*data, "trainer.accelerator=cpu", "protocols=[reference]", f"ckpt_path={folder}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", [f"paths.root_dir={root}", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(tmp_path / "eval")
+    HydraConfig.instance().set_config(cfg)
+    figures = evaluate(cfg)
+    scores = json.loads((folder / "config.json").read_text())["scores"]["evaluation"]
+    test = scores["synthetic/test/reference"]
+    assert test["giou"] == figures["synthetic/test/reference/refined/giou"]
+    assert test["coarse_ciou"] == figures["synthetic/test/reference/coarse/ciou"]
+    card = (folder / "README.md").read_text()
+    assert f"| refined (SAM) | {test['giou']:.2f} | {test['ciou']:.2f} |" in card
 
 
 def test_push_to_hub_uploads_the_folder(head, monkeypatch):

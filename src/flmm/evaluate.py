@@ -8,6 +8,8 @@ narrative's segments in one sequence). Coarse (mask head) and refined (SAM) mask
 scored. Writes ``evaluation.json`` (every figure, the skipped records, the settings) and
 ``metrics.json`` in the run folder, prints tables shaped like the paper's, and with
 ``logger=wandb`` logs the tables and a few overlay images per split. See conf/evaluate.yaml.
+``ckpt_path`` may name a head folder (``<run>/model``, :mod:`flmm.model.pretrained`): its LMM
+and SAM are loaded from its config.json, and the scores are added to its config.json and card.
 
 Nothing finished is lost: each set's scores are written to ``splits/<dataset>__<split>__<protocol>
 .json`` as soon as it is done, and a rerun in the same folder (``hydra.run.dir=<that folder>``)
@@ -36,6 +38,7 @@ from flmm.data.datamodule import EvalSet
 from flmm.errors import USER_ERRORS, ConfigError, DataError, FlmmUserError, exit_on_user_error
 from flmm.model.checkpoint import check_family, read_checkpoint
 from flmm.model.module import FLMM, upsample_logits
+from flmm.model.pretrained import WEIGHTS, FLMMHead, add_scores
 from flmm.overlay import overlay_row
 from flmm.runtime import (
     CONFIG_PATH,
@@ -54,8 +57,12 @@ PNG_COLUMNS = ("all", "things", "stuff", "singular", "plural")
 
 
 def load_model(cfg: DictConfig) -> FLMM:
-    """The frozen LMM and SAM of ``cfg.model`` with the trained state of ``cfg.ckpt_path``."""
+    """The frozen LMM and SAM of ``cfg.model`` with the trained state of ``cfg.ckpt_path``; for
+    a head folder, the LMM and SAM its config.json names."""
     check_ckpt_path(cfg)
+    if Path(cfg.ckpt_path).is_dir():
+        log.info("ckpt_path is a head folder: LMM and SAM from its config.json, not model=...")
+        return FLMMHead.from_pretrained(cfg.ckpt_path).model
     saved = read_checkpoint(cfg.ckpt_path).get("flmm")
     check_family(saved, cfg.model.lmm.family, cfg.model.lmm.get("grid_size"), cfg.ckpt_path)
     sam = hydra.utils.instantiate(cfg.model.sam)
@@ -70,10 +77,11 @@ def check_ckpt_path(cfg: DictConfig) -> None:
             "no checkpoint to evaluate: pass ckpt_path=<run>/checkpoints/<name>.ckpt "
             "(written by `python -m flmm.train`)"
         )
-    if not Path(cfg.ckpt_path).is_file():
+    if not Path(cfg.ckpt_path).exists():
         raise FileNotFoundError(
-            f"F-LMM checkpoint not found: {cfg.ckpt_path}; pass the .ckpt a training run wrote "
-            "(ckpt_path=logs/train/runs/<time>/checkpoints/last.ckpt)"
+            f"F-LMM checkpoint not found: {cfg.ckpt_path}; pass the .ckpt or the head folder a "
+            "training run wrote (ckpt_path=logs/train/runs/<time>/checkpoints/last.ckpt or "
+            "ckpt_path=logs/train/runs/<time>/model)"
         )
 
 
@@ -239,9 +247,11 @@ def set_key(es: EvalSet) -> str:
 
 def settings_fingerprint(cfg: DictConfig) -> str:
     """What a finished set's scores depend on: the checkpoint file, the data and the model."""
-    stat = Path(cfg.ckpt_path).stat()
+    weights = Path(cfg.ckpt_path)
+    weights = weights / WEIGHTS if weights.is_dir() else weights  # a folder's card changes
+    stat = weights.stat()
     settings = {
-        "ckpt": [str(Path(cfg.ckpt_path).resolve()), stat.st_size, stat.st_mtime_ns],
+        "ckpt": [str(weights.resolve()), stat.st_size, stat.st_mtime_ns],
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
     }
@@ -316,7 +326,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
     if wandb is not None and trainer.is_global_zero:
         log_to_wandb(wandb, results)
+    if trainer.is_global_zero and Path(cfg.ckpt_path).is_dir():
+        add_scores(Path(cfg.ckpt_path), folder_scores(results))
     return report(results, skipped, cfg) if trainer.is_global_zero else flat_figures(results)
+
+
+def folder_scores(results: dict) -> dict[str, dict[str, float]]:
+    """``{dataset/split/protocol: {giou, ciou, coarse_giou...}}`` for a head folder's card."""
+    return {
+        f"{name}/{split}/{protocol}": {
+            **scores["refined"],
+            **{f"coarse_{k}": v for k, v in scores["coarse"].items()},
+        }
+        for name, splits in results.items()
+        for split, protocols in splits.items()
+        for protocol, scores in protocols.items()
+    }
 
 
 def nested(eval_sets: list[EvalSet], done: dict[str, dict]) -> tuple[dict, dict]:

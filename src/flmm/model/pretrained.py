@@ -209,11 +209,11 @@ def write_folder_text(folder: Path, config: dict) -> None:
     write_text_atomic(folder / CARD, render_card(config, where=str(folder)))
 
 
-def add_scores(folder: Path, key: str, scores: dict) -> None:
-    """Record ``flmm evaluate`` ``scores`` (flat ``giou``, ``coarse_giou``...) of set ``key``
-    in a head folder's config.json and card."""
+def add_scores(folder: Path, scores: dict[str, dict[str, float]]) -> None:
+    """Record ``flmm evaluate`` scores (``{set: {giou, coarse_giou...}}``) in a head folder's
+    config.json and card."""
     config = json.loads((folder / CONFIG).read_text())
-    config.setdefault("scores", {}).setdefault("evaluation", {})[key] = scores
+    config.setdefault("scores", {}).setdefault("evaluation", {}).update(scores)
     write_folder_text(folder, config)
 
 
