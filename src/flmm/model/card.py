@@ -36,7 +36,8 @@ load with them.
 ```python
 from flmm.chat.conversation import GroundedChat
 
-chat = GroundedChat.from_pretrained("{where}")   # builds the LMM and SAM named in config.json
+# this folder, or its hub id; builds the LMM and SAM named in config.json
+chat = GroundedChat.from_pretrained("path/to/this/folder")
 result = chat.chat(image, "What is in the picture?")  # answer + one mask per key phrase
 ```
 
@@ -188,7 +189,7 @@ def card_metadata(config: dict) -> ModelCardData:
     )
 
 
-def render_card(config: dict, where: str = "path/to/this/folder") -> str:
+def render_card(config: dict) -> str:
     """The model card text of a head folder's ``config``."""
     lmm, sam, training = config["lmm"], config["sam"], config.get("training")
     synthetic = bool(training and training.get("synthetic"))
@@ -197,7 +198,6 @@ def render_card(config: dict, where: str = "path/to/this/folder") -> str:
         lmm_id=lmm["id"],
         family=lmm["family"],
         params=f"{config['parameters']:,}",
-        where=where,
         lmm_license=lmm_license(lmm["id"]),
         sam_variant=sam["variant"],
         sam_file=sam["file_name"],

@@ -206,7 +206,7 @@ def load_lmm(recorded: dict, name_or_path: str | None, **overrides) -> FrozenLMM
 def write_folder_text(folder: Path, config: dict) -> None:
     """``config.json`` and the model card of ``config``, each written atomically."""
     write_text_atomic(folder / CONFIG, json.dumps(config, indent=2) + "\n")
-    write_text_atomic(folder / CARD, render_card(config, where=str(folder)))
+    write_text_atomic(folder / CARD, render_card(config))
 
 
 def add_scores(folder: Path, scores: dict[str, dict[str, float]]) -> None:
