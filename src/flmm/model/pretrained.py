@@ -84,11 +84,17 @@ def head_config(model: FLMM, training: dict | None = None, scores: dict | None =
             "target_size": model.mask_head.target_size,
         },
         "hyper_parameters": {k: model.hparams[k] for k in HYPER_PARAMETERS},
-        "metadata": checkpoint_metadata(lmm, sam),
+        "metadata": portable_metadata(lmm, sam),
         "parameters": model.parameter_counts()["trainable"],
         "training": training,
         "scores": scores or {},
     }
+
+
+def portable_metadata(lmm: FrozenLMM, sam: nn.Module) -> dict:
+    """:func:`checkpoint_metadata` with the LMM id as :func:`portable` records it."""
+    metadata = checkpoint_metadata(lmm, sam)
+    return metadata | {"lmm_id": portable(metadata["lmm_id"])}
 
 
 class FLMMHead(
@@ -165,7 +171,7 @@ class FLMMHead(
         if not isinstance(lmm, FrozenLMM):
             lmm = load_lmm(config["lmm"], lmm, **lmm_kwargs)
         try:
-            check_metadata(config["metadata"], checkpoint_metadata(lmm, sam))
+            check_metadata(config["metadata"], portable_metadata(lmm, sam))
         except CheckpointMismatchError as err:
             raise CheckpointMismatchError(f"head folder {model_id}: {err}") from None
         head = config["mask_head"]
