@@ -183,7 +183,8 @@ def card_metadata(config: dict) -> ModelCardData:
         license=HEAD_LICENSE,
         base_model=lmm_id if is_hub_id(lmm_id) else None,
         tags=["flmm", "referring-segmentation", "grounding", "frozen-lmm", config["lmm"]["family"]],
-        datasets=[dataset] if training else None,
+        # the synthetic world is no hub dataset
+        datasets=[dataset] if training and not training.get("synthetic") else None,
         model_name=f"flmm-{config['lmm']['family']}-head",
         eval_results=results or None,
     )
