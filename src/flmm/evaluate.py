@@ -8,6 +8,8 @@ narrative's segments in one sequence). Coarse (mask head) and refined (SAM) mask
 scored. Writes ``evaluation.json`` (every figure, the skipped records, the settings) and
 ``metrics.json`` in the run folder, prints tables shaped like the paper's, and with
 ``logger=wandb`` logs the tables and a few overlay images per split. See conf/evaluate.yaml.
+``checkpoint`` may name a head folder (``<run>/model``, :mod:`flmm.model.pretrained`): its LMM
+and SAM are loaded from its config.json, and the scores are added to its config.json and card.
 
 Nothing finished is lost: each set's scores are written to ``splits/<dataset>__<split>__<protocol>
 .json`` as soon as it is done, and a rerun in the same folder (``output_dir=<that folder>``)
@@ -36,6 +38,7 @@ from flmm.data.datamodule import EvalSet
 from flmm.errors import USER_ERRORS, ConfigError, DataError, FlmmUserError, exit_on_user_error
 from flmm.model.checkpoint import check_family, read_checkpoint
 from flmm.model.module import FLMM, upsample_logits
+from flmm.model.pretrained import WEIGHTS, FLMMHead, add_scores
 from flmm.overlay import overlay_row
 from flmm.runtime import (
     build_trainer,
@@ -54,8 +57,12 @@ PNG_COLUMNS = ("all", "things", "stuff", "singular", "plural")
 
 
 def load_model(cfg: DictConfig) -> FLMM:
-    """The frozen LMM and SAM of ``cfg.model`` with the trained state of ``cfg.checkpoint``."""
+    """The frozen LMM and SAM of ``cfg.model`` with the trained state of ``cfg.checkpoint``; for
+    a head folder, the LMM and SAM its config.json names."""
     check_checkpoint(cfg)
+    if Path(cfg.checkpoint).is_dir():
+        log.info("checkpoint is a head folder: LMM and SAM from its config.json, not model=...")
+        return FLMMHead.from_pretrained(cfg.checkpoint).model
     saved = read_checkpoint(cfg.checkpoint).get("flmm")
     check_family(saved, cfg.model.lmm.family, cfg.model.lmm.get("grid_size"), cfg.checkpoint)
     sam = hydra.utils.instantiate(cfg.model.sam)
@@ -70,10 +77,11 @@ def check_checkpoint(cfg: DictConfig) -> None:
             "no checkpoint to evaluate: pass checkpoint=<run>/checkpoints/<name>.ckpt "
             "(written by `flmm train`)"
         )
-    if not Path(cfg.checkpoint).is_file():
+    if not Path(cfg.checkpoint).exists():
         raise FileNotFoundError(
-            f"F-LMM checkpoint not found: {cfg.checkpoint}; pass the .ckpt a training run wrote "
-            "(checkpoint=logs/train/runs/<time>/checkpoints/last.ckpt)"
+            f"F-LMM checkpoint not found: {cfg.checkpoint}; pass the .ckpt or the head folder a "
+            "training run wrote (checkpoint=logs/train/runs/<time>/checkpoints/last.ckpt or "
+            "checkpoint=logs/train/runs/<time>/model)"
         )
 
 
@@ -239,9 +247,11 @@ def set_key(es: EvalSet) -> str:
 
 def settings_fingerprint(cfg: DictConfig) -> str:
     """What a finished set's scores depend on: the checkpoint file, the data and the model."""
-    stat = Path(cfg.checkpoint).stat()
+    weights = Path(cfg.checkpoint)
+    weights = weights / WEIGHTS if weights.is_dir() else weights  # a folder's card changes
+    stat = weights.stat()
     settings = {
-        "ckpt": [str(Path(cfg.checkpoint).resolve()), stat.st_size, stat.st_mtime_ns],
+        "ckpt": [str(weights.resolve()), stat.st_size, stat.st_mtime_ns],
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
     }
@@ -316,7 +326,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
     if wandb is not None and trainer.is_global_zero:
         log_to_wandb(wandb, results)
+    if trainer.is_global_zero and Path(cfg.checkpoint).is_dir():
+        add_scores(Path(cfg.checkpoint), folder_scores(results))
     return report(results, skipped, cfg) if trainer.is_global_zero else flat_figures(results)
+
+
+def folder_scores(results: dict) -> dict[str, dict[str, float]]:
+    """``{dataset/split/protocol: {giou, ciou, coarse_giou...}}`` for a head folder's card."""
+    return {
+        f"{name}/{split}/{protocol}": {
+            **scores["refined"],
+            **{f"coarse_{k}": v for k, v in scores["coarse"].items()},
+        }
+        for name, splits in results.items()
+        for split, protocols in splits.items()
+        for protocol, scores in protocols.items()
+    }
 
 
 def nested(eval_sets: list[EvalSet], done: dict[str, dict]) -> tuple[dict, dict]:

@@ -12,6 +12,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from flmm.errors import exit_on_user_error
+from flmm.model.pretrained import save_run_head
 from flmm.runtime import (
     build_trainer,
     checkpoint_report,
@@ -51,6 +52,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return {k: float(v) for k, v in metrics.items()}
     if cfg.test:
         write_records(records, cfg.paths.output_dir)
+    if cfg.train:
+        save_run_head(cfg, trainer, model, metrics)
     return write_metrics(metrics, cfg.paths.output_dir)
 
 

@@ -26,6 +26,7 @@ from flmm.foundation.cache import shipped_tiny_sam
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
 from flmm.model.module import FLMM, Grounding
+from flmm.model.pretrained import FLMMHead
 
 COT_QUESTION = "{question} What is the object most relevant to the question?"
 COT_PREFIX = "The object most relevant to the question is"
@@ -93,6 +94,27 @@ class GroundedChat:
     @classmethod
     def from_pretrained(
         cls,
+        head: str,
+        lmm: str | None = None,
+        sam: str | None = None,
+        selector: str | None = None,
+        device: str = "cpu",
+        **kw,
+    ) -> GroundedChat:
+        """Load a head folder (``save_pretrained``, or ``<run>/model`` of training) or hub id,
+        with the LMM and SAM its config.json names.
+
+        Args:
+            lmm, sam: replace the recorded LMM (hub id or folder) and SAM checkpoint.
+            selector: keyword selector file; None = ``selector.pt`` in the folder if any.
+            kw: replace recorded LMM settings (``dtype``...), see :meth:`FrozenLMM.from_pretrained`.
+        """
+        model = FLMMHead.from_pretrained(head, lmm=lmm, sam=sam, device=device, **kw).model
+        return cls(model, load_selector(selector, Path(head) / SELECTOR_FILE, model, device))
+
+    @classmethod
+    def from_checkpoint(
+        cls,
         lmm: str,
         checkpoint: str,
         sam: str | None = None,
@@ -117,9 +139,7 @@ class GroundedChat:
             build_sam(sam_variant or sam_variant_of(sam), sam),
         ).to(device)
         beside = Path(checkpoint).with_name(SELECTOR_FILE)
-        path = selector or (beside if beside.is_file() else None)
-        keywords = KeywordSelector.load(path, model.lmm.hidden_size).to(device) if path else None
-        return cls(model, keywords)
+        return cls(model, load_selector(selector, beside, model, device))
 
     # ---------------------------------------------------------------------------- answering
     def answer(
@@ -288,6 +308,12 @@ class GroundedChat:
             return None
         mask = self.ground(image, object_text, [phrase], ask).masks[0].numpy()
         return mask if mask.any() else None
+
+
+def load_selector(path: str | None, beside: Path, model: FLMM, device: str):
+    """The keyword selector at ``path``, else at ``beside`` if that file exists, else None."""
+    path = path or (beside if beside.is_file() else None)
+    return KeywordSelector.load(path, model.lmm.hidden_size).to(device) if path else None
 
 
 def object_phrase(object_text: str) -> str:

@@ -36,7 +36,7 @@ def build_chat(cfg: DictConfig) -> GroundedChat:
             f"F-LMM checkpoint {cfg.checkpoint!r} not found; pass checkpoint=... (a run's "
             "logs/train/runs/<time>/checkpoints/*.ckpt)"
         )
-    return GroundedChat.from_pretrained(
+    return GroundedChat.from_checkpoint(
         resolve_path(cfg.model.lmm.name_or_path),
         cfg.checkpoint,
         resolve_path(cfg.model.sam.checkpoint),

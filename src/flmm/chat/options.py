@@ -16,11 +16,19 @@ from flmm.model.checkpoint import check_family, read_checkpoint
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The options that pick the models (shared by the ground, predict, reasonseg and web commands)."""
-    p.add_argument("--checkpoint", help="F-LMM .ckpt (default: the newest under ./logs/)")
+    p.add_argument(
+        "--checkpoint",
+        help="F-LMM .ckpt, or a head folder (<run>/model, save_pretrained) or its hub id "
+        "(default: the newest .ckpt under ./logs/)",
+    )
     p.add_argument("--lmm", help="frozen LMM id or folder (default: the checkpoint's)")
     p.add_argument("--dtype", default="float32", help="the frozen LMM's dtype (bfloat16 on GPUs)")
-    p.add_argument("--family", default="llava")
-    p.add_argument("--sam", help="SAM checkpoint (default: the synthetic world's tiny SAM)")
+    p.add_argument(
+        "--family", default="llava", help="LMM family of a .ckpt (a folder names its own)"
+    )
+    p.add_argument(
+        "--sam", help="SAM checkpoint (default: a folder's own; for a .ckpt the world's tiny SAM)"
+    )
     p.add_argument("--sam-variant", choices=("vit_b", "vit_l", "vit_h", "tiny"))
     p.add_argument("--selector", help="keyword selector (default: selector.pt beside the ckpt)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -31,8 +39,12 @@ def load_chat(args: argparse.Namespace) -> GroundedChat:
     """The :class:`GroundedChat` the command-line arguments describe."""
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     print(f"F-LMM checkpoint: {checkpoint}", file=sys.stderr)
+    if checkpoint.suffix != ".ckpt" and not checkpoint.is_file():  # a head folder or hub id
+        return GroundedChat.from_pretrained(
+            args.checkpoint, args.lmm, args.sam, selector=args.selector, device=args.device
+        )
     check_family(read_checkpoint(checkpoint).get("flmm"), args.family, None, str(checkpoint))
-    return GroundedChat.from_pretrained(
+    return GroundedChat.from_checkpoint(
         args.lmm or checkpoint_lmm(checkpoint),
         str(checkpoint),
         sam=args.sam,

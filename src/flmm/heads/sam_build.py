@@ -98,6 +98,8 @@ def build_sam(variant: str, checkpoint: str | Path | None = None, **tiny_sizes: 
     sam = SAM_BUILDERS[variant](**tiny_sizes)
     if checkpoint is not None:
         load_sam_checkpoint(sam, checkpoint, variant)
+    # what a head folder records to rebuild this SAM (flmm.model.pretrained)
+    sam.flmm_source = {"variant": variant, "checkpoint": checkpoint and str(checkpoint)}
     return sam.eval()
 
 

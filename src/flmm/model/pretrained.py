@@ -1,0 +1,280 @@
+"""Trained heads as model folders: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``.
+
+A head folder holds ``model.safetensors`` (the trainable weights only, exactly what a training
+checkpoint holds), ``config.json`` (the LMM and SAM it was made for, the head's settings, how it
+was trained and its scores) and ``README.md`` (the model card, :mod:`flmm.model.card`). Loading
+builds the LMM and SAM the config names (each overridable) and checks them against the recorded
+metadata like a checkpoint is checked. Paths inside the flmm package (the shipped tiny LLaVA and
+tiny SAM) are recorded as ``flmm:<path in the package>``, so they resolve on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import flmm
+from flmm.errors import CheckpointMismatchError, FlmmUserError
+from flmm.heads import build_sam
+from flmm.lmm import FrozenLMM
+from flmm.lmm.adapter import DTYPES, HUB_ID
+from flmm.model.card import render_card
+from flmm.model.checkpoint import (
+    check_metadata,
+    checkpoint_metadata,
+    flmm_version,
+    read_checkpoint,
+)
+from flmm.model.module import FLMM, HYPER_PARAMETERS
+from flmm.runtime import flmm_home, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(flmm.__file__).resolve().parent
+WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
+FORMAT = 1  # bump when config.json changes meaning
+TEST_METRICS = ("giou", "ciou", "coarse_giou", "coarse_ciou", "loss")
+
+
+def portable(path: str) -> str:
+    """``flmm:<relative path>`` for a file of the flmm package, anything else unchanged."""
+    try:
+        return f"flmm:{Path(path).resolve().relative_to(PACKAGE_DIR).as_posix()}"
+    except ValueError:
+        return str(path)
+
+
+def resolve(ref: str) -> str:
+    """A path or hub id from a recorded reference: ``flmm:`` paths in this package; a relative
+    path that is not there from the working folder, under ``$FLMM_HOME``; hub ids unchanged."""
+    if ref.startswith("flmm:"):
+        return str(PACKAGE_DIR / ref.removeprefix("flmm:"))
+    home = flmm_home() / ref
+    return str(home) if not Path(ref).exists() and home.exists() else ref
+
+
+def head_config(model: FLMM, training: dict | None = None, scores: dict | None = None) -> dict:
+    """What ``config.json`` records about ``model`` (the LMM and SAM it fits, its heads)."""
+    lmm, sam = model.lmm, model.refiner.sam
+    source = getattr(sam, "flmm_source", {"variant": None, "checkpoint": None})
+    return {
+        "format": FORMAT,
+        "flmm_version": flmm_version(),
+        "lmm": {
+            "id": portable(lmm.model_id),
+            "family": lmm.family.name,
+            "dtype": next(k for k, v in DTYPES.items() if v == lmm.model.dtype),
+            "grid_size": lmm.grid[0],
+            "text_layers": lmm.num_text_layers,
+            "merge": lmm.merge,
+            "instruction": lmm.instruction,
+        },
+        "sam": {
+            "variant": source["variant"],
+            "checkpoint": source["checkpoint"] and portable(source["checkpoint"]),
+            "file_name": source["checkpoint"] and Path(source["checkpoint"]).name,
+        },
+        "mask_head": {
+            "base_channels": model.mask_head.base_channels,
+            "target_size": model.mask_head.target_size,
+        },
+        "hyper_parameters": {k: model.hparams[k] for k in HYPER_PARAMETERS},
+        "metadata": portable_metadata(lmm, sam),
+        "parameters": model.parameter_counts()["trainable"],
+        "training": training,
+        "scores": scores or {},
+    }
+
+
+def portable_metadata(lmm: FrozenLMM, sam: nn.Module) -> dict:
+    """:func:`checkpoint_metadata` with the LMM id as :func:`portable` records it."""
+    metadata = checkpoint_metadata(lmm, sam)
+    return metadata | {"lmm_id": portable(metadata["lmm_id"])}
+
+
+class FLMMHead(
+    ModelHubMixin,
+    library_name="flmm",
+    license="apache-2.0",
+    repo_url="https://github.com/wusize/F-LMM",
+    paper_url="https://arxiv.org/abs/2406.05821",
+    tags=["flmm", "referring-segmentation"],
+):
+    """A trained F-LMM (``model``) and its folder's ``config`` (see :func:`head_config`).
+
+    ``FLMMHead(model, head_config(model)).save_pretrained(dir)`` writes a folder;
+    ``FLMMHead.from_pretrained(dir_or_hub_id, lmm=None, sam=None, device="cpu", **lmm_kwargs)``
+    loads one: ``lmm`` / ``sam`` replace the recorded LMM (a :class:`FrozenLMM`, a hub id or a
+    folder) and SAM (a SAM module or a checkpoint file); ``lmm_kwargs`` replace recorded LMM
+    settings (``dtype``...).
+    """
+
+    def __init__(self, model: FLMM, config: dict) -> None:
+        self.model, self.config = model, config
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        state = {
+            k: v.detach().cpu().contiguous() for k, v in self.model.trainable_state_dict().items()
+        }
+        save_file(state, str(save_directory / WEIGHTS), metadata={"format": "pt"})
+        write_folder_text(save_directory, self.config)
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        return ModelCard(render_card(self.config))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> FLMMHead:
+        where = str(pretrained_model_name_or_path)
+        looks_local = where.startswith(("/", ".", "~")) or not HUB_ID.match(where)
+        if looks_local and not Path(where).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"F-LMM head folder not found: {where}; pass a folder written by training "
+                "(<run>/model) or save_pretrained, or a hub id"
+            )
+        return super().from_pretrained(where, **kwargs)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision,
+        cache_dir,
+        force_download: bool,
+        local_files_only: bool,
+        token,
+        config: dict | None = None,
+        lmm: FrozenLMM | str | None = None,
+        sam: nn.Module | str | None = None,
+        device: str = "cpu",
+        **lmm_kwargs,
+    ) -> FLMMHead:
+        folder = Path(model_id)
+        if not folder.is_dir():
+            folder = Path(
+                snapshot_download(
+                    model_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    local_files_only=local_files_only,
+                    token=token,
+                )
+            )
+        config = check_folder(folder, config)
+        sam = sam if isinstance(sam, nn.Module) else load_sam(config["sam"], sam)
+        if not isinstance(lmm, FrozenLMM):
+            lmm = load_lmm(config["lmm"], lmm, **lmm_kwargs)
+        try:
+            check_metadata(config["metadata"], portable_metadata(lmm, sam))
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(f"head folder {model_id}: {err}") from None
+        head = config["mask_head"]
+        model = FLMM.build(lmm, sam, **head, **config["hyper_parameters"])
+        model.load_state_dict(load_file(str(folder / WEIGHTS)))
+        return cls(model.eval().to(device), config)
+
+
+def check_folder(folder: Path, config: dict | None) -> dict:
+    """The folder's config, after checking it is an flmm head folder of a format we read."""
+    if config is None or not (folder / WEIGHTS).is_file():
+        raise FlmmUserError(
+            f"{folder} is not an F-LMM head folder (it needs {CONFIG} and {WEIGHTS}); "
+            "training writes one into <run>/model"
+        )
+    if config.get("format") != FORMAT:
+        raise CheckpointMismatchError(
+            f"{folder / CONFIG} has format {config.get('format')!r}, this flmm reads {FORMAT}; "
+            "load it with the flmm version that wrote it"
+        )
+    return config
+
+
+def load_sam(recorded: dict, checkpoint: str | None):
+    """The recorded SAM variant, from ``checkpoint`` or the recorded checkpoint file."""
+    path = checkpoint or (recorded["checkpoint"] and resolve(recorded["checkpoint"]))
+    if recorded["variant"] is None or path is None:
+        raise FlmmUserError("the head folder does not name its SAM; pass sam=<SAM checkpoint>")
+    return build_sam(recorded["variant"], path)
+
+
+def load_lmm(recorded: dict, name_or_path: str | None, **overrides) -> FrozenLMM:
+    """The recorded LMM (or ``name_or_path``) with the recorded settings, ``overrides`` applied."""
+    settings = {k: v for k, v in recorded.items() if k != "id"} | overrides
+    return FrozenLMM.from_pretrained(name_or_path or resolve(recorded["id"]), **settings)
+
+
+def write_folder_text(folder: Path, config: dict) -> None:
+    """``config.json`` and the model card of ``config``, each written atomically."""
+    write_text_atomic(folder / CONFIG, json.dumps(config, indent=2) + "\n")
+    write_text_atomic(folder / CARD, render_card(config))
+
+
+def add_scores(folder: Path, scores: dict[str, dict[str, float]]) -> None:
+    """Record ``flmm evaluate`` scores (``{set: {giou, coarse_giou...}}``) in a head folder's
+    config.json and card."""
+    config = json.loads((folder / CONFIG).read_text())
+    config.setdefault("scores", {}).setdefault("evaluation", {}).update(scores)
+    write_folder_text(folder, config)
+
+
+# ------------------------------------------------------------------------ the training run's folder
+def save_run_head(cfg, trainer, model: FLMM, metrics: dict) -> Path | None:
+    """Write ``<run>/model``: the best checkpoint's weights, the run's settings and test scores."""
+    callback = trainer.checkpoint_callback
+    best = getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
+    if not best:
+        log.info("no checkpoint written: no model folder")
+        return None
+    model.load_state_dict(read_checkpoint(best)["state_dict"])
+    run = Path(cfg.paths.output_dir)
+    training = training_record(cfg, trainer, Path(best), run)
+    config = head_config(model, training, {"test": split_scores(metrics, "test")})
+    out = run / "model"
+    FLMMHead(model, config).save_pretrained(out)
+    log.info("model folder (weights, config.json, model card) written to %s", out)
+    return out
+
+
+def split_scores(metrics: dict, split: str) -> dict[str, float]:
+    """``{giou, ciou, coarse_giou, coarse_ciou, loss}`` of ``split`` among logged metrics."""
+    return {k: float(metrics[f"{split}/{k}"]) for k in TEST_METRICS if f"{split}/{k}" in metrics}
+
+
+def training_record(cfg, trainer, best: Path, run: Path) -> dict:
+    """How the head was trained: data, optimizer, schedule, and the frozen-LMM check."""
+    datamodule = trainer.datamodule
+    target = cfg.data["_target_"]
+    check = run / "chat_check.json"
+    return {
+        "datamodule": target,
+        "dataset": getattr(datamodule, "name", target.rsplit(".", 1)[-1]),
+        "synthetic": "synthetic" in target.lower(),
+        "train_samples": len(datamodule.train_set) if datamodule.train_set is not None else None,
+        "batch_size": datamodule.batch_size * trainer.accumulate_grad_batches * trainer.world_size,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "precision": str(cfg.trainer.get("precision")),
+        "seed": cfg.seed,
+        "checkpoint": best.name,
+        "monitor": getattr(trainer.checkpoint_callback, "monitor", None),
+        "run": run.name,
+        "frozen_lmm_check": frozen_check(check) if check.is_file() else None,
+    }
+
+
+def frozen_check(path: Path) -> dict:
+    """The verdict of :class:`~flmm.training.callbacks.FrozenLMMCheck` (``chat_check.json``)."""
+    report = json.loads(path.read_text())
+    answers = report["before"]["answers"]
+    return {
+        "unchanged": report["unchanged"],
+        "fingerprint": report["before"]["fingerprint"],
+        "questions": len(report["questions"]),
+        "images": len(answers),
+    }
