@@ -4,6 +4,7 @@ run folders under the current folder, a user's conf/local/)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -35,10 +36,15 @@ OPTIONS = {
 def run_cli(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
     """``flmm ARGV`` in this process: exit code, stdout, stderr."""
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # cli.main rewrites it
+    # Hydra sets up logging with handlers on this test's captured streams: later tests must not
+    # inherit them (they would log to a closed file)
+    handlers, level = logging.root.handlers[:], logging.root.level
     try:
         code = cli.main(list(argv))
     except SystemExit as stop:
         code = stop.code or 0
+    finally:
+        logging.root.handlers[:], logging.root.level = handlers, level
     out = capsys.readouterr()
     return code, out.out, out.err
 
