@@ -28,9 +28,9 @@ from flmm.data.synthetic.corpus import PRETRAIN_STREAM
 from flmm.data.synthetic.pope import ensure_pope
 from flmm.data.synthetic.questions import ObjectStats, existence_question
 from flmm.data.synthetic.world import SIZES, sample_scene
+from flmm.files import flmm_home
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
-from flmm.runtime import flmm_home
 
 
 def kind(question: str) -> str:

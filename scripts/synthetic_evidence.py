@@ -23,7 +23,7 @@ import numpy as np
 
 from flmm.data.refer import ReferDataset
 from flmm.data.synthetic.write import attribute_oracle_masks
-from flmm.runtime import flmm_home
+from flmm.files import flmm_home
 
 RUNS = {"pretrained": [], "random": ["model/lmm=tiny_random"]}
 

@@ -27,10 +27,10 @@ from flmm.chat.conversation import COT_PREFIX, COT_QUESTION, object_phrase
 from flmm.chat.pope import POPE_FILES, evaluate, load_image, read_sets
 from flmm.data.synthetic.hallucination import chair
 from flmm.data.synthetic.pope import ensure_pope, split_attributes
+from flmm.files import flmm_home
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
 from flmm.lmm.families import DEFAULT_INSTRUCTION
-from flmm.runtime import flmm_home
 
 
 class LMMAnswerer:

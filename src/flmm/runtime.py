@@ -6,7 +6,6 @@ import functools
 import importlib.util
 import json
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from rich.table import Table
 
 from flmm.data.distributed import LoaderPosition
 from flmm.errors import ConfigError, FlmmUserError, MissingExtraError, exit_on_user_error
+from flmm.files import flmm_home, write_text_atomic
 from flmm.lmm import get_family, list_lmms
 from flmm.model.checkpoint import AtomicCheckpointIO, check_family, newest_readable, read_checkpoint
 
@@ -57,14 +57,6 @@ def run_name(task_name: str, overrides: str) -> str:
 
 
 OmegaConf.register_new_resolver("flmm.run_name", run_name, replace=True)
-
-
-def flmm_home() -> Path:
-    """Home of the foundation models' cache and the generated synthetic world (``paths.home_dir``):
-    ``$FLMM_HOME``, else the per-user cache folder (``$XDG_CACHE_HOME/flmm``, ``~/.cache/flmm``)."""
-    if os.environ.get("FLMM_HOME"):
-        return Path(os.environ["FLMM_HOME"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flmm"
 
 
 OmegaConf.register_new_resolver("flmm.home", lambda: str(flmm_home()), replace=True)
@@ -206,15 +198,6 @@ def checkpoint_report(trainer: L.Trainer, model) -> None:
     )
     if trainer.logger is not None and sizes:
         trainer.logger.log_metrics({"checkpoint_mib": max(sizes.values())})
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place: a crash
-    leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_metrics(metrics: dict, output_dir: str) -> dict[str, float]:

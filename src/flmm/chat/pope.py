@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from flmm.errors import FlmmUserError
-from flmm.runtime import write_text_atomic
+from flmm.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from flmm.chat.ground import load_image
 from flmm.chat.options import add_model_args, load_chat
 from flmm.data.masks import mask_to_rle, phrase_record
 from flmm.errors import FlmmUserError, exit_on_user_error
+from flmm.files import write_text_atomic
 from flmm.model.module import Grounding, phrase_spans
 from flmm.overlay import render_overlay
-from flmm.runtime import write_text_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 RECORD = '{"image": "a.png", "text": "a red circle", "phrases": ["red circle"]}'

@@ -20,6 +20,7 @@ from torch import nn
 
 import flmm
 from flmm.errors import CheckpointMismatchError, FlmmUserError
+from flmm.files import flmm_home, write_text_atomic
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
 from flmm.lmm.adapter import DTYPES, HUB_ID
@@ -31,7 +32,6 @@ from flmm.model.checkpoint import (
     read_checkpoint,
 )
 from flmm.model.module import FLMM, HYPER_PARAMETERS
-from flmm.runtime import flmm_home, write_text_atomic
 
 log = logging.getLogger(__name__)
 
