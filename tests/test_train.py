@@ -77,6 +77,12 @@ def test_the_embedded_default_run(tmp_path):
     assert metrics["test/giou"] > DEFAULT_RUN_FLOOR
     assert metrics["test/coarse_giou"] > COARSE_FLOOR  # the mask head's own masks cross 0.5
     assert 0.5 * metrics["test/giou"] <= metrics["test/coarse_giou"] <= metrics["test/giou"]
+    # what a user takes away: pictures of every epoch, the curves, a head folder whose card
+    # carries the run's own scores
+    assert len(list((tmp_path / "overlays").glob("epoch_*.png"))) == 8
+    assert (tmp_path / "metrics.png").is_file()
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert f"{metrics['test/giou']:.2f}" in card and f"{metrics['test/coarse_giou']:.2f}" in card
 
 
 def test_checkpoint_holds_only_trainable_state(tiny_run):
