@@ -66,12 +66,14 @@ def paths_at(root: Path) -> list[str]:
 
 
 def run_flmm(
-    module: str, root: Path, *overrides: str, timeout: int = 900, **env: str
+    module: str, root: Path, *overrides: str, timeout: int = 900, home: bool = True, **env: str
 ) -> subprocess.CompletedProcess:
     """``python -m flmm.<module> <paths_at(root)> ...`` in ``root``: offline, one thread,
-    output captured; ``env`` adds environment variables."""
+    output captured; ``env`` adds environment variables. ``home=False``: flmm's own home (the
+    user's cache folder or $FLMM_HOME), as a user's command has."""
     environ = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
-    cmd = [sys.executable, "-m", f"flmm.{module}", *paths_at(root), *overrides]
+    paths = paths_at(root) if home else []
+    cmd = [sys.executable, "-m", f"flmm.{module}", *paths, *overrides]
     return subprocess.run(
         cmd, cwd=root, env=environ, capture_output=True, text=True, timeout=timeout, check=False
     )

@@ -70,7 +70,9 @@ def test_the_embedded_default_run(tmp_path):
     missing, loads the foundation models shipped with flmm (no pretraining: nothing is built),
     trains F-LMM (about 5 min on 2 cores) and reports test gIoU well above random LMM weights."""
     root = Path(__file__).resolve().parents[1]
-    result = run_flmm("train", root, f"hydra.run.dir={tmp_path}", timeout=3600, OMP_NUM_THREADS="2")
+    result = run_flmm(
+        "train", root, f"hydra.run.dir={tmp_path}", timeout=3600, home=False, OMP_NUM_THREADS="2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(cached for later runs)" not in result.stdout + result.stderr  # no foundation build
     metrics = json.loads((tmp_path / "metrics.json").read_text())
