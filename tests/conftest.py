@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,11 @@ def ragged_batch() -> GroundingBatch:
             make_sample("red", ["red"], 50, 50, seed=2),
         ]
     )
+
+
+# No test writes into the user's flmm home (~/.cache/flmm): a test that forgets paths_at() used
+# to leave a tiny world there, which a later `make run` refused as "a different synthetic world".
+os.environ["FLMM_HOME"] = tempfile.mkdtemp(prefix="flmm-home-")
 
 
 def paths_at(root: Path) -> list[str]:
