@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -63,6 +64,16 @@ def ragged_batch() -> GroundingBatch:
 # No test writes into the user's flmm home (~/.cache/flmm): a test that forgets paths_at() used
 # to leave a tiny world there, which a later `make run` refused as "a different synthetic world".
 os.environ["FLMM_HOME"] = tempfile.mkdtemp(prefix="flmm-home-")
+
+
+def load_script(relative: str):
+    """A script of the repository (``scripts/x.py``, ``benchmarks/x.py``) imported as a module."""
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
 def paths_at(root: Path) -> list[str]:

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from flmm.data.synthetic import write_world
 from flmm.data.synthetic.corpus import vocabulary
 from flmm.foundation.tiny_llava import build_tiny_llava
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "tiny_llava_report.py"
-
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("tiny_llava_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/tiny_llava_report.py")
 
 
 def test_asked_object_and_naming(report):

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "yes_no_controls.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def controls():
-    spec = importlib.util.spec_from_file_location("yes_no_controls", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/yes_no_controls.py")
 
 
 def asked(question: str) -> str:

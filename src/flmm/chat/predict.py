@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from flmm.chat.ground import load_image
 from flmm.chat.options import add_model_args, load_chat
 from flmm.data.masks import mask_to_rle, phrase_record
 from flmm.errors import FlmmUserError, exit_on_user_error
-from flmm.files import write_text_atomic
+from flmm.files import write_atomic, write_text_atomic
 from flmm.model.module import Grounding, phrase_spans
 from flmm.overlay import render_overlay
 
@@ -169,9 +168,7 @@ def image_record(item: Item, image: np.ndarray, grounding: Grounding | None) -> 
 
 
 def save_png_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def write_outputs(

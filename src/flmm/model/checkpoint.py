@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from flmm.errors import CheckpointMismatchError, DataError
+from flmm.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +146,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     a run killed while saving leaves the previous checkpoint whole, never a truncated one."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        write_atomic(Path(path), write)

@@ -26,14 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
-import uuid
 from pathlib import Path
 
 import torch
 
 from flmm.errors import FlmmUserError
+from flmm.files import write_atomic, write_text_atomic
 from flmm.training.callbacks import fingerprint
 from flmm.types import CaptureOutput, GroundingBatch
 
@@ -112,7 +111,7 @@ class EntryStore:
                 f"cannot create the feature cache folder {folder}: {err}; "
                 "point `data.cache_dir=...` at a writable folder"
             ) from err
-        self._write(folder / "identity.json", json.dumps(identity, indent=1).encode())
+        write_text_atomic(folder / "identity.json", json.dumps(identity, indent=1))
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.pt"
@@ -140,20 +139,7 @@ class EntryStore:
 
     def save(self, key: str, entry: dict[str, torch.Tensor]) -> None:
         """Write ``entry`` under ``key`` atomically (temporary file in the same folder, renamed)."""
-        path = self.path(key)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        try:
-            torch.save(entry, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    @staticmethod
-    def _write(path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(self.path(key), lambda tmp: torch.save(entry, tmp))
 
 
 class FeatureCache:
