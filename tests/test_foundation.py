@@ -17,6 +17,7 @@ from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm.data.synthetic.corpus import vocabulary
+from flmm.data.synthetic.world import sample_scene
 from flmm.foundation import build as build_module
 from flmm.foundation import cache, pretrain_lmm
 from flmm.foundation.tiny_llava import build_tiny_llava
@@ -79,7 +80,7 @@ def test_shipped_models_load_in_float32():
     assert config.vision_config.num_hidden_layers == cache.WORLD_LLAVA["vision_layers"]
     sam = build_sam("tiny", cache.SHIPPED["tiny_sam"])
     assert {p.dtype for p in sam.parameters()} == {torch.float32}
-    image = np.full((96, 96, 3), 220, dtype=np.uint8)
+    image = sample_scene(np.random.default_rng(0), 96).image
     answer = lmm.generate([image], "Please give me a description of the image.", max_new_tokens=8)
     assert answer.strip()
 
