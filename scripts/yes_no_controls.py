@@ -11,7 +11,11 @@ Rules, all "is there a <colour> object in the image?" answered yes / no half the
 - ``image``: yes iff the image (one solid colour) is red, green or blue (the question does not);
 - ``match``: yes iff the solid image has the asked colour: the answer depends on neither the
   question nor the image alone, only on both together, as an existence answer does;
-- ``exist``: the pretraining corpus's existence questions alone (scenes of the world).
+- ``colour``: "is there a <colour> object?" on the world's scenes;
+- ``exist``: the pretraining corpus's existence questions alone (scenes of the world);
+- ``described``: the same existence questions with no image: the scene is given as text, its
+  terse caption before the question ("a red circle top left. ... is there a blue square in the
+  image?"), so only the language model's in-context matching is tested.
 
 The model is not saved. Measured on the shipped model (one thread): ``text`` and ``image`` fall
 to a loss near 0 within 100 steps (0.012, 0.003). ``match`` sits on the chance plateau for about
@@ -27,14 +31,15 @@ import math
 
 import numpy as np
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from flmm.data.synthetic.corpus import Conversation, pixel_labels, pretraining_pairs
+from flmm.data.synthetic.corpus import Conversation, captions, pixel_labels, pretraining_pairs
+from flmm.data.synthetic.questions import ObjectStats, existence_question
 from flmm.data.synthetic.world import COLOURS, sample_scene
 from flmm.foundation.cache import SHIPPED
 from flmm.foundation.pretrain_lmm import make_batch
 
-RULES = ("text", "image", "match", "colour", "exist")
+RULES = ("text", "image", "match", "colour", "exist", "described")
 FIRST = ("red", "green", "blue")
 
 
@@ -51,8 +56,21 @@ def colour_questions(rng: np.random.Generator):
         yield Conversation([scene.image], [(question, "yes" if yes else "no")], pixel_labels(scene))
 
 
+def described(rng: np.random.Generator):
+    """Endless existence questions about scenes given as text only (no image)."""
+    stats = ObjectStats()
+    while True:
+        scene = sample_scene(rng, 96)
+        stats.add(scene)
+        q = existence_question(scene, rng, stats)
+        text = f"{captions(scene, rng, terse=True)} {q.text}"
+        yield Conversation([], [(text, q.answer)], pixel_labels(scene))
+
+
 def rule_pairs(rule: str, rng: np.random.Generator):
     """Endless conversations of ``rule``."""
+    if rule == "described":
+        return described(rng)
     if rule == "exist":
         return pretraining_pairs(rng, 96, caption_prob=0.0, exist_prob=1.0)
     return colour_questions(rng) if rule == "colour" else toy(rule, rng)
@@ -86,13 +104,17 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random", action="store_true", help="--lmm's architecture, new weights")
     parser.add_argument("--then", choices=RULES, help="a second rule to train on next")
     parser.add_argument("--then-steps", type=int, default=0)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng([args.seed, 4242])
     processor = AutoProcessor.from_pretrained(args.lmm)
-    model = LlavaForConditionalGeneration.from_pretrained(args.lmm, dtype=torch.float32).train()
+    if args.random:
+        model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(args.lmm)).float().train()
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(args.lmm, dtype=torch.float32).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     rule, pairs, losses = args.rule, rule_pairs(args.rule, rng), []
     print(f"{rule}: chance loss {math.log(2) / 2:.3f} per answer token")

@@ -47,3 +47,31 @@ def test_curriculum_trains_on_both_rules(controls, capsys):
     out = capsys.readouterr().out
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert "match: step 1," in out and "colour: step 2," in out
+
+
+def test_described_rule_gives_the_scene_as_text_and_no_image(controls):
+    from transformers import AutoProcessor
+
+    from flmm.foundation.cache import SHIPPED
+    from flmm.foundation.pretrain_lmm import make_batch
+
+    pairs = controls.rule_pairs("described", np.random.default_rng(2))
+    samples = [next(pairs) for _ in range(40)]
+    checked = 0
+    for conv in samples:
+        assert conv.images == []
+        ((text, answer),) = conv.turns
+        caption, question = text.rsplit(". ", 1)
+        words = question.split()
+        if (
+            len(words) == 8 and words[3] in controls.COLOURS and words[4] != "object"
+        ):  # "Is there a red circle in the image?"
+            assert (f"{words[3]} {words[4]}" in caption) == (answer == "yes"), text
+            checked += 1
+    assert checked >= 10
+    processor = AutoProcessor.from_pretrained(SHIPPED["tiny_llava"])
+    batch = make_batch(processor, samples[:4])
+    assert "pixel_values" not in batch
+    for ids, labels, conv in zip(batch["input_ids"], batch["labels"], samples):
+        kept = processor.tokenizer.decode(ids[labels != -100])
+        assert kept == f"{conv.turns[0][1]} </s>"

@@ -59,13 +59,14 @@ def make_batch(
 ) -> dict[str, torch.Tensor]:
     """Tokenise ``(images, [(prompt, answer), ...])`` conversations; labels keep only the answers.
 
-    Each sample's images (``H x W x 3`` uint8) are padded to centred squares with the mean
-    colour, as :class:`~flmm.lmm.FrozenLMM` pads LLaVA's images (a crop need not be square).
+    Each sample's images (``H x W x 3`` uint8; none for a text-only sample) are padded to centred
+    squares with the mean colour, as :class:`~flmm.lmm.FrozenLMM` pads LLaVA's images (a crop need
+    not be square).
     """
     texts, spans = zip(*(conversation(processor, turns, len(ims)) for ims, turns, *_ in samples))
     fill = np.round(np.asarray(processor.image_processor.image_mean) * 255).astype(np.uint8)
     images = [pad_to_square(img, fill) for ims, *_ in samples for img in ims]
-    inputs = processor(images=images, text=list(texts), padding=True, return_tensors="pt")
+    inputs = processor(images=images or None, text=list(texts), padding=True, return_tensors="pt")
     labels = torch.full_like(inputs["input_ids"], -100)
     for i, (text, answers) in enumerate(zip(texts, spans)):
         # the processor expands each <image> into the image's tokens, all before the answers
