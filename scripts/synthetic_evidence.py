@@ -29,8 +29,13 @@ RUNS = {"pretrained": [], "random": ["model/lmm=tiny_random"]}
 
 
 def train(name: str, out: Path, extra: list[str]) -> tuple[Path, float]:
-    """Run `python -m flmm.train` into ``out/name``; returns the run folder and its wall time."""
+    """Run `python -m flmm.train` into ``out/name``; returns the run folder and its wall time.
+    An earlier run there is kept, renamed ``<name>.before-<its time>``."""
     run_dir = out / name
+    if run_dir.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(run_dir.stat().st_mtime))
+        run_dir.rename(out / f"{name}.before-{stamp}")
+        print(f"kept the earlier {name} run as {out / f'{name}.before-{stamp}'}", flush=True)
     cmd = [
         sys.executable,
         "-m",

@@ -102,3 +102,17 @@ def test_checkpoint_to_a_missing_file_is_a_user_error(tmp_path):
     assert result.returncode == 2
     assert "flmm: error: checkpoint=" in result.stderr and "checkpoint=last" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_new_run_stops_before_an_earlier_runs_checkpoints(tmp_path):
+    """Lightning would write ``last-v1.ckpt`` beside them and leave ``last.ckpt`` stale."""
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"an earlier run")
+    result = run_train(tmp_path, tmp_path / "run")
+    assert result.returncode == 2
+    assert "already holds an earlier run's checkpoints (last.ckpt)" in result.stderr
+    assert "new output_dir=" in result.stderr and "checkpoint=last" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (folder / "last.ckpt").read_bytes() == b"an earlier run"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]

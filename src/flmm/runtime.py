@@ -223,20 +223,39 @@ def write_records(records: list[dict], output_dir: str) -> Path:
     return out
 
 
+def checkpoint_folder(cfg: DictConfig) -> Path:
+    """Where this run's checkpoints go."""
+    callback = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+    return Path(callback.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints")
+
+
+def check_fresh_folder(cfg: DictConfig) -> None:
+    """A run that does not resume must not write beside an earlier run's checkpoints: Lightning
+    would name its own ``last-v1.ckpt`` and leave the earlier ``last.ckpt`` looking current."""
+    folder = checkpoint_folder(cfg)
+    earlier = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+    if earlier:
+        raise ConfigError(
+            f"{folder} already holds an earlier run's checkpoints ({', '.join(earlier[:3])}"
+            f"{', ...' if len(earlier) > 3 else ''}); pass a new output_dir=, or checkpoint=last "
+            "to resume that run"
+        )
+
+
 def resolve_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint ``fit`` resumes from (``cfg.checkpoint``), checked before anything loads.
 
     ``last`` is this run folder's ``last.ckpt`` if one was written; a fresh run starts from
     scratch, so a requeued job can always pass it. The checkpoint must load and be made for the
-    configured LMM family and grid (read from its metadata, before the LMM loads).
+    configured LMM family and grid (read from its metadata, before the LMM loads). A run that
+    starts from scratch needs a checkpoint folder without earlier checkpoints.
     """
     checkpoint = cfg.get("checkpoint")
     if not checkpoint:
+        check_fresh_folder(cfg)
         return None
     if checkpoint == "last":
-        callback = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
-        folder = callback.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints"
-        last = Path(folder) / "last.ckpt"
+        last = checkpoint_folder(cfg) / "last.ckpt"
         if not last.is_file():
             log.info("checkpoint=last: no %s yet, training from the start", last)
             return None
