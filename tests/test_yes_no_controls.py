@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import load_script
+from transformers import AutoProcessor
+
+from flmm.foundation.cache import SHIPPED
+from flmm.foundation.pretrain_lmm import make_batch
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +54,6 @@ def test_curriculum_trains_on_both_rules(controls, capsys):
 
 
 def test_described_rule_gives_the_scene_as_text_and_no_image(controls):
-    from transformers import AutoProcessor
-
-    from flmm.foundation.cache import SHIPPED
-    from flmm.foundation.pretrain_lmm import make_batch
-
     pairs = controls.rule_pairs("described", np.random.default_rng(2))
     samples = [next(pairs) for _ in range(40)]
     checked = 0
