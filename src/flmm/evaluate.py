@@ -36,16 +36,12 @@ from rich.table import Table
 
 from flmm.data.datamodule import EvalSet
 from flmm.errors import USER_ERRORS, ConfigError, DataError, FlmmUserError, exit_on_user_error
+from flmm.files import write_text_atomic
 from flmm.model.checkpoint import check_family, read_checkpoint
 from flmm.model.module import FLMM, upsample_logits
 from flmm.model.pretrained import WEIGHTS, FLMMHead, add_scores
 from flmm.overlay import overlay_row
-from flmm.runtime import (
-    build_trainer,
-    hydra_entry,
-    write_metrics,
-    write_text_atomic,
-)
+from flmm.runtime import build_trainer, hydra_entry, write_metrics
 from flmm.types import GroundingBatch
 
 log = logging.getLogger(__name__)
