@@ -16,8 +16,9 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from flmm.data.synthetic.corpus import vocabulary
+from flmm.data.synthetic.corpus import INSTRUCT_STREAM, PRETRAIN_STREAM, vocabulary
 from flmm.data.synthetic.world import sample_scene
+from flmm.errors import ConfigError
 from flmm.foundation import build as build_module
 from flmm.foundation import cache, pretrain_lmm
 from flmm.foundation.tiny_llava import build_tiny_llava
@@ -151,9 +152,40 @@ def test_patch_probe_reads_each_samples_scene_image(tmp_path):
     assert abs(background.item() - 20) < 0.01
 
 
+def test_the_instruction_stage_goes_on_from_the_pretrained_model(tmp_path, monkeypatch):
+    real, calls = cache.pretrain_tiny_llava, []
+
+    def second_stage_dies_once(src, out, steps, *args, **kwargs):
+        calls.append(kwargs.get("stream", PRETRAIN_STREAM))
+        if calls == [PRETRAIN_STREAM, INSTRUCT_STREAM]:
+            raise KeyboardInterrupt
+        return real(src, out, steps, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "pretrain_tiny_llava", second_stage_dies_once)
+    instruct = {"steps": 2, "lr": 1e-4, "corpus": {"caption_prob": 0.0, "exist_prob": 1.0}}
+    args = {"pretrain_steps": 2, "batch_size": 2, "instruct": instruct}
+    with pytest.raises(KeyboardInterrupt):
+        cache.ensure_tiny_llava(str(tmp_path), **args)
+    path = Path(cache.ensure_tiny_llava(str(tmp_path), **args))
+    # the rerun did not pretrain again: it went on with the instruction stage
+    assert calls == [PRETRAIN_STREAM, INSTRUCT_STREAM, INSTRUCT_STREAM]
+    info = json.loads((path / "pretraining.json").read_text())
+    assert (info["stream"], info["corpus"], info["steps"]) == (
+        INSTRUCT_STREAM,
+        instruct["corpus"],
+        2,
+    )
+    assert [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"] == [path.name]
+    assert cache.llava_recipe(2, instruct=instruct)["instruct"] == instruct
+    assert cache.llava_recipe(2, instruct=instruct | {"steps": 0}) == cache.llava_recipe(2)
+    with pytest.raises(ConfigError, match="takes steps, lr and corpus; got"):
+        cache.llava_recipe(2, instruct=instruct | {"step": 3})
+
+
 @pytest.mark.slow
 def test_the_recipe_still_runs(tmp_path):
     llava = build_module.recipe_args(default_node("lmm")) | {"pretrain_steps": 3, "batch_size": 2}
+    llava["instruct"] = (llava.get("instruct") or {}) | {"steps": 2}
     sam = build_module.recipe_args(default_node("sam")) | {"pretrain_steps": 2}
     built = build_module.build_foundation(str(tmp_path / "cache"), llava, sam, tmp_path / "out")
     assert built["tiny_llava"]["recipe"] == cache.llava_recipe(**llava)

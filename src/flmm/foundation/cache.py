@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from flmm.data.synthetic.corpus import vocabulary
+from flmm.data.synthetic.corpus import INSTRUCT_STREAM, vocabulary
 from flmm.data.synthetic.world import sample_scene
+from flmm.errors import ConfigError
 from flmm.foundation.pretrain_lmm import pretrain_tiny_llava
 from flmm.foundation.pretrain_sam import pretrain_tiny_sam
 from flmm.foundation.tiny_llava import build_tiny_llava
@@ -44,17 +45,35 @@ def llava_recipe(
     lr: float = 1e-3,
     corpus: dict | None = None,
     vision_aux: float = 0.0,
+    instruct: dict | None = None,
 ) -> dict:
     """What a tiny LLaVA build depends on: its arguments, :data:`TINY_VERSION`, the vision
     tower (:data:`WORLD_LLAVA`) and a digest of the vocabulary (the training settings only when
-    it is pretrained)."""
+    it is pretrained; the instruction stage only when it has steps)."""
     words = hashlib.sha256(" ".join(vocabulary()).encode()).hexdigest()[:12]
     recipe = {"version": TINY_VERSION, "vocabulary": words, "image_size": image_size}
     recipe |= {"vision": dict(WORLD_LLAVA), "pretrain_steps": pretrain_steps, "seed": seed}
     if pretrain_steps:
         recipe |= {"batch_size": batch_size, "lr": lr, "corpus": dict(corpus or {})}
         recipe |= {"vision_aux": vision_aux} if vision_aux else {}
+        recipe |= {"instruct": instruct_stage(instruct)} if instruct_stage(instruct) else {}
     return recipe
+
+
+def instruct_stage(instruct: dict | None) -> dict | None:
+    """The instruction stage's ``{"steps", "lr", "corpus"}`` (None when it has no steps)."""
+    if not instruct or not instruct.get("steps"):
+        return None
+    unknown = set(instruct) - {"steps", "lr", "corpus"}
+    if unknown or "lr" not in instruct:
+        raise ConfigError(
+            f"model.lmm.name_or_path.instruct takes steps, lr and corpus; got {sorted(instruct)}"
+        )
+    return {
+        "steps": int(instruct["steps"]),
+        "lr": float(instruct["lr"]),
+        "corpus": dict(instruct.get("corpus") or {}),
+    }
 
 
 def sam_recipe(pretrain_steps: int = 600, seed: int = 0, image_size: int = 96) -> dict:
@@ -100,17 +119,22 @@ def ensure_tiny_llava(
     lr: float = 1e-3,
     corpus: dict | None = None,
     vision_aux: float = 0.0,
+    instruct: dict | None = None,
 ) -> str:
     """Path of the tiny LLaVA pretrained for ``pretrain_steps`` (0: random weights): the shipped
     one if it was built from this recipe, else built into ``cache_dir`` if missing.
 
     ``corpus`` holds the keyword arguments of
     :func:`~flmm.data.synthetic.corpus.pretraining_pairs`; ``vision_aux`` weighs the vision
-    tower's patch probe (:class:`~flmm.foundation.pretrain_lmm.PatchProbe`). The folder name
+    tower's patch probe (:class:`~flmm.foundation.pretrain_lmm.PatchProbe`). ``instruct``
+    (``steps``, ``lr``, ``corpus``): a second stage, as LLaVA's visual instruction tuning
+    follows its caption pretraining, that goes on training the pretrained model on scenes of its
+    own stream (none when it has no steps). The folder name
     carries a digest of the whole recipe, so a changed recipe builds a new model instead of
     reusing a stale one.
     """
     args = (pretrain_steps, seed, batch_size, image_size, lr, dict(corpus or {}), vision_aux)
+    args += (instruct_stage(instruct),)
     recipe = llava_recipe(*args)
     return shipped_path("tiny_llava", recipe) or cached_tiny_llava(cache_dir, *args)
 
@@ -124,11 +148,12 @@ def cached_tiny_llava(
     lr: float,
     corpus: dict,
     vision_aux: float = 0.0,
+    instruct: dict | None = None,
     fresh: bool = False,
 ) -> str:
     """Path of the tiny LLaVA of this recipe in ``cache_dir`` (float32), built if missing (or
     rebuilt, if ``fresh``); an interrupted pretraining resumes from its state file there."""
-    args = (pretrain_steps, seed, batch_size, image_size, lr, corpus, vision_aux)
+    args = (pretrain_steps, seed, batch_size, image_size, lr, corpus, vision_aux, instruct)
     name = f"tiny_llava_seed{seed}_steps{pretrain_steps}_{recipe_digest(llava_recipe(*args))}"
     out = Path(cache_dir) / name
     state = Path(cache_dir) / f".{name}.state.pt"
@@ -185,6 +210,7 @@ def _build_llava(
     lr: float,
     corpus: dict,
     vision_aux: float,
+    instruct: dict | None,
     state_path: Path | None = None,
 ) -> None:
     init = tmp.parent / f"{tmp.name}-init"
@@ -193,18 +219,36 @@ def _build_llava(
     if not steps:
         init.rename(tmp)
         return
-    pretrain_tiny_llava(
-        init,
-        tmp,
-        steps,
-        batch_size,
-        lr,
-        seed=seed,
-        image_size=image_size,
-        corpus=corpus,
-        state_path=state_path,
-        vision_aux=vision_aux,
-    )
+    stage = instruct_stage(instruct)
+    first = tmp.parent / f"{tmp.name}-pretrained" if stage else tmp
+    if not (first / "pretraining.json").is_file():  # a finished first stage is kept
+        pretrain_tiny_llava(
+            init,
+            first,
+            steps,
+            batch_size,
+            lr,
+            seed=seed,
+            image_size=image_size,
+            corpus=corpus,
+            state_path=state_path,
+            vision_aux=vision_aux,
+        )
+    if stage:
+        second = state_path.with_name(state_path.name + ".instruct") if state_path else None
+        pretrain_tiny_llava(
+            first,
+            tmp,
+            stage["steps"],
+            batch_size,
+            stage["lr"],
+            seed=seed,
+            image_size=image_size,
+            corpus=stage["corpus"],
+            state_path=second,
+            stream=INSTRUCT_STREAM,
+        )
+        shutil.rmtree(first)
     shutil.rmtree(init)
 
 

@@ -175,6 +175,7 @@ def pretrain_tiny_llava(
     state_path: str | Path | None = None,
     checkpoint_every: int = 100,
     vision_aux: float = 0.0,
+    stream: int = PRETRAIN_STREAM,
 ) -> list[float]:
     """Train the tiny LLaVA saved in ``model_dir`` for ``steps`` and ``save_pretrained`` it to ``out_dir``.
 
@@ -182,7 +183,8 @@ def pretrain_tiny_llava(
     mix of captions and questions). ``device``: where to train (CUDA when available if None).
     ``state_path``: resume from this file if it exists, save to it every ``checkpoint_every``
     steps (it is deleted when the run ends). ``vision_aux``: weight of the :class:`PatchProbe`
-    loss added to the language loss (0: none). Returns the training losses (one per step).
+    loss added to the language loss (0: none). ``stream``: the RNG stream of the scenes (a later
+    stage draws scenes of its own). Returns the training losses (one per step).
     """
     torch.manual_seed(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -198,7 +200,7 @@ def pretrain_tiny_llava(
         return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    rng = np.random.default_rng([seed, PRETRAIN_STREAM])
+    rng = np.random.default_rng([seed, stream])
     state = PretrainState(model, probe, optimizer, scheduler, rng)
     state_path = Path(state_path) if state_path else None
     if state_path and state_path.is_file():
@@ -228,6 +230,7 @@ def pretrain_tiny_llava(
             "seed": seed,
             "corpus": corpus or {},
             "vision_aux": vision_aux,
+            "stream": stream,
             "device": device.type,
             "seconds": round(state.seconds, 1),
             "final_loss": float(np.mean(losses[-log_every:])) if losses else None,
