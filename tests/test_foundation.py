@@ -178,14 +178,27 @@ def test_the_instruction_stage_goes_on_from_the_pretrained_model(tmp_path, monke
     assert [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"] == [path.name]
     assert cache.llava_recipe(2, instruct=instruct)["instruct"] == instruct
     assert cache.llava_recipe(2, instruct=instruct | {"steps": 0}) == cache.llava_recipe(2)
-    with pytest.raises(ConfigError, match="takes steps, lr and corpus; got"):
+    with pytest.raises(ConfigError, match="instruct takes steps, lr, corpus; got"):
         cache.llava_recipe(2, instruct=instruct | {"step": 3})
+
+
+def test_the_vision_stage_trains_the_tower_alone(tmp_path):
+    model = build_tiny_llava(tmp_path / "m", vocabulary(), num_layers=1, vision_layers=2)
+    before = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch.float32).state_dict()
+    pretrain_lmm.pretrain_vision_tower(model, steps=2, batch_size=2)
+    after = LlavaForConditionalGeneration.from_pretrained(model, dtype=torch.float32).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.vision_tower.") for k in changed)
+    recipe = cache.llava_recipe(2, vision_stage={"steps": 5, "lr": 1e-3})
+    assert recipe["vision_stage"] == {"steps": 5, "lr": 1e-3}
+    assert cache.llava_recipe(2, vision_stage={"steps": 0, "lr": 1e-3}) == cache.llava_recipe(2)
 
 
 @pytest.mark.slow
 def test_the_recipe_still_runs(tmp_path):
     llava = build_module.recipe_args(default_node("lmm")) | {"pretrain_steps": 3, "batch_size": 2}
-    llava["instruct"] = (llava.get("instruct") or {}) | {"steps": 2}
+    llava["instruct"] = llava["instruct"] | {"steps": 2}
+    llava["vision_stage"] = llava["vision_stage"] | {"steps": 2}
     sam = build_module.recipe_args(default_node("sam")) | {"pretrain_steps": 2}
     built = build_module.build_foundation(str(tmp_path / "cache"), llava, sam, tmp_path / "out")
     assert built["tiny_llava"]["recipe"] == cache.llava_recipe(**llava)

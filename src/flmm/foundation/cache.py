@@ -22,7 +22,7 @@ from filelock import FileLock
 from flmm.data.synthetic.corpus import INSTRUCT_STREAM, vocabulary
 from flmm.data.synthetic.world import sample_scene
 from flmm.errors import ConfigError
-from flmm.foundation.pretrain_lmm import pretrain_tiny_llava
+from flmm.foundation.pretrain_lmm import pretrain_tiny_llava, pretrain_vision_tower
 from flmm.foundation.pretrain_sam import pretrain_tiny_sam
 from flmm.foundation.tiny_llava import build_tiny_llava
 
@@ -46,10 +46,11 @@ def llava_recipe(
     corpus: dict | None = None,
     vision_aux: float = 0.0,
     instruct: dict | None = None,
+    vision_stage: dict | None = None,
 ) -> dict:
     """What a tiny LLaVA build depends on: its arguments, :data:`TINY_VERSION`, the vision
     tower (:data:`WORLD_LLAVA`) and a digest of the vocabulary (the training settings only when
-    it is pretrained; the instruction stage only when it has steps)."""
+    it is pretrained; the vision and instruction stages only when they have steps)."""
     words = hashlib.sha256(" ".join(vocabulary()).encode()).hexdigest()[:12]
     recipe = {"version": TINY_VERSION, "vocabulary": words, "image_size": image_size}
     recipe |= {"vision": dict(WORLD_LLAVA), "pretrain_steps": pretrain_steps, "seed": seed}
@@ -57,23 +58,29 @@ def llava_recipe(
         recipe |= {"batch_size": batch_size, "lr": lr, "corpus": dict(corpus or {})}
         recipe |= {"vision_aux": vision_aux} if vision_aux else {}
         recipe |= {"instruct": instruct_stage(instruct)} if instruct_stage(instruct) else {}
+        recipe |= {"vision_stage": tower_stage(vision_stage)} if tower_stage(vision_stage) else {}
     return recipe
 
 
 def instruct_stage(instruct: dict | None) -> dict | None:
     """The instruction stage's ``{"steps", "lr", "corpus"}`` (None when it has no steps)."""
-    if not instruct or not instruct.get("steps"):
+    found = _stage("instruct", instruct, ("steps", "lr", "corpus"))
+    return found and found | {"corpus": dict(found.get("corpus") or {})}
+
+
+def tower_stage(vision: dict | None) -> dict | None:
+    """The vision-tower stage's ``{"steps", "lr"}`` (None when it has no steps)."""
+    return _stage("vision_stage", vision, ("steps", "lr"))
+
+
+def _stage(name: str, settings: dict | None, keys: tuple[str, ...]) -> dict | None:
+    if not settings or not settings.get("steps"):
         return None
-    unknown = set(instruct) - {"steps", "lr", "corpus"}
-    if unknown or "lr" not in instruct:
+    if set(settings) - set(keys) or "lr" not in settings:
         raise ConfigError(
-            f"model.lmm.name_or_path.instruct takes steps, lr and corpus; got {sorted(instruct)}"
+            f"model.lmm.name_or_path.{name} takes {', '.join(keys)}; got {sorted(settings)}"
         )
-    return {
-        "steps": int(instruct["steps"]),
-        "lr": float(instruct["lr"]),
-        "corpus": dict(instruct.get("corpus") or {}),
-    }
+    return dict(settings) | {"steps": int(settings["steps"]), "lr": float(settings["lr"])}
 
 
 def sam_recipe(pretrain_steps: int = 600, seed: int = 0, image_size: int = 96) -> dict:
@@ -120,6 +127,7 @@ def ensure_tiny_llava(
     corpus: dict | None = None,
     vision_aux: float = 0.0,
     instruct: dict | None = None,
+    vision_stage: dict | None = None,
 ) -> str:
     """Path of the tiny LLaVA pretrained for ``pretrain_steps`` (0: random weights): the shipped
     one if it was built from this recipe, else built into ``cache_dir`` if missing.
@@ -129,12 +137,14 @@ def ensure_tiny_llava(
     tower's patch probe (:class:`~flmm.foundation.pretrain_lmm.PatchProbe`). ``instruct``
     (``steps``, ``lr``, ``corpus``): a second stage, as LLaVA's visual instruction tuning
     follows its caption pretraining, that goes on training the pretrained model on scenes of its
-    own stream (none when it has no steps). The folder name
-    carries a digest of the whole recipe, so a changed recipe builds a new model instead of
-    reusing a stale one.
+    own stream. ``vision_stage`` (``steps``, ``lr``): a stage before them that trains the vision
+    tower alone on each patch's colour and shape, as CLIP is trained before LLaVA
+    (:func:`~flmm.foundation.pretrain_lmm.pretrain_vision_tower`). A stage without steps is
+    skipped. The folder name carries a digest of the whole recipe, so a changed recipe builds a
+    new model instead of reusing a stale one.
     """
     args = (pretrain_steps, seed, batch_size, image_size, lr, dict(corpus or {}), vision_aux)
-    args += (instruct_stage(instruct),)
+    args += (instruct_stage(instruct), tower_stage(vision_stage))
     recipe = llava_recipe(*args)
     return shipped_path("tiny_llava", recipe) or cached_tiny_llava(cache_dir, *args)
 
@@ -149,11 +159,22 @@ def cached_tiny_llava(
     corpus: dict,
     vision_aux: float = 0.0,
     instruct: dict | None = None,
+    vision_stage: dict | None = None,
     fresh: bool = False,
 ) -> str:
     """Path of the tiny LLaVA of this recipe in ``cache_dir`` (float32), built if missing (or
     rebuilt, if ``fresh``); an interrupted pretraining resumes from its state file there."""
-    args = (pretrain_steps, seed, batch_size, image_size, lr, corpus, vision_aux, instruct)
+    args = (
+        pretrain_steps,
+        seed,
+        batch_size,
+        image_size,
+        lr,
+        corpus,
+        vision_aux,
+        instruct,
+        vision_stage,
+    )
     name = f"tiny_llava_seed{seed}_steps{pretrain_steps}_{recipe_digest(llava_recipe(*args))}"
     out = Path(cache_dir) / name
     state = Path(cache_dir) / f".{name}.state.pt"
@@ -211,11 +232,15 @@ def _build_llava(
     corpus: dict,
     vision_aux: float,
     instruct: dict | None,
+    vision_stage: dict | None,
     state_path: Path | None = None,
 ) -> None:
     init = tmp.parent / f"{tmp.name}-init"
     _remove(init)
     build_tiny_llava(init, vocabulary(), image_size=image_size, seed=seed, **WORLD_LLAVA)
+    tower = tower_stage(vision_stage)
+    if steps and tower:
+        pretrain_vision_tower(init, tower["steps"], lr=tower["lr"], seed=seed)
     if not steps:
         init.rename(tmp)
         return

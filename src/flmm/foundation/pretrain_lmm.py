@@ -25,9 +25,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from flmm.data.synthetic.corpus import PRETRAIN_STREAM, pretraining_pairs
+from flmm.data.synthetic.corpus import (
+    PRETRAIN_STREAM,
+    VISION_STREAM,
+    pixel_labels,
+    pretraining_pairs,
+)
 from flmm.data.synthetic.questions import ObjectStats
-from flmm.data.synthetic.world import COLOURS, SHAPES
+from flmm.data.synthetic.world import COLOURS, SHAPES, sample_scene
 from flmm.frame import pad_to_square
 
 log = logging.getLogger(__name__)
@@ -158,6 +163,36 @@ class PretrainState:
         self.stats.frequency, self.stats.cooc = state["stats"]
         torch.set_rng_state(state["torch_rng"])
         self.losses, self.seconds = state["losses"], state["seconds"]
+
+
+def pretrain_vision_tower(
+    model_dir: str | Path, steps: int, batch_size: int = 32, lr: float = 1e-3, seed: int = 0
+) -> None:
+    """Train the vision tower of the tiny LLaVA saved in ``model_dir`` on its own and save the
+    model back: a :class:`PatchProbe` on the layer the projector reads learns each patch's
+    colour and shape shares from the scenes' exact masks, as CLIP is trained before LLaVA.
+
+    Language training alone never teaches the tower shape (docs/tiny_llava.md, "The vision
+    tower sees no shape"). Scenes come from their own RNG stream (``[seed, VISION_STREAM]``)."""
+    torch.manual_seed(seed)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    tower, config = model.model.vision_tower.train(), model.config
+    probe = PatchProbe(config.vision_config.hidden_size, config.vision_config.patch_size)
+    optimizer = torch.optim.AdamW([*tower.parameters(), *probe.parameters()], lr, weight_decay=0.01)
+    rng, size = np.random.default_rng([seed, VISION_STREAM]), config.vision_config.image_size
+    for step in range(1, steps + 1):
+        scenes = [sample_scene(rng, size) for _ in range(batch_size)]
+        pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt")
+        hidden = tower(pixels["pixel_values"], output_hidden_states=True).hidden_states
+        labels = torch.from_numpy(np.stack([pixel_labels(s) for s in scenes]))
+        loss = probe.loss(hidden[config.vision_feature_layer][:, 1:], labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0:
+            log.info("tiny LLaVA vision tower step %d/%d, probe loss %.3f", step, steps, loss)
+    model.eval().save_pretrained(model_dir)
 
 
 def pretrain_tiny_llava(

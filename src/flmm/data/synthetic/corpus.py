@@ -37,6 +37,8 @@ from flmm.data.synthetic.world import COLOURS, PLURALS, SHAPES, SIZES, Scene, sa
 PRETRAIN_STREAM = 102
 # RNG stream of the tiny LLaVA's instruction stage (103: flmm.foundation.build's agreement check)
 INSTRUCT_STREAM = 104
+# RNG stream of the tiny LLaVA's vision-tower stage (105: scripts/vision_probe.py)
+VISION_STREAM = 106
 # F-LMM's own instruction (flmm.lmm.families.DEFAULT_INSTRUCTION): the LMM learns to describe
 # scenes in exactly the prompt it is later grounded with.
 CAPTION_PROMPT = "please give me a description of the image."
