@@ -173,26 +173,29 @@ def pretrain_vision_tower(
     colour and shape shares from the scenes' exact masks, as CLIP is trained before LLaVA.
 
     Language training alone never teaches the tower shape (docs/tiny_llava.md, "The vision
-    tower sees no shape"). Scenes come from their own RNG stream (``[seed, VISION_STREAM]``)."""
+    tower sees no shape"). Scenes come from their own RNG stream (``[seed, VISION_STREAM]``);
+    CUDA when available."""
     torch.manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     processor = AutoProcessor.from_pretrained(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    tower, config = model.model.vision_tower.train(), model.config
+    tower, config = model.model.vision_tower.to(device).train(), model.config
     probe = PatchProbe(config.vision_config.hidden_size, config.vision_config.patch_size)
+    probe.to(device)
     optimizer = torch.optim.AdamW([*tower.parameters(), *probe.parameters()], lr, weight_decay=0.01)
     rng, size = np.random.default_rng([seed, VISION_STREAM]), config.vision_config.image_size
     for step in range(1, steps + 1):
         scenes = [sample_scene(rng, size) for _ in range(batch_size)]
         pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt")
-        hidden = tower(pixels["pixel_values"], output_hidden_states=True).hidden_states
-        labels = torch.from_numpy(np.stack([pixel_labels(s) for s in scenes]))
+        hidden = tower(pixels["pixel_values"].to(device), output_hidden_states=True).hidden_states
+        labels = torch.from_numpy(np.stack([pixel_labels(s) for s in scenes])).to(device)
         loss = probe.loss(hidden[config.vision_feature_layer][:, 1:], labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % 100 == 0:
             log.info("tiny LLaVA vision tower step %d/%d, probe loss %.3f", step, steps, loss)
-    model.eval().save_pretrained(model_dir)
+    model.cpu().eval().save_pretrained(model_dir)
 
 
 def pretrain_tiny_llava(
