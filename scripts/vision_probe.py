@@ -24,31 +24,27 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from flmm.data.synthetic.corpus import pixel_labels
 from flmm.data.synthetic.world import COLOURS, SHAPES, sample_scene
 from flmm.foundation.cache import SHIPPED
-from flmm.foundation.pretrain_lmm import first_image_features, make_batch
+from flmm.foundation.pretrain_lmm import first_image_features, make_batch, patch_shares
 
 PROBE_STREAM = 105  # RNG stream of the probed scenes
 ATTRIBUTES = {"colour": len(COLOURS), "shape": len(SHAPES)}
 
 
-def patch_features(model, processor, scenes) -> tuple[torch.Tensor, torch.Tensor]:
-    """``P x C`` features and ``P x 2 x K`` per-attribute pixel shares of each scene's patches
-    (``K`` = background + the attribute's values; colour first, then shape)."""
-    feats, shares = [], []
+def patch_features(model, processor, scenes) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``P x C`` features of each scene's patches, and per attribute their ``P x (1 + K)`` pixel
+    shares (background, then the attribute's ``K`` values)."""
+    feats, shares = [], {name: [] for name in ATTRIBUTES}
     patch = model.config.vision_config.patch_size
     for k in range(0, len(scenes), 32):
         chunk = scenes[k : k + 32]
         batch = make_batch(processor, [([s.image], [("x", "y")]) for s in chunk])
         with torch.no_grad():
             _, f = first_image_features(model, batch, lambda b=batch: model(**b))
-        labels = torch.from_numpy(np.stack([pixel_labels(s) for s in chunk])).long()
-        per = []
-        for i, n in enumerate(ATTRIBUTES.values()):
-            onehot = F.one_hot(labels[:, i], max(ATTRIBUTES.values()) + 1)[..., : n + 1]
-            pooled = F.avg_pool2d(onehot.permute(0, 3, 1, 2).float(), patch)
-            per.append(F.pad(pooled.flatten(2).transpose(1, 2), (0, max(ATTRIBUTES.values()) - n)))
         feats.append(f.flatten(0, 1))
-        shares.append(torch.stack(per, 2).flatten(0, 1))
-    return torch.cat(feats), torch.cat(shares)
+        labels = torch.from_numpy(np.stack([pixel_labels(s) for s in chunk]))
+        for i, (name, n) in enumerate(ATTRIBUTES.items()):
+            shares[name].append(patch_shares(labels[:, i], n + 1, patch).flatten(0, 1))
+    return torch.cat(feats), {name: torch.cat(s) for name, s in shares.items()}
 
 
 def object_patches(feats: torch.Tensor, shares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
         for n in (args.train, args.test)
     )
     out = {"lmm": args.lmm}
-    for i, name in enumerate(ATTRIBUTES):
+    for name in ATTRIBUTES:
         out[name] = probe_accuracy(
-            *object_patches(train[0], train[1][:, i]), *object_patches(test[0], test[1][:, i])
+            *object_patches(train[0], train[1][name]), *object_patches(test[0], test[1][name])
         )
     text = json.dumps(out, indent=2)
     if args.output:

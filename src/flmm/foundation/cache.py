@@ -57,8 +57,8 @@ def llava_recipe(
     if pretrain_steps:
         recipe |= {"batch_size": batch_size, "lr": lr, "corpus": dict(corpus or {})}
         recipe |= {"vision_aux": vision_aux} if vision_aux else {}
-        recipe |= {"instruct": instruct_stage(instruct)} if instruct_stage(instruct) else {}
-        recipe |= {"vision_stage": tower_stage(vision_stage)} if tower_stage(vision_stage) else {}
+        recipe |= {"instruct": stage} if (stage := instruct_stage(instruct)) else {}
+        recipe |= {"vision_stage": stage} if (stage := tower_stage(vision_stage)) else {}
     return recipe
 
 

@@ -102,10 +102,16 @@ class PatchProbe(nn.Module):
         total = features.new_zeros(())
         for i, head in enumerate(self.heads):
             n = head.out_features
-            onehot = F.one_hot(labels[:, i].long(), n).permute(0, 3, 1, 2).float()
-            target = F.avg_pool2d(onehot, self.patch).flatten(2).transpose(1, 2)
+            target = patch_shares(labels[:, i], n, self.patch)
             total = total + F.cross_entropy(head(features).reshape(-1, n), target.reshape(-1, n))
         return total
+
+
+def patch_shares(labels: torch.Tensor, classes: int, patch: int) -> torch.Tensor:
+    """Each ``patch x patch`` patch's share of pixels of every class: ``B x P x classes`` (``P``
+    row-major) from ``B x H x W`` integer ``labels``."""
+    onehot = F.one_hot(labels.long(), classes).permute(0, 3, 1, 2).float()
+    return F.avg_pool2d(onehot, patch).flatten(2).transpose(1, 2)
 
 
 def first_image_features(model, batch, run) -> tuple[torch.Tensor, torch.Tensor]:
