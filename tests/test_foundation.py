@@ -175,6 +175,7 @@ def test_the_instruction_stage_goes_on_from_the_pretrained_model(tmp_path, monke
         instruct["corpus"],
         2,
     )
+    assert (info["first_stage"]["stream"], info["first_stage"]["steps"]) == (PRETRAIN_STREAM, 2)
     assert [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"] == [path.name]
     assert cache.llava_recipe(2, instruct=instruct)["instruct"] == instruct
     assert cache.llava_recipe(2, instruct=instruct | {"steps": 0}) == cache.llava_recipe(2)

@@ -273,8 +273,18 @@ def _build_llava(
             state_path=second,
             stream=INSTRUCT_STREAM,
         )
+        _record_first_stage(first, tmp)
         shutil.rmtree(first)
     shutil.rmtree(init)
+
+
+def _record_first_stage(first: Path, model_dir: Path) -> None:
+    """Keep the first stage's ``pretraining.json`` inside the finished model's, under
+    ``"first_stage"``, so the shipped folder says how both stages trained it."""
+    info_file = model_dir / "pretraining.json"
+    info = json.loads(info_file.read_text())
+    info["first_stage"] = json.loads((first / "pretraining.json").read_text())
+    info_file.write_text(json.dumps(info, indent=2))
 
 
 def _build_once(out: Path, build) -> str:
