@@ -190,7 +190,12 @@ def test_predict_is_a_command_with_help(capsys):
     assert COMMANDS["predict"][0] == "flmm.chat.predict"
     with pytest.raises(SystemExit) as stop:
         main(["--help"])
-    assert stop.value.code == 0 and "--batch-size" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert stop.value.code == 0 and "--batch-size" in help_text
+    assert "--max-new-tokens" not in help_text  # predict grounds given text, it never generates
+    with pytest.raises(SystemExit) as stop:  # no abbreviations: --out is not --output-dir
+        main(["images", "--out", "x"])
+    assert stop.value.code == 2 and "unrecognized arguments: --out x" in capsys.readouterr().err
 
 
 def test_predict_step_gives_masks_at_image_size(tiny_run):

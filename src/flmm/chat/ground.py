@@ -153,7 +153,9 @@ def cot_result(cot: VisualCoT, image: np.ndarray) -> ChatResult:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flmm ground", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="flmm ground", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     p.add_argument("image", help="image file (PNG, JPEG, ...)")
     p.add_argument("text", help="a question (answered, then grounded) or a phrase to ground")
     p.add_argument("--phrases", nargs="+", help="phrases to ground, exactly as in the text/answer")

@@ -14,8 +14,9 @@ from flmm.errors import FlmmUserError
 from flmm.model.checkpoint import check_family, read_checkpoint
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The options that pick the models (shared by the ground, predict, reasonseg and web commands)."""
+def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
+    """The options that pick the models (shared by the ground, predict, reasonseg and web
+    commands), and ``--max-new-tokens`` for those that generate (``generates``)."""
     p.add_argument(
         "--checkpoint",
         help="F-LMM .ckpt, or a head folder (<run>/model, save_pretrained) or its hub id "
@@ -31,7 +32,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--sam-variant", choices=("vit_b", "vit_l", "vit_h", "tiny"))
     p.add_argument("--selector", help="keyword selector (default: selector.pt beside the ckpt)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    if generates:
+        p.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 

@@ -247,6 +247,7 @@ def parser() -> argparse.ArgumentParser:
         prog="flmm predict",
         description=__doc__.split("\n")[0],
         epilog="Each output JSON is described in docs/predict.md.",
+        allow_abbrev=False,
     )
     p.add_argument("source", help="a folder of images, or a JSONL file of " + RECORD)
     p.add_argument("--text", help="with a folder: the text grounded on every image")
@@ -255,7 +256,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per model pass")
     p.add_argument("--save-masks", action="store_true", help="one PNG per phrase mask")
     p.add_argument("--no-overlay", action="store_true", help="no overlay PNG per image")
-    add_model_args(p)
+    add_model_args(p, generates=False)
     return p
 
 

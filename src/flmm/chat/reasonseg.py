@@ -192,7 +192,9 @@ def write_synthetic_split(out_dir: str | Path, n: int, seed: int = 0, image_size
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="flmm reasonseg", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="flmm reasonseg", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     p.add_argument("split_dir", help="a ReasonSeg split folder (NAME.jpg + NAME.json)")
     p.add_argument(
         "--write-synthetic",

@@ -321,7 +321,9 @@ def serving_auth(host: str, allow_remote: bool, auth_file: str | None) -> list |
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="flmm web", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="flmm web", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-file-mb", type=int, default=Limits.max_file_mb)

@@ -21,7 +21,9 @@ from flmm.model.reference import RELEASED, convert
 def parser() -> argparse.ArgumentParser:
     rows = ", ".join(f"{name} ({r.file_name})" for name, r in RELEASED.items())
     about = " ".join(__doc__.split("\n\n")[0].split())
-    p = argparse.ArgumentParser(prog="flmm convert-reference", description=about)
+    p = argparse.ArgumentParser(
+        prog="flmm convert-reference", description=about, allow_abbrev=False
+    )
     p.add_argument("ckpt", help="the reference's .pth file")
     p.add_argument("--model", required=True, choices=list(RELEASED), help=f"paper row: {rows}")
     p.add_argument("--output", help="checkpoint to write (default: CKPT with the suffix .ckpt)")
