@@ -99,13 +99,15 @@ def run_flmm(
 # ------------------------------------------------------------ the real configs, at a tiny size
 CONF = Path(CONFIG_PATH)
 # Small enough for the fast suite, through every real code path: world generation, tiny LLaVA
-# build + pretraining, tiny SAM build + pretraining, F-LMM fit, checkpoint, test.
+# build + pretraining + instruction stage, tiny SAM build + pretraining, F-LMM fit, checkpoint,
+# test.
 TINY = [
     "data.n_train=24",
     "data.n_val=8",
     "data.n_test=8",
     "data.batch_size=4",
     "model.lmm.name_or_path.pretrain_steps=2",
+    "model.lmm.name_or_path.instruct.steps=2",
     "model.lmm.name_or_path.batch_size=4",
     "model.sam.checkpoint.pretrain_steps=2",
     "model.base_channels=8",
