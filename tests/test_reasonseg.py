@@ -92,13 +92,13 @@ def test_outline_recovers_a_synthetic_object():
         assert iou > 0.9, obj.shape
 
 
-def test_answer_then_ground_on_the_synthetic_world(tiny_llava_dir, tmp_path, capsys):
+def test_answer_then_ground_on_the_synthetic_world(tiny_llava_dir, tmp_path, capsys, monkeypatch):
     split = write_synthetic_split(tmp_path / "val", 2, seed=3)
     items = read_split(split)
     assert len(items) == 2 and all(i.is_sentence and i.mask.any() for i in items)
     assert items[0].queries[0].startswith("what ")
     ckpt, sam = save_flmm(tmp_path / "ckpt", tiny_llava_dir)
-    out = tmp_path / "results.json"
+    monkeypatch.chdir(tmp_path)  # the records go under logs/ of the current folder by default
     main(
         [
             str(split),
@@ -110,10 +110,9 @@ def test_answer_then_ground_on_the_synthetic_world(tiny_llava_dir, tmp_path, cap
             str(sam),
             "--max-new-tokens",
             "3",
-            "--output",
-            str(out),
         ]
     )
+    out = tmp_path / "logs" / "reasonseg" / "val.json"
     saved = json.loads(out.read_text())
     assert len(saved["queries"]) == 2 and saved["metrics"]["queries"] == 2
     ious = [q["iou"] for q in saved["queries"]]

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from flmm.chat.conversation import ChatResult, GroundedChat
 from flmm.chat.options import add_model_args, load_chat
 from flmm.errors import FlmmUserError, exit_on_user_error
+from flmm.files import write_text_atomic
 
 IGNORE = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -203,7 +204,10 @@ def main(argv: list[str] | None = None) -> None:
         help="first write N synthetic-world scenes into split_dir in the ReasonSeg layout",
     )
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
-    p.add_argument("--output", default="reasonseg_results.json", help="per-query records (JSON)")
+    p.add_argument(
+        "--output",
+        help="per-query records, JSON (default: logs/reasonseg/<split folder name>.json)",
+    )
     add_model_args(p)
     args = p.parse_args(argv)
 
@@ -212,10 +216,11 @@ def main(argv: list[str] | None = None) -> None:
             write_synthetic_split(args.split_dir, args.write_synthetic)
         items = read_split(args.split_dir)[: args.limit]
         metrics, records = evaluate(load_chat(args), items, args.max_new_tokens)
-        Path(args.output).write_text(json.dumps({"metrics": metrics, "queries": records}, indent=2))
+        out = Path(args.output or Path("logs/reasonseg") / f"{Path(args.split_dir).name}.json")
+        write_text_atomic(out, json.dumps({"metrics": metrics, "queries": records}, indent=2))
         print(
             f"ReasonSeg {args.split_dir}: gIoU {metrics['giou']:.4f} cIoU {metrics['ciou']:.4f} "
-            f"over {int(metrics['queries'])} queries; per-query records: {args.output}"
+            f"over {int(metrics['queries'])} queries; per-query records: {out}"
         )
 
     exit_on_user_error(go)
