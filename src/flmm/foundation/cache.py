@@ -144,7 +144,7 @@ def ensure_tiny_llava(
     new model instead of reusing a stale one.
     """
     args = (pretrain_steps, seed, batch_size, image_size, lr, dict(corpus or {}), vision_aux)
-    args += (instruct_stage(instruct), tower_stage(vision_stage))
+    args += (instruct, vision_stage)
     recipe = llava_recipe(*args)
     return shipped_path("tiny_llava", recipe) or cached_tiny_llava(cache_dir, *args)
 
@@ -164,17 +164,8 @@ def cached_tiny_llava(
 ) -> str:
     """Path of the tiny LLaVA of this recipe in ``cache_dir`` (float32), built if missing (or
     rebuilt, if ``fresh``); an interrupted pretraining resumes from its state file there."""
-    args = (
-        pretrain_steps,
-        seed,
-        batch_size,
-        image_size,
-        lr,
-        corpus,
-        vision_aux,
-        instruct,
-        vision_stage,
-    )
+    args = (pretrain_steps, seed, batch_size, image_size, lr, corpus, vision_aux)
+    args += (instruct_stage(instruct), tower_stage(vision_stage))
     name = f"tiny_llava_seed{seed}_steps{pretrain_steps}_{recipe_digest(llava_recipe(*args))}"
     out = Path(cache_dir) / name
     state = Path(cache_dir) / f".{name}.state.pt"
@@ -235,18 +226,19 @@ def _build_llava(
     vision_stage: dict | None,
     state_path: Path | None = None,
 ) -> None:
-    init = tmp.parent / f"{tmp.name}-init"
-    _remove(init)
-    build_tiny_llava(init, vocabulary(), image_size=image_size, seed=seed, **WORLD_LLAVA)
-    tower = tower_stage(vision_stage)
-    if steps and tower:
-        pretrain_vision_tower(init, tower["steps"], lr=tower["lr"], seed=seed)
+    """Build into ``tmp``: the vision stage, the language stage, the instruction stage (each
+    ``None`` or ``{"steps", ...}`` stage as :func:`instruct_stage` / :func:`tower_stage` give
+    it). A finished first part (vision and language stages) is kept for a rerun."""
     if not steps:
-        init.rename(tmp)
+        build_tiny_llava(tmp, vocabulary(), image_size=image_size, seed=seed, **WORLD_LLAVA)
         return
-    stage = instruct_stage(instruct)
-    first = tmp.parent / f"{tmp.name}-pretrained" if stage else tmp
-    if not (first / "pretraining.json").is_file():  # a finished first stage is kept
+    first = tmp.parent / f"{tmp.name}-pretrained" if instruct else tmp
+    init = tmp.parent / f"{tmp.name}-init"
+    if not (first / "pretraining.json").is_file():
+        _remove(init)
+        build_tiny_llava(init, vocabulary(), image_size=image_size, seed=seed, **WORLD_LLAVA)
+        if vision_stage:
+            pretrain_vision_tower(init, vision_stage["steps"], lr=vision_stage["lr"], seed=seed)
         pretrain_tiny_llava(
             init,
             first,
@@ -259,23 +251,23 @@ def _build_llava(
             state_path=state_path,
             vision_aux=vision_aux,
         )
-    if stage:
+    _remove(init)
+    if instruct:
         second = state_path.with_name(state_path.name + ".instruct") if state_path else None
         pretrain_tiny_llava(
             first,
             tmp,
-            stage["steps"],
+            instruct["steps"],
             batch_size,
-            stage["lr"],
+            instruct["lr"],
             seed=seed,
             image_size=image_size,
-            corpus=stage["corpus"],
+            corpus=instruct["corpus"],
             state_path=second,
             stream=INSTRUCT_STREAM,
         )
         _record_first_stage(first, tmp)
         shutil.rmtree(first)
-    shutil.rmtree(init)
 
 
 def _record_first_stage(first: Path, model_dir: Path) -> None:
