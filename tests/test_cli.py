@@ -29,7 +29,7 @@ OPTIONS = {
     "ground": ["--checkpoint", "--device", "--dtype", "--output"],
     "web": ["--checkpoint", "--device", "--dtype"],
     "predict": ["--checkpoint", "--device", "--dtype", "--output-dir"],
-    "reasonseg": ["--checkpoint", "--device", "--dtype", "--output"],
+    "reasonseg": ["--checkpoint", "--device", "--dtype", "--output", "--relevant-object"],
     "convert-reference": ["--output"],
 }
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from test_ground_cli import save_flmm
 
-from flmm.chat.conversation import GroundedChat
+from flmm.chat.conversation import COT_PREFIX, GroundedChat, object_phrase
 from flmm.chat.reasonseg import (
     IGNORE,
     evaluate,
@@ -128,3 +128,15 @@ def test_evaluate_scores_every_query(tiny_llava_dir, tmp_path):
     assert metrics["queries"] == 2 and len(records) == 2
     assert [r["query"] for r in records] == ["what is it?", "the thing"]
     assert all(0.0 <= r["iou"] <= 1.0 for r in records)
+
+
+def test_relevant_object_mode_segments_the_object_the_cot_step_names(tiny_llava_dir, tmp_path):
+    lmm = FrozenLMM.from_pretrained(tiny_llava_dir)
+    chat = GroundedChat(FLMM.build(lmm, build_sam("tiny"), base_channels=8))
+    write_item(tmp_path, "a", [{"label": "target", "points": BOX}], size=(24, 24))
+    metrics, records = evaluate(chat, read_split(tmp_path), 3, relevant_object=True)
+    assert metrics["queries"] == 2
+    for record in records:
+        assert record["answer"].startswith(COT_PREFIX)
+        phrase = object_phrase(record["answer"])
+        assert record["phrases"] == ([phrase] if phrase else [])

@@ -284,30 +284,31 @@ class GroundedChat:
         return ChatResult(question, answer, out.phrases, out.spans, masks, list(missing))
 
     # --------------------------------------------------------------- visual chain of thought
-    def visual_cot(self, image: np.ndarray, question: str, max_new_tokens: int = 32) -> VisualCoT:
-        """Ask for the most relevant object, ground it, crop its box, ask again with the crop."""
+    def relevant_object(
+        self, image: np.ndarray, question: str, max_new_tokens: int = 32
+    ) -> ChatResult:
+        """The visual chain of thought's first step: the LMM completes "The object most relevant
+        to the question is ..." (greedy) and the object it names is grounded in that turn."""
         check_image(image)
         ask = COT_QUESTION.format(question=question)
         completion = self.lmm.generate(
             [image], ask, answer_prefix=COT_PREFIX, max_new_tokens=max_new_tokens, do_sample=False
         ).strip()
         object_text = f"{COT_PREFIX} {completion}"
-        mask = self._object_mask(image, ask, object_text)
+        phrase = object_phrase(object_text)
+        return self.grounded(image, ask, object_text, [phrase] if phrase else [])
+
+    def visual_cot(self, image: np.ndarray, question: str, max_new_tokens: int = 32) -> VisualCoT:
+        """Ask for the most relevant object, ground it, crop its box, ask again with the crop."""
+        step = self.relevant_object(image, question, max_new_tokens)
+        mask = step.masks[0] if len(step.masks) and step.masks[0].any() else None
         box = None if mask is None else expand_box(mask_box(mask), image.shape[:2])
         if box is None:
             final = self.answer(image, question, max_new_tokens)
         else:
             crop = image[box[1] : box[3], box[0] : box[2]]
             final = self._generate([image, crop], question, max_new_tokens, False)
-        return VisualCoT(question, object_text, mask, box, final)
-
-    def _object_mask(self, image: np.ndarray, ask: str, object_text: str) -> np.ndarray | None:
-        """The object's mask, grounded in the turn that named it; None if empty or unnamed."""
-        phrase = object_phrase(object_text)
-        if not phrase:
-            return None
-        mask = self.ground(image, object_text, [phrase], ask).masks[0].numpy()
-        return mask if mask.any() else None
+        return VisualCoT(question, step.answer, mask, box, final)
 
 
 def load_selector(path: str | None, beside: Path, model: FLMM, device: str):

@@ -8,8 +8,8 @@ drawn largest first, so a smaller one on top wins); ``flag`` shapes are deprecat
 gIoU is the mean per-query IoU (1 when prediction and target are both empty), cIoU is the summed
 intersection over the summed union.
 
-`python -m flmm.chat.reasonseg DIR [--limit N] [--output results.json]` (model options as in
-`python -m flmm.chat.ground`).
+`python -m flmm.chat.reasonseg DIR [--limit N] [--relevant-object] [--output results.json]` (model
+options as in `python -m flmm.chat.ground`).
 """
 
 from __future__ import annotations
@@ -110,12 +110,24 @@ def read_split(root: str | Path) -> list[ReasonSegItem]:
     return items
 
 
-def reason(chat: GroundedChat, image: np.ndarray, query: str, max_new_tokens: int = 32) -> Reasoned:
+def reason(
+    chat: GroundedChat,
+    image: np.ndarray,
+    query: str,
+    max_new_tokens: int = 32,
+    relevant_object: bool = False,
+) -> Reasoned:
     """Answer ``query``, then segment what the answer names.
 
     The answer's key phrases come from the keyword selector (the whole answer without one, or
-    when it picks nothing); the mask is the union of their masks.
+    when it picks nothing); the mask is the union of their masks. With ``relevant_object`` the
+    answer is the visual chain of thought's first step instead ("The object most relevant to the
+    question is ...", as the reference's ``reason_seg`` answers after a prefix) and the object it
+    names is segmented.
     """
+    if relevant_object:
+        result = chat.relevant_object(image, query, max_new_tokens)
+        return Reasoned(result, result.masks.any(0))
     answer = chat.answer(image, query, max_new_tokens)
     phrases = chat.keywords(image, query, answer) if chat.selector is not None else []
     whole = answer.strip().rstrip(".").strip()
@@ -142,14 +154,17 @@ def scores(counts: list[tuple[int, int]]) -> dict[str, float]:
 
 
 def evaluate(
-    chat: GroundedChat, items: list[ReasonSegItem], max_new_tokens: int = 32
+    chat: GroundedChat,
+    items: list[ReasonSegItem],
+    max_new_tokens: int = 32,
+    relevant_object: bool = False,
 ) -> tuple[dict[str, float], list[dict]]:
     """Run :func:`reason` on every query; the scores and one record per query."""
     counts, records = [], []
     for item in items:
         image = np.array(Image.open(item.image_path).convert("RGB"))
         for query in item.queries:
-            out = reason(chat, image, query, max_new_tokens)
+            out = reason(chat, image, query, max_new_tokens, relevant_object)
             inter, union = query_counts(out.mask, item.mask)
             counts.append((inter, union))
             records.append(
@@ -205,6 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument(
+        "--relevant-object",
+        action="store_true",
+        help='answer with "The object most relevant to the question is ..." and segment that '
+        "object (the visual chain of thought's first step) instead of the plain answer",
+    )
+    p.add_argument(
         "--output",
         help="per-query records, JSON (default: logs/reasonseg/<split folder name>.json)",
     )
@@ -215,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.write_synthetic:
             write_synthetic_split(args.split_dir, args.write_synthetic)
         items = read_split(args.split_dir)[: args.limit]
-        metrics, records = evaluate(load_chat(args), items, args.max_new_tokens)
+        metrics, records = evaluate(
+            load_chat(args), items, args.max_new_tokens, args.relevant_object
+        )
         out = Path(args.output or Path("logs/reasonseg") / f"{Path(args.split_dir).name}.json")
         write_text_atomic(out, json.dumps({"metrics": metrics, "queries": records}, indent=2))
         print(
