@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from flmm.data.synthetic.corpus import INSTRUCT_STREAM, PRETRAIN_STREAM, vocabulary
+from flmm.data.synthetic.corpus import INSTRUCT_STREAM, PRETRAIN_STREAM, VQA_STREAM, vocabulary
 from flmm.data.synthetic.world import sample_scene
 from flmm.errors import ConfigError
 from flmm.foundation import build as build_module
@@ -152,7 +152,7 @@ def test_patch_probe_reads_each_samples_scene_image(tmp_path):
     assert abs(background.item() - 20) < 0.01
 
 
-def test_the_instruction_stage_goes_on_from_the_pretrained_model(tmp_path, monkeypatch):
+def test_later_stages_go_on_from_the_cached_model_before_them(tmp_path, monkeypatch):
     real, calls = cache.pretrain_tiny_llava, []
 
     def second_stage_dies_once(src, out, steps, *args, **kwargs):
@@ -175,12 +175,25 @@ def test_the_instruction_stage_goes_on_from_the_pretrained_model(tmp_path, monke
         instruct["corpus"],
         2,
     )
-    assert (info["first_stage"]["stream"], info["first_stage"]["steps"]) == (PRETRAIN_STREAM, 2)
-    assert [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"] == [path.name]
+    assert (info["previous_stage"]["stream"], info["previous_stage"]["steps"]) == (
+        PRETRAIN_STREAM,
+        2,
+    )
+    # a VQA stage goes on from the cached instruction-stage model: nothing before it is redone
+    vqa = {"steps": 2, "lr": 1e-4, "corpus": {"caption_prob": 0.0, "exist_prob": 1.0}}
+    last = Path(cache.ensure_tiny_llava(str(tmp_path), **args, vqa=vqa))
+    assert calls[3:] == [VQA_STREAM]
+    info = json.loads((last / "pretraining.json").read_text())["previous_stage"]
+    assert (info["stream"], info["previous_stage"]["stream"]) == (INSTRUCT_STREAM, PRETRAIN_STREAM)
+    models = [p for p in tmp_path.iterdir() if p.suffix != ".lock"]
+    assert len(models) == 3 and path in models and last in models
+    # fresh: every stage again
+    assert cache.cached_tiny_llava(str(tmp_path), fresh=True, **args, vqa=vqa) == str(last)
+    assert calls[4:] == [PRETRAIN_STREAM, INSTRUCT_STREAM, VQA_STREAM]
     assert cache.llava_recipe(2, instruct=instruct)["instruct"] == instruct
     assert cache.llava_recipe(2, instruct=instruct | {"steps": 0}) == cache.llava_recipe(2)
-    with pytest.raises(ConfigError, match="instruct takes steps, lr, corpus; got"):
-        cache.llava_recipe(2, instruct=instruct | {"step": 3})
+    with pytest.raises(ConfigError, match="vqa takes steps, lr, corpus; got"):
+        cache.llava_recipe(2, vqa=vqa | {"step": 3})
 
 
 def test_the_vision_stage_trains_the_tower_alone(tmp_path):

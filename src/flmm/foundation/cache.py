@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from flmm.data.synthetic.corpus import INSTRUCT_STREAM, vocabulary
+from flmm.data.synthetic.corpus import INSTRUCT_STREAM, VQA_STREAM, vocabulary
 from flmm.data.synthetic.world import sample_scene
 from flmm.errors import ConfigError
 from flmm.foundation.pretrain_lmm import pretrain_tiny_llava, pretrain_vision_tower
@@ -47,24 +47,31 @@ def llava_recipe(
     vision_aux: float = 0.0,
     instruct: dict | None = None,
     vision_stage: dict | None = None,
+    vqa: dict | None = None,
 ) -> dict:
     """What a tiny LLaVA build depends on: its arguments, :data:`TINY_VERSION`, the vision
     tower (:data:`WORLD_LLAVA`) and a digest of the vocabulary (the training settings only when
-    it is pretrained; the vision and instruction stages only when they have steps)."""
+    it is pretrained; each optional stage only when it has steps). The build reads this dict
+    alone (:func:`_build_llava`), so what is recorded is what was built."""
     words = hashlib.sha256(" ".join(vocabulary()).encode()).hexdigest()[:12]
     recipe = {"version": TINY_VERSION, "vocabulary": words, "image_size": image_size}
     recipe |= {"vision": dict(WORLD_LLAVA), "pretrain_steps": pretrain_steps, "seed": seed}
     if pretrain_steps:
         recipe |= {"batch_size": batch_size, "lr": lr, "corpus": dict(corpus or {})}
         recipe |= {"vision_aux": vision_aux} if vision_aux else {}
-        recipe |= {"instruct": stage} if (stage := instruct_stage(instruct)) else {}
+        for name, settings in (("instruct", instruct), ("vqa", vqa)):
+            recipe |= {name: stage} if (stage := language_stage(name, settings)) else {}
         recipe |= {"vision_stage": stage} if (stage := tower_stage(vision_stage)) else {}
     return recipe
 
 
-def instruct_stage(instruct: dict | None) -> dict | None:
-    """The instruction stage's ``{"steps", "lr", "corpus"}`` (None when it has no steps)."""
-    found = _stage("instruct", instruct, ("steps", "lr", "corpus"))
+# the stages that go on training a finished model, in build order, and their scenes' RNG streams
+LATER_STAGES = {"instruct": INSTRUCT_STREAM, "vqa": VQA_STREAM}
+
+
+def language_stage(name: str, settings: dict | None) -> dict | None:
+    """A later stage's ``{"steps", "lr", "corpus"}`` (None when it has no steps)."""
+    found = _stage(name, settings, ("steps", "lr", "corpus"))
     return found and found | {"corpus": dict(found.get("corpus") or {})}
 
 
@@ -128,50 +135,45 @@ def ensure_tiny_llava(
     vision_aux: float = 0.0,
     instruct: dict | None = None,
     vision_stage: dict | None = None,
+    vqa: dict | None = None,
 ) -> str:
     """Path of the tiny LLaVA pretrained for ``pretrain_steps`` (0: random weights): the shipped
     one if it was built from this recipe, else built into ``cache_dir`` if missing.
 
-    ``corpus`` holds the keyword arguments of
-    :func:`~flmm.data.synthetic.corpus.pretraining_pairs`; ``vision_aux`` weighs the vision
-    tower's patch probe (:class:`~flmm.foundation.pretrain_lmm.PatchProbe`). ``instruct``
-    (``steps``, ``lr``, ``corpus``): a second stage, as LLaVA's visual instruction tuning
-    follows its caption pretraining, that goes on training the pretrained model on scenes of its
-    own stream. ``vision_stage`` (``steps``, ``lr``): a stage before them that trains the vision
-    tower alone on each patch's colour and shape, as CLIP is trained before LLaVA
-    (:func:`~flmm.foundation.pretrain_lmm.pretrain_vision_tower`). A stage without steps is
-    skipped. The folder name carries a digest of the whole recipe, so a changed recipe builds a
-    new model instead of reusing a stale one.
+    Stages, in build order (one without steps is skipped):
+
+    - ``vision_stage`` (``steps``, ``lr``): the vision tower alone learns each patch's colour
+      and shape, as CLIP is trained before LLaVA
+      (:func:`~flmm.foundation.pretrain_lmm.pretrain_vision_tower`);
+    - the language stage: ``pretrain_steps`` at ``lr`` on ``corpus`` (the keyword arguments of
+      :func:`~flmm.data.synthetic.corpus.pretraining_pairs`), ``vision_aux`` weighing the
+      tower's patch probe (:class:`~flmm.foundation.pretrain_lmm.PatchProbe`);
+    - ``instruct`` (``steps``, ``lr``, ``corpus``): goes on on conversations, as LLaVA's visual
+      instruction tuning follows its caption pretraining;
+    - ``vqa`` (the same keys): goes on on short answers, as LLaVA-1.5 adds short-answer VQA data.
+
+    The folder name carries a digest of the whole recipe, so a changed recipe builds a new model
+    instead of reusing a stale one.
     """
-    args = (pretrain_steps, seed, batch_size, image_size, lr, dict(corpus or {}), vision_aux)
-    args += (instruct, vision_stage)
-    recipe = llava_recipe(*args)
-    return shipped_path("tiny_llava", recipe) or cached_tiny_llava(cache_dir, *args)
+    args = {k: v for k, v in locals().items() if k != "cache_dir"}
+    return shipped_path("tiny_llava", llava_recipe(**args)) or cached_tiny_llava(cache_dir, **args)
 
 
-def cached_tiny_llava(
-    cache_dir: str,
-    pretrain_steps: int,
-    seed: int,
-    batch_size: int,
-    image_size: int,
-    lr: float,
-    corpus: dict,
-    vision_aux: float = 0.0,
-    instruct: dict | None = None,
-    vision_stage: dict | None = None,
-    fresh: bool = False,
-) -> str:
-    """Path of the tiny LLaVA of this recipe in ``cache_dir`` (float32), built if missing (or
-    rebuilt, if ``fresh``); an interrupted pretraining resumes from its state file there."""
-    args = (pretrain_steps, seed, batch_size, image_size, lr, corpus, vision_aux)
-    args += (instruct_stage(instruct), tower_stage(vision_stage))
-    name = f"tiny_llava_seed{seed}_steps{pretrain_steps}_{recipe_digest(llava_recipe(*args))}"
-    out = Path(cache_dir) / name
-    state = Path(cache_dir) / f".{name}.state.pt"
+def cached_tiny_llava(cache_dir: str, fresh: bool = False, **args) -> str:
+    """Path of the tiny LLaVA of this recipe (the arguments of :func:`ensure_tiny_llava`) in
+    ``cache_dir`` (float32), built if missing (or rebuilt with every stage, if ``fresh``)."""
+    return _cached_llava(Path(cache_dir), llava_recipe(**args), fresh)
+
+
+def _cached_llava(cache_dir: Path, recipe: dict, fresh: bool) -> str:
+    """A later stage goes on from the cached model of the recipe without it, so the stages
+    before it are built once and kept; an interrupted stage resumes from its state file."""
+    steps, seed = recipe["pretrain_steps"], recipe["seed"]
+    name = f"tiny_llava_seed{seed}_steps{steps}_{recipe_digest(recipe)}"
+    out, state = cache_dir / name, cache_dir / f".{name}.state.pt"
     if fresh:
         _remove(out)
-    return _build_once(out, lambda tmp: _build_llava(tmp, *args, state_path=state))
+    return _build_once(out, lambda tmp: _build_llava(tmp, recipe, state, fresh))
 
 
 def ensure_tiny_sam(
@@ -213,69 +215,58 @@ def world_scenes(image_size: int):
     return sample
 
 
-def _build_llava(
-    tmp: Path,
-    steps: int,
-    seed: int,
-    batch_size: int,
-    image_size: int,
-    lr: float,
-    corpus: dict,
-    vision_aux: float,
-    instruct: dict | None,
-    vision_stage: dict | None,
-    state_path: Path | None = None,
-) -> None:
-    """Build into ``tmp``: the vision stage, the language stage, the instruction stage (each
-    ``None`` or ``{"steps", ...}`` stage as :func:`instruct_stage` / :func:`tower_stage` give
-    it). A finished first part (vision and language stages) is kept for a rerun."""
-    if not steps:
-        build_tiny_llava(tmp, vocabulary(), image_size=image_size, seed=seed, **WORLD_LLAVA)
-        return
-    first = tmp.parent / f"{tmp.name}-pretrained" if instruct else tmp
-    init = tmp.parent / f"{tmp.name}-init"
-    if not (first / "pretraining.json").is_file():
-        _remove(init)
-        build_tiny_llava(init, vocabulary(), image_size=image_size, seed=seed, **WORLD_LLAVA)
-        if vision_stage:
-            pretrain_vision_tower(init, vision_stage["steps"], lr=vision_stage["lr"], seed=seed)
+def _build_llava(tmp: Path, recipe: dict, state_path: Path, fresh: bool) -> None:
+    """Build ``recipe`` into ``tmp``: its last later stage on the cached model of the recipe
+    without that stage, or (none) the vision and language stages on a new model."""
+    later = [name for name in LATER_STAGES if name in recipe]
+    if later:
+        before = {k: v for k, v in recipe.items() if k != later[-1]}
+        previous = _cached_llava(tmp.parent, before, fresh)
+        stage = recipe[later[-1]]
         pretrain_tiny_llava(
-            init,
-            first,
-            steps,
-            batch_size,
-            lr,
-            seed=seed,
-            image_size=image_size,
-            corpus=corpus,
-            state_path=state_path,
-            vision_aux=vision_aux,
-        )
-    _remove(init)
-    if instruct:
-        second = state_path.with_name(state_path.name + ".instruct") if state_path else None
-        pretrain_tiny_llava(
-            first,
+            previous,
             tmp,
-            instruct["steps"],
-            batch_size,
-            instruct["lr"],
-            seed=seed,
-            image_size=image_size,
-            corpus=instruct["corpus"],
-            state_path=second,
-            stream=INSTRUCT_STREAM,
+            stage["steps"],
+            recipe["batch_size"],
+            stage["lr"],
+            seed=recipe["seed"],
+            image_size=recipe["image_size"],
+            corpus=stage["corpus"],
+            state_path=state_path,
+            stream=LATER_STAGES[later[-1]],
         )
-        _record_first_stage(first, tmp)
-        shutil.rmtree(first)
+        _record_previous_stage(Path(previous), tmp)
+        return
+    seed, size = recipe["seed"], recipe["image_size"]
+    if not recipe["pretrain_steps"]:
+        build_tiny_llava(tmp, vocabulary(), image_size=size, seed=seed, **WORLD_LLAVA)
+        return
+    init = tmp.parent / f"{tmp.name}-init"
+    _remove(init)
+    build_tiny_llava(init, vocabulary(), image_size=size, seed=seed, **WORLD_LLAVA)
+    if (vision := recipe.get("vision_stage")) and not state_path.is_file():  # else resumed below
+        pretrain_vision_tower(init, vision["steps"], lr=vision["lr"], seed=seed)
+    pretrain_tiny_llava(
+        init,
+        tmp,
+        recipe["pretrain_steps"],
+        recipe["batch_size"],
+        recipe["lr"],
+        seed=seed,
+        image_size=size,
+        corpus=recipe["corpus"],
+        state_path=state_path,
+        vision_aux=recipe.get("vision_aux", 0.0),
+    )
+    _remove(init)
 
 
-def _record_first_stage(first: Path, model_dir: Path) -> None:
-    """Keep the first stage's ``pretraining.json`` inside the finished model's, under
-    ``"first_stage"``, so the shipped folder says how both stages trained it."""
+def _record_previous_stage(previous: Path, model_dir: Path) -> None:
+    """Keep the ``pretraining.json`` of the model a stage went on from inside the new model's,
+    under ``"previous_stage"``, so the shipped folder says how every stage trained it."""
     info_file = model_dir / "pretraining.json"
     info = json.loads(info_file.read_text())
-    info["first_stage"] = json.loads((first / "pretraining.json").read_text())
+    info["previous_stage"] = json.loads((previous / "pretraining.json").read_text())
     info_file.write_text(json.dumps(info, indent=2))
 
 
