@@ -99,7 +99,7 @@ def run_flmm(
 # ------------------------------------------------------------ the real configs, at a tiny size
 CONF = Path(CONFIG_PATH)
 # Small enough for the fast suite, through every real code path: world generation, tiny LLaVA
-# build + vision, language and instruction stages, tiny SAM build + pretraining, F-LMM fit,
+# build + vision, language, instruction and VQA stages, tiny SAM build + pretraining, F-LMM fit,
 # checkpoint, test.
 TINY = [
     "data.n_train=24",
@@ -108,6 +108,7 @@ TINY = [
     "data.batch_size=4",
     "model.lmm.name_or_path.pretrain_steps=2",
     "model.lmm.name_or_path.instruct.steps=2",
+    "model.lmm.name_or_path.vqa.steps=2",
     "model.lmm.name_or_path.vision_stage.steps=2",
     "model.lmm.name_or_path.batch_size=4",
     "model.sam.checkpoint.pretrain_steps=2",

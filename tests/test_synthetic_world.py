@@ -338,6 +338,7 @@ def test_captions_mention_only_objects_in_the_scene_with_shapes_and_sizes():
         )
     measured = hallucination.chair(texts, truth)
     assert measured["chair_i"] == 0 and measured["mentions"] > 600
+    assert measured["coverage"] > 0.85  # 0.884: bare "the object on the left" names none
     said = Counter(w for t in texts for w in words(t))
     assert all(said[s] > 20 for s in SHAPES) and said["small"] > 50 and said["large"] > 50
 
@@ -355,6 +356,10 @@ def test_caption_hallucination_counts_mentions_not_in_the_scene():
     )
     measured = hallucination.chair(["a red circle.", "a red square."], [scene, scene])
     assert measured["chair_i"] == 0.5 and measured["chair_s"] == 0.5
+    assert measured["coverage"] == 0.5
+    two = [*scene, {"shape": "square", "colour": "blue", "size": "large"}]
+    assert hallucination.covered("a red circle. the red circle. a red circle.", two) == 1
+    assert hallucination.covered("the circle. the blue object.", two) == 2
 
 
 def test_pretraining_scenes_come_from_their_own_stream(monkeypatch, tmp_path):
