@@ -1,9 +1,9 @@
 """`docs/web_demo.png`: the web page after one of its examples was asked, in headless Chromium.
 
-    python scripts/web_screenshot.py --checkpoint logs/.../checkpoints/last.ckpt [--example 1]
+    python scripts/web_screenshot.py --checkpoint logs/.../checkpoints/last.ckpt [--example 0]
 
 Starts the page on a free loopback port (model options as in `flmm web`), clicks the example,
-asks, waits for the masks and saves a 1200 x 900 screenshot of the top of the page.
+asks, waits until the answer is grounded and saves a 1200 x 900 screenshot of the top of the page.
 """
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ def screenshot(url: str, example: int, out: Path) -> None:
         question = "#flmm-question textarea"
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, question).get_attribute("value"))
         driver.find_element(By.CSS_SELECTOR, "#flmm-ask").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#flmm-masks .legend-item"))
+        # the download button shows once the request is done, with masks or with none (an
+        # answer that holds none of the phrases has no legend to wait for)
+        wait.until(
+            lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, DONE) if b.is_displayed()]
+        )
         wait.until(lambda d: d.execute_script(IMAGES_LOADED))
         driver.execute_script("window.scrollTo(0, 0)")
         driver.save_screenshot(str(out))
@@ -53,12 +57,13 @@ def screenshot(url: str, example: int, out: Path) -> None:
         driver.quit()
 
 
+DONE = "#flmm-download"
 IMAGES_LOADED = "return [...document.images].every(i => i.complete && i.naturalWidth > 0)"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--example", type=int, default=1, help="row of the examples table")
+    p.add_argument("--example", type=int, default=0, help="row of the examples table")
     p.add_argument("--output", type=Path, default=Path("docs/web_demo.png"))
     add_model_args(p)
     args = p.parse_args()
