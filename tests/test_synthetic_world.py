@@ -295,6 +295,30 @@ def test_existence_answers_are_true_and_hard_negatives_look_alike():
     assert alike / n_no > 0.75
 
 
+def test_near_miss_negatives_change_one_attribute_of_a_present_object():
+    rng, stats = np.random.default_rng(9), questions.ObjectStats()
+    draws = [
+        (scene, questions.existence_question(scene, rng, stats, near_prob=1.0))
+        for scene in scenes(300, seed=9)
+    ]
+    said = [(s, q, q.subject.split()[1:]) for s, q in draws if q.answer == "no"]
+    pope_like = [(s, q) for s, q, w in said if len(w) == 2 and w[0] in COLOURS and w[1] in SHAPES]
+    assert len(pope_like) > 50
+    for scene, q in pope_like:
+        colour, shape = q.subject.split()[1:]
+        assert not matching(scene.objects, colour=colour, shape=shape), q.text
+        assert matching(scene.objects, colour=colour) or matching(scene.objects, shape=shape)
+        assert any(o.colour == colour or o.shape == shape for o in scene.objects)
+    # near_prob 0 draws exactly what the recipes shipped so far were trained on
+    same = [np.random.default_rng(3) for _ in range(2)]
+    a = [questions.existence_question(s, same[0], questions.ObjectStats()) for s in scenes(50, 3)]
+    b = [
+        questions.existence_question(s, same[1], questions.ObjectStats(), 0.0)
+        for s in scenes(50, 3)
+    ]
+    assert a == b
+
+
 def test_chain_of_thought_names_the_asked_object():
     samples = [s for s in first_turns(800, seed=5) if corpus.COT_QUESTION in s[1]]
     assert 0.1 < len(samples) / 800 < 0.3

@@ -167,11 +167,16 @@ def pixel_labels(scene: Scene) -> np.ndarray:
 
 
 def any_question(
-    scene: Scene, rng: np.random.Generator, stats: ObjectStats, exist_prob: float
+    scene: Scene,
+    rng: np.random.Generator,
+    stats: ObjectStats,
+    exist_prob: float,
+    near_prob: float = 0.0,
 ) -> Question:
-    """An existence question (chance ``exist_prob``) or one of :func:`questions`."""
+    """An existence question (chance ``exist_prob``; ``near_prob``: its near-miss "no"s, see
+    :func:`~flmm.data.synthetic.questions.existence_question`) or one of :func:`questions`."""
     if rng.random() < exist_prob:
-        return existence_question(scene, rng, stats)
+        return existence_question(scene, rng, stats, near_prob)
     pool = questions(scene, rng)
     return pool[rng.integers(len(pool))]
 
@@ -188,11 +193,13 @@ def pretraining_pairs(
     crop_prob: float = 0.0,
     turns: int = 1,
     stats: ObjectStats | None = None,
+    near_prob: float = 0.0,
 ) -> Iterator[Conversation]:
     """Endless :class:`Conversation` s about fresh scenes of ``rng``.
 
     The first turn is a caption (chance ``caption_prob``, see :func:`captions`) or a question
-    (an existence question with chance ``exist_prob``, see :func:`any_question`) asked as
+    (an existence question with chance ``exist_prob``, its "no"s near misses with chance
+    ``near_prob``, see :func:`any_question`) asked as
     :func:`ask` says; ``turns - 1`` more questions follow (text only, no crop), so the image is
     read once for several answers. ``stats`` counts the scenes drawn (for POPE-like "no"
     objects); new if None.
@@ -206,8 +213,8 @@ def pretraining_pairs(
         if rng.random() < caption_prob:
             images, first = [scene.image], (CAPTION_PROMPT, captions(scene, rng, refer_prob, terse))
         else:
-            q = any_question(scene, rng, stats, exist_prob)
+            q = any_question(scene, rng, stats, exist_prob, near_prob)
             images, *first = ask(scene, q, rng, cot_prob, crop_prob)
-        more = [any_question(scene, rng, stats, exist_prob) for _ in range(turns - 1)]
+        more = [any_question(scene, rng, stats, exist_prob, near_prob) for _ in range(turns - 1)]
         talk = [tuple(first)] + [ask(scene, q, rng, cot_prob, 0.0)[1:] for q in more]
         yield Conversation(images, talk, pixel_labels(scene))

@@ -115,12 +115,15 @@ def relation_questions(scene: Scene, rng: np.random.Generator) -> list[Question]
     return out
 
 
-def existence_question(scene: Scene, rng: np.random.Generator, stats: ObjectStats) -> Question:
+def existence_question(
+    scene: Scene, rng: np.random.Generator, stats: ObjectStats, near_prob: float = 0.0
+) -> Question:
     """ "Is there a red circle in the image?", "yes" or "no" with equal chance. Mostly a colour and
     a shape, as POPE asks; sometimes with a size, or one attribute alone ("a circle", "a red
     object"). "no" objects are absent ones drawn uniformly (random), or among the most frequent
     (popular) or most co-occurring with the scene's objects (adversarial) in ``stats``, the
-    counts of the scenes seen so far."""
+    counts of the scenes seen so far; with chance ``near_prob``, a near miss instead: a present
+    object with its colour or its shape changed (:func:`near_miss`)."""
     present = present_objects(scene)
     yes = bool(rng.random() < 0.5)
     u = rng.random()
@@ -128,11 +131,23 @@ def existence_question(scene: Scene, rng: np.random.Generator, stats: ObjectStat
         asked = _attribute_object(scene, rng, yes)
     elif u < 0.35:
         asked = _sized_object(scene, rng, yes, present)
+    elif not yes and near_prob and rng.random() < near_prob:
+        asked = near_miss(rng, present)
     else:
         asked = _pope_object(rng, yes, present, stats)
     return Question(
         pope_question(asked), "yes" if yes else "no", f"the {asked}", _shown(scene, asked)
     )
+
+
+def near_miss(rng: np.random.Generator, present: list[str]) -> str:
+    """An absent "colour shape" one attribute away from a present one ("a red triangle" beside a
+    red diamond, "a blue diamond" beside it): a "no" that only binding colour to shape tells."""
+    colour, shape = present[rng.integers(len(present))].split(" ")
+    same_colour = [o for s in SHAPES if (o := f"{colour} {s}") not in present]
+    same_shape = [o for c in COLOURS if (o := f"{c} {shape}") not in present]  # never empty
+    options = same_colour if rng.random() < 0.5 and same_colour else same_shape
+    return options[rng.integers(len(options))]
 
 
 def _pope_object(
