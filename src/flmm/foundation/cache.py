@@ -220,23 +220,33 @@ def _build_llava(tmp: Path, recipe: dict, state_path: Path, fresh: bool) -> None
     without that stage, or (none) the vision and language stages on a new model."""
     later = [name for name in LATER_STAGES if name in recipe]
     if later:
-        before = {k: v for k, v in recipe.items() if k != later[-1]}
-        previous = _cached_llava(tmp.parent, before, fresh)
-        stage = recipe[later[-1]]
-        pretrain_tiny_llava(
-            previous,
-            tmp,
-            stage["steps"],
-            recipe["batch_size"],
-            stage["lr"],
-            seed=recipe["seed"],
-            image_size=recipe["image_size"],
-            corpus=stage["corpus"],
-            state_path=state_path,
-            stream=LATER_STAGES[later[-1]],
-        )
-        _record_previous_stage(Path(previous), tmp)
-        return
+        _go_on(tmp, recipe, later[-1], state_path, fresh)
+    else:
+        _build_first(tmp, recipe, state_path)
+
+
+def _go_on(tmp: Path, recipe: dict, name: str, state_path: Path, fresh: bool) -> None:
+    """Stage ``name`` of ``recipe`` on the cached model of the recipe without it."""
+    previous = _cached_llava(tmp.parent, {k: v for k, v in recipe.items() if k != name}, fresh)
+    stage = recipe[name]
+    pretrain_tiny_llava(
+        previous,
+        tmp,
+        stage["steps"],
+        recipe["batch_size"],
+        stage["lr"],
+        seed=recipe["seed"],
+        image_size=recipe["image_size"],
+        corpus=stage["corpus"],
+        state_path=state_path,
+        stream=LATER_STAGES[name],
+    )
+    _record_previous_stage(Path(previous), tmp)
+
+
+def _build_first(tmp: Path, recipe: dict, state_path: Path) -> None:
+    """A new model (random weights without pretraining steps), then the vision and language
+    stages."""
     seed, size = recipe["seed"], recipe["image_size"]
     if not recipe["pretrain_steps"]:
         build_tiny_llava(tmp, vocabulary(), image_size=size, seed=seed, **WORLD_LLAVA)
