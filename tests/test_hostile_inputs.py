@@ -225,6 +225,23 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
+def test_temporaries_of_killed_writers_are_removed(tmp_path):
+    import os
+    import subprocess
+
+    from flmm.files import remove_orphans
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a writer killed outright: its process is gone, its temporary file stays
+    orphan = tmp_path / f".a.v1.json.{gone.pid}.0f.tmp"
+    live = tmp_path / f".a.json.{os.getpid()}.1f.tmp"  # a writer still at work
+    kept = [live, tmp_path / ".notes.tmp", tmp_path / "a.json"]  # not write_atomic's
+    for p in (orphan, *kept):
+        p.write_text("half")
+    remove_orphans(tmp_path)
+    assert not orphan.exists() and all(p.exists() for p in kept)
+
+
 def test_resuming_from_another_familys_checkpoint_is_refused_before_the_lmm_loads(
     tiny_run, tmp_path, capsys
 ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -112,13 +113,17 @@ def test_rerun_skips_finished_images_but_not_half_written_ones(saved, images, tm
     capsys.readouterr()
     paths = sorted(out.glob("*.json"))
     redo = paths[0]
-    redo.rename(redo.with_name(f".{redo.name}.123.tmp"))  # as a crash before the rename leaves it
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a run killed outright before the rename leaves its temporary file
+    orphan = redo.with_name(f".{redo.name}.{gone.pid}.0f.tmp")
+    redo.rename(orphan)
     kept = {p: p.stat().st_mtime_ns for p in paths[1:]}
     main([*args, *saved])
     printed = capsys.readouterr().out
     assert "skipping 2 of 3 images: their JSON is in" in printed
     assert "predicted 1 images (1 phrases)" in printed
     assert redo.is_file() and all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert not orphan.exists()
     main([*args, "--checkpoint", str(tmp_path / "absent.ckpt")])  # all done: no model is loaded
     assert "skipping 3 of 3 images" in capsys.readouterr().out
 

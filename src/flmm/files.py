@@ -30,6 +30,25 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def remove_orphans(folder: Path) -> None:
+    """Remove the temporary files that :func:`write_atomic` writers killed outright left in
+    ``folder`` (their process is gone, so nothing removed them); live writers' stay."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        parts = tmp.name.rsplit(".", 3)  # ".<name>", pid, random hex, "tmp"
+        if len(parts) == 4 and parts[1].isdigit() and not _alive(int(parts[1])):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """:func:`write_atomic` of ``text``."""
     write_atomic(path, lambda tmp: tmp.write_text(text))

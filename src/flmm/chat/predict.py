@@ -31,7 +31,7 @@ from flmm.chat.ground import load_image
 from flmm.chat.options import add_model_args, load_chat
 from flmm.data.masks import mask_to_rle, phrase_record
 from flmm.errors import FlmmUserError, exit_on_user_error
-from flmm.files import write_atomic, write_text_atomic
+from flmm.files import remove_orphans, write_atomic, write_text_atomic
 from flmm.model.module import Grounding, phrase_spans
 from flmm.overlay import render_overlay
 
@@ -221,6 +221,7 @@ def predict(
     """Ground and write every item, ``batch_size`` images at a time; the number of phrases
     written and the images that could not be read (skipped)."""
     out.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out)  # a run killed outright left them
     count, unreadable = 0, []
     with tqdm(total=len(items), unit="img", desc="predict", file=sys.stderr) as bar:
         for start in range(0, len(items), batch_size):
