@@ -155,8 +155,8 @@ def ensure_tiny_llava(
     The folder name carries a digest of the whole recipe, so a changed recipe builds a new model
     instead of reusing a stale one.
     """
-    args = {k: v for k, v in locals().items() if k != "cache_dir"}
-    return shipped_path("tiny_llava", llava_recipe(**args)) or cached_tiny_llava(cache_dir, **args)
+    recipe = llava_recipe(**{k: v for k, v in locals().items() if k != "cache_dir"})
+    return shipped_path("tiny_llava", recipe) or _cached_llava(Path(cache_dir), recipe, False)
 
 
 def cached_tiny_llava(cache_dir: str, fresh: bool = False, **args) -> str:
