@@ -5,7 +5,9 @@
 
 - POPE, plain answers, on each synthetic POPE file (first ``--limit`` questions; the same
   answering, parsing, resuming and scoring as ``python -m flmm.chat.evaluate_pope``): accuracy,
-  yes-ratio...
+  yes-ratio..., and the "no" questions' false-yes share by what the absent object shares with
+  the scene (``flmm.data.synthetic.pope.negative_kind``: its colour and shape on two objects,
+  its colour only, its shape only, neither).
 - the visual chain of thought's first step (the LMM completes "The object most relevant to the
   question is"), on the first ``--cot-limit`` of them: the share that names the asked object.
 - caption hallucination, CHAIR-style (:mod:`flmm.data.synthetic.hallucination`): the F-LMM
@@ -24,9 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from flmm.chat.conversation import COT_PREFIX, COT_QUESTION, object_phrase
-from flmm.chat.pope import POPE_FILES, evaluate, load_image, read_sets
+from flmm.chat.pope import POPE_FILES, evaluate, load_image, read_answers, read_sets
 from flmm.data.synthetic.hallucination import chair
-from flmm.data.synthetic.pope import ensure_pope, split_attributes
+from flmm.data.synthetic.pope import (
+    ensure_pope,
+    false_yes_by_kind,
+    split_attributes,
+    split_objects,
+)
 from flmm.files import flmm_home
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
@@ -77,6 +84,15 @@ def cot_share(answerer: LMMAnswerer, questions, image_dir: Path) -> dict:
     return {"share": share, "by_label": by_label, "n": len(named), "examples": named[:6]}
 
 
+def negatives(questions, answers_file: Path, world: Path) -> dict:
+    """The "no" questions' false-yes share by what the absent object shares with the scene."""
+    parsed = {r["question_id"]: r["parsed"] for r in read_answers(answers_file)}
+    asked = [(q.image, asked_object(q.text), q.label) for q in questions]
+    return false_yes_by_kind(
+        asked, [parsed[q.question_id] for q in questions], split_objects(world)
+    )
+
+
 def caption_chair(answerer: LMMAnswerer, world: Path, n: int, max_new_tokens: int) -> dict:
     """CHAIR of the greedy descriptions of the first ``n`` test images."""
     scenes = list(split_attributes(world, "test").items())[:n]
@@ -108,6 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"lmm": args.lmm, "limit": args.limit}
     pope = evaluate(answerer, sets, image_dir, args.output_dir, ["plain"], max_new_tokens=8)
     report["pope_plain"] = {name: by_mode["plain"] for name, by_mode in pope.items()}
+    report["pope_false_yes"] = {
+        n: negatives(qs, args.output_dir / "answers" / f"{n}.plain.jsonl", args.world)
+        for n, qs in sets.items()
+    }
     report["cot_names_asked"] = {
         n: cot_share(answerer, qs[:cot_limit], image_dir) for n, qs in sets.items()
     }

@@ -31,7 +31,14 @@ from flmm.chat.pope import (
     read_sets,
     score_answers,
 )
-from flmm.data.synthetic.pope import CATEGORIES, ensure_pope, pope_sets, split_objects
+from flmm.data.synthetic.pope import (
+    CATEGORIES,
+    ensure_pope,
+    false_yes_by_kind,
+    negative_kind,
+    pope_sets,
+    split_objects,
+)
 from flmm.data.synthetic.write import write_world
 from flmm.errors import FlmmUserError
 
@@ -321,6 +328,21 @@ def test_pope_sets_are_deterministic_and_lazy_writing_matches(small_world, tmp_p
         assert (lazy / "pope" / name).read_bytes() == (small_world / "pope" / name).read_bytes()
     with pytest.raises(FileNotFoundError, match="no synthetic world"):
         ensure_pope(tmp_path / "nowhere")
+
+
+def test_negatives_are_split_by_what_they_share_with_the_scene():
+    present = ["purple cross", "red circle"]
+    kinds = {
+        o: negative_kind(o, present) for o in ("purple circle", "purple square", "blue circle")
+    }
+    assert kinds == {"purple circle": "binding", "purple square": "colour", "blue circle": "shape"}
+    assert negative_kind("blue square", present) == "neither"
+    questions = [("a.png", "purple circle", "no"), ("a.png", "purple square", "no")]
+    questions += [("a.png", "purple square", "no"), ("a.png", "red circle", "yes")]
+    shares = false_yes_by_kind(questions, ["yes", "no", "yes", "yes"], {"a.png": present})
+    assert shares["binding"] == {"n": 1, "false_yes": 1.0}
+    assert shares["colour"] == {"n": 2, "false_yes": 0.5}
+    assert shares["neither"] == {"n": 0, "false_yes": None}  # the "yes" question is not counted
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -36,5 +36,7 @@ def test_report_runs_end_to_end(report, tmp_path):
     assert json.loads((tmp_path / "out/report.json").read_text()) == json.loads(json.dumps(out))
     assert set(out["pope_plain"]) == {"pope_random", "pope_popular", "pope_adversarial"}
     assert all(m["n"] == 4 for m in out["pope_plain"].values())
+    for name, kinds in out["pope_false_yes"].items():  # 4 questions: 2 "no" ones, each of a kind
+        assert sum(k["n"] for k in kinds.values()) == 2, name
     assert all(c["n"] == 3 and 0 <= c["share"] <= 1 for c in out["cot_names_asked"].values())
     assert out["captions"]["captions"] == 2 and 0 <= out["captions"]["chair_i"] <= 1

@@ -38,6 +38,37 @@ def pope_question(obj: str) -> str:
     return f"Is there {article} {obj} in the image?"
 
 
+NEGATIVE_KINDS = ("binding", "colour", "shape", "neither")
+
+
+def negative_kind(asked: str, present: list[str]) -> str:
+    """What an absent "colour shape" object shares with the scene's ``present`` ones: "binding"
+    (its colour on one object, its shape on another), "colour", "shape" or "neither". Telling a
+    "binding" or a "colour" negative from the scene takes the shapes of the objects of that colour."""
+    colour, shape = asked.split()
+    colours, shapes = {p.split()[0] for p in present}, {p.split()[1] for p in present}
+    if colour in colours:
+        return "binding" if shape in shapes else "colour"
+    return "shape" if shape in shapes else "neither"
+
+
+def false_yes_by_kind(
+    questions: list[tuple[str, str, str]], answers: list[str], objects: dict[str, list[str]]
+) -> dict[str, dict[str, float]]:
+    """Per :func:`negative_kind`, how many "no" questions there are and the share answered "yes".
+
+    ``questions``: ``(image, asked object, label)``; ``answers``: the parsed "yes" / "no" of each;
+    ``objects``: :func:`split_objects`."""
+    said: dict[str, list[bool]] = {kind: [] for kind in NEGATIVE_KINDS}
+    for (image, asked, label), answer in zip(questions, answers, strict=True):
+        if label == "no":
+            said[negative_kind(asked, objects[image])].append(answer == "yes")
+    return {
+        kind: {"n": len(v), "false_yes": round(float(np.mean(v)), 4) if v else None}
+        for kind, v in said.items()
+    }
+
+
 def split_objects(root: str | Path, split: str = "test") -> dict[str, list[str]]:
     """``image file name -> objects ("colour shape", sorted, distinct)`` for images of ``split``,
     read from the world written at ``root`` (its ``instances.json`` and ``refs(unc).p``)."""
