@@ -96,7 +96,7 @@ def test_home_is_flmm_home_else_the_user_cache(monkeypatch, tmp_path):
     assert (paths.log_dir, paths.refer_root) == ("./logs", "./data/refer")
 
 
-def test_default_checkpoint_is_the_newest_under_this_folders_logs(monkeypatch, tmp_path):
+def test_default_checkpoint_is_the_newest_run_under_this_folders_logs(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no F-LMM checkpoint under"):
         default_checkpoint()
@@ -106,6 +106,14 @@ def test_default_checkpoint_is_the_newest_under_this_folders_logs(monkeypatch, t
         ckpt.touch()
         os.utime(ckpt, (mtime, mtime))
     assert default_checkpoint() == Path("logs/train/runs/b/checkpoints/last.ckpt")
+    # a run's model folder (written after its checkpoints) is preferred: it names LMM and SAM
+    config = tmp_path / "logs" / "train" / "runs" / "b" / "model" / "config.json"
+    config.parent.mkdir()
+    config.touch()
+    os.utime(config, (3, 3))
+    assert default_checkpoint() == Path("logs/train/runs/b/model")
+    os.utime(tmp_path / "logs/train/runs/a/checkpoints/last.ckpt", (4, 4))  # a resumed run
+    assert default_checkpoint() == Path("logs/train/runs/a/checkpoints/last.ckpt")
 
 
 def test_conf_local_of_the_current_folder_sets_a_users_paths(tmp_path):

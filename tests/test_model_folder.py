@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from flmm.chat.conversation import GroundedChat
 from flmm.chat.options import load_chat
-from flmm.errors import CheckpointMismatchError
+from flmm.errors import CheckpointMismatchError, FlmmUserError
 from flmm.evaluate import evaluate
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
@@ -124,6 +124,23 @@ def test_grounded_chat_and_the_cli_load_a_folder_alone(run, head):
         checkpoint=str(folder), lmm=None, sam=None, selector=None, device="cpu", family="llava"
     )
     assert_same_masks(ground(load_chat(args).model, sample), ground(head.model, sample))
+
+
+def test_a_checkpoint_alone_names_its_sam_and_family(run, head, tmp_path):
+    """A .ckpt records the SAM it was trained with: --checkpoint X.ckpt needs no --sam/--family."""
+    root, _, _, best, sample = run
+    saved = read_checkpoint(best)["flmm"]
+    assert saved["sam"] == {"variant": "tiny", "checkpoint": head.config["sam"]["checkpoint"]}
+    args = argparse.Namespace(
+        checkpoint=str(best), lmm=None, sam=None, sam_variant=None, selector=None, family=None
+    )
+    args.device, args.dtype = "cpu", "float32"
+    assert_same_masks(ground(load_chat(args).model, sample), ground(head.model, sample))
+    moved = torch.load(best, weights_only=True)
+    moved["flmm"]["sam"] = {"variant": "vit_l", "checkpoint": str(tmp_path / "sam_vit_l.pth")}
+    torch.save(moved, tmp_path / "moved.ckpt")
+    with pytest.raises(FlmmUserError, match="trained with SAM vit_l from .*pass the SAM"):
+        GroundedChat.from_checkpoint(str(root / "unused"), str(tmp_path / "moved.ckpt"))
 
 
 def test_shipped_models_are_recorded_relative_to_the_package():

@@ -25,6 +25,7 @@ from flmm.errors import FlmmUserError
 from flmm.foundation.cache import shipped_tiny_sam
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
+from flmm.model.checkpoint import read_checkpoint, resolve
 from flmm.model.module import FLMM, Grounding
 from flmm.model.pretrained import FLMMHead
 
@@ -106,11 +107,13 @@ class GroundedChat:
 
         Args:
             lmm, sam: replace the recorded LMM (hub id or folder) and SAM checkpoint.
-            selector: keyword selector file; None = ``selector.pt`` in the folder if any.
+            selector: keyword selector file; None = ``selector.pt`` in the folder if any, else
+                beside the run's checkpoints (``<run>/checkpoints``) for a run's model folder.
             kw: replace recorded LMM settings (``dtype``...), see :meth:`FrozenLMM.from_pretrained`.
         """
         model = FLMMHead.from_pretrained(head, lmm=lmm, sam=sam, device=device, **kw).model
-        return cls(model, load_selector(selector, Path(head) / SELECTOR_FILE, model, device))
+        beside = [Path(head) / SELECTOR_FILE, Path(head).parent / "checkpoints" / SELECTOR_FILE]
+        return cls(model, load_selector(selector, beside, model, device))
 
     @classmethod
     def from_checkpoint(
@@ -118,7 +121,7 @@ class GroundedChat:
         lmm: str,
         checkpoint: str,
         sam: str | None = None,
-        family: str = "llava",
+        family: str | None = None,
         sam_variant: str | None = None,
         selector: str | None = None,
         device: str = "cpu",
@@ -127,18 +130,22 @@ class GroundedChat:
         """Load the frozen LMM (``lmm``: hub id or folder), SAM and an F-LMM ``checkpoint``.
 
         Args:
-            sam: SAM checkpoint; None = the synthetic world's cached tiny SAM.
-            sam_variant: ``vit_b|vit_l|vit_h|tiny``; None = read from the SAM file name.
+            sam: SAM checkpoint; None = the one the checkpoint records (:func:`recorded_sam`).
+            family: the LMM family; None = the one the checkpoint records.
+            sam_variant: ``vit_b|vit_l|vit_h|tiny``; None = recorded, or read from the file name.
             selector: keyword selector file; None = ``selector.pt`` beside the checkpoint if any.
             kw: passed to :meth:`FrozenLMM.from_pretrained` (``dtype``, ``text_layers``...).
         """
-        sam = sam or shipped_tiny_sam()
+        saved = read_checkpoint(checkpoint).get("flmm") or {}
+        if sam is None:
+            sam, sam_variant = recorded_sam(saved, checkpoint, sam_variant)
+        family = family or saved.get("family", "llava")
         model = FLMM.from_checkpoint(
             checkpoint,
             FrozenLMM.from_pretrained(lmm, family=family, **kw),
             build_sam(sam_variant or sam_variant_of(sam), sam),
         ).to(device)
-        beside = Path(checkpoint).with_name(SELECTOR_FILE)
+        beside = [Path(checkpoint).with_name(SELECTOR_FILE)]
         return cls(model, load_selector(selector, beside, model, device))
 
     # ---------------------------------------------------------------------------- answering
@@ -311,10 +318,26 @@ class GroundedChat:
         return VisualCoT(question, step.answer, mask, box, final)
 
 
-def load_selector(path: str | None, beside: Path, model: FLMM, device: str):
-    """The keyword selector at ``path``, else at ``beside`` if that file exists, else None."""
-    path = path or (beside if beside.is_file() else None)
+def load_selector(path: str | None, beside: list[Path], model: FLMM, device: str):
+    """The keyword selector at ``path``, else the first file of ``beside`` that exists, else None."""
+    path = path or next((p for p in beside if p.is_file()), None)
     return KeywordSelector.load(path, model.lmm.hidden_size).to(device) if path else None
+
+
+def recorded_sam(saved: dict, checkpoint: str, variant: str | None) -> tuple[str, str | None]:
+    """The SAM file and variant a checkpoint's metadata (``saved``) records; the synthetic
+    world's tiny SAM for a checkpoint from before SAM was recorded. A recorded file that is not
+    there is a :class:`FlmmUserError` naming it and ``--sam``."""
+    source = saved.get("sam") or {}
+    if not source.get("checkpoint"):
+        return shipped_tiny_sam(), variant
+    path = resolve(source["checkpoint"])
+    if not Path(path).is_file():
+        raise FlmmUserError(
+            f"{checkpoint} was trained with SAM {source['variant']} from {path}, which is not "
+            "there; pass the SAM checkpoint (--sam PATH, --sam-variant VARIANT)"
+        )
+    return path, variant or source["variant"]
 
 
 def object_phrase(object_text: str) -> str:

@@ -1,6 +1,6 @@
 """Command-line options that pick the models, shared by ``flmm.chat.ground``,
 ``flmm.chat.predict``, ``flmm.chat.reasonseg`` and ``flmm.chat.web``: an F-LMM checkpoint
-(default: the newest under ``logs/`` of the current folder), the frozen LMM it was trained on
+(default: the newest run's model folder under ``logs/`` of the current folder), the frozen LMM it was trained on
 (default: the one its metadata names), its dtype and device, SAM and the keyword selector."""
 
 from __future__ import annotations
@@ -20,16 +20,12 @@ def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
     p.add_argument(
         "--checkpoint",
         help="F-LMM .ckpt, or a head folder (<run>/model, save_pretrained) or its hub id "
-        "(default: the newest .ckpt under ./logs/)",
+        "(default: the newest run's model folder, or .ckpt, under ./logs/)",
     )
     p.add_argument("--lmm", help="frozen LMM id or folder (default: the checkpoint's)")
     p.add_argument("--dtype", default="float32", help="the frozen LMM's dtype (bfloat16 on GPUs)")
-    p.add_argument(
-        "--family", default="llava", help="LMM family of a .ckpt (a folder names its own)"
-    )
-    p.add_argument(
-        "--sam", help="SAM checkpoint (default: a folder's own; for a .ckpt the world's tiny SAM)"
-    )
+    p.add_argument("--family", help="LMM family (default: the one the checkpoint records)")
+    p.add_argument("--sam", help="SAM checkpoint (default: the one the checkpoint records)")
     p.add_argument("--sam-variant", choices=("vit_b", "vit_l", "vit_h", "tiny"))
     p.add_argument("--selector", help="keyword selector (default: selector.pt beside the ckpt)")
     if generates:
@@ -45,7 +41,8 @@ def load_chat(args: argparse.Namespace) -> GroundedChat:
         return GroundedChat.from_pretrained(
             args.checkpoint, args.lmm, args.sam, selector=args.selector, device=args.device
         )
-    check_family(read_checkpoint(checkpoint).get("flmm"), args.family, None, str(checkpoint))
+    if args.family:
+        check_family(read_checkpoint(checkpoint).get("flmm"), args.family, None, str(checkpoint))
     return GroundedChat.from_checkpoint(
         args.lmm or checkpoint_lmm(checkpoint),
         str(checkpoint),
@@ -59,15 +56,19 @@ def load_chat(args: argparse.Namespace) -> GroundedChat:
 
 
 def default_checkpoint() -> Path:
-    """The newest F-LMM checkpoint under ``logs/`` of the current folder (where ``flmm train``
-    writes its runs); a clear error if there is none."""
-    found = sorted(Path("logs").glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+    """The newest trained F-LMM under ``logs/`` of the current folder (where ``flmm train``
+    writes its runs): a run's model folder (``<run>/model``, which names its LMM, family and SAM),
+    or the checkpoint of a run that has none yet (still training, or killed); a clear error if
+    there is neither."""
+    logs = Path("logs")
+    found = [*logs.glob("**/model/config.json"), *logs.glob("**/checkpoints/*.ckpt")]
     if not found:
         raise FileNotFoundError(
-            f"no F-LMM checkpoint under {Path('logs').resolve()}; train one on the synthetic world "
+            f"no F-LMM checkpoint under {logs.resolve()}; train one on the synthetic world "
             "with `flmm train` (`make run`) in this folder, or pass --checkpoint PATH"
         )
-    return found[-1]
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    return newest.parent if newest.name == "config.json" else newest
 
 
 def checkpoint_lmm(checkpoint: Path) -> str:

@@ -86,6 +86,9 @@ class FrozenLMM(nn.Module):
         self.model, self.processor, self.family, self._model_id = model, processor, family, model_id
         self.merge = merge
         self.instruction = instruction or family.instruction
+        self.trust_remote_code = (
+            False  # what from_pretrained was allowed (a head folder records it)
+        )
         self.layers = operator.attrgetter(family.decoder_layers)(model)
         self.final_norm = operator.attrgetter(family.final_norm)(model)
         self.text_config = getattr(model.config, family.text_config)
@@ -144,7 +147,9 @@ class FrozenLMM(nn.Module):
                 "Check model.lmm.name_or_path=... and model.lmm.family=...; code shipped with a "
                 "checkpoint runs only with model.lmm.trust_remote_code=true"
             ) from err
-        return cls(model, processor, fam, name_or_path, text_layers, merge, instruction, grid_size)
+        lmm = cls(model, processor, fam, name_or_path, text_layers, merge, instruction, grid_size)
+        lmm.trust_remote_code = trust_remote_code
+        return lmm
 
     def train(self, mode: bool = True) -> FrozenLMM:
         """Always stays in eval mode: the LMM is frozen."""

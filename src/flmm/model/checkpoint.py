@@ -12,10 +12,12 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+import flmm
 from flmm.errors import CheckpointMismatchError, DataError
-from flmm.files import write_atomic
+from flmm.files import flmm_home, write_atomic
 
 log = logging.getLogger(__name__)
+PACKAGE_DIR = Path(flmm.__file__).resolve().parent
 
 # Metadata fields that must match exactly: a head trained on other attention maps is meaningless.
 SHAPE_KEYS = ("family", "channels", "grid", "hidden_size", "num_text_layers", "sam_prompt_dim")
@@ -44,6 +46,30 @@ def checkpoint_metadata(lmm, sam: nn.Module) -> dict:
         "sam_prompt_dim": int(sam.prompt_encoder.embed_dim),
         "flmm_version": flmm_version(),
     }
+
+
+def sam_source(sam: nn.Module) -> dict:
+    """The SAM variant and checkpoint file (:func:`portable`) ``sam`` was built from (``None``
+    when not recorded)."""
+    source = getattr(sam, "flmm_source", None) or {"variant": None, "checkpoint": None}
+    return source | {"checkpoint": source["checkpoint"] and portable(source["checkpoint"])}
+
+
+def portable(path: str) -> str:
+    """``flmm:<relative path>`` for a file of the flmm package, anything else unchanged."""
+    try:
+        return f"flmm:{Path(path).resolve().relative_to(PACKAGE_DIR).as_posix()}"
+    except ValueError:
+        return str(path)
+
+
+def resolve(ref: str) -> str:
+    """A path or hub id from a recorded reference: ``flmm:`` paths in this package; a relative
+    path that is not there from the working folder, under ``$FLMM_HOME``; hub ids unchanged."""
+    if ref.startswith("flmm:"):
+        return str(PACKAGE_DIR / ref.removeprefix("flmm:"))
+    home = flmm_home() / ref
+    return str(home) if not Path(ref).exists() and home.exists() else ref
 
 
 def check_metadata(saved: dict | None, current: dict) -> None:

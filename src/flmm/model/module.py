@@ -23,6 +23,7 @@ from flmm.model.checkpoint import (
     checkpoint_metadata,
     load_trainable_state,
     read_checkpoint,
+    sam_source,
 )
 from flmm.model.losses import bce_dice_loss
 from flmm.model.metrics import (
@@ -212,6 +213,7 @@ class FLMM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["flmm"] = checkpoint_metadata(self.lmm, self.refiner.sam)
+        checkpoint["flmm"]["sam"] = sam_source(self.refiner.sam)
         checkpoint["flmm"]["mask_head"] = {
             "base_channels": self.mask_head.base_channels,
             "target_size": self.mask_head.target_size,

@@ -18,9 +18,8 @@ from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import flmm
 from flmm.errors import CheckpointMismatchError, FlmmUserError
-from flmm.files import flmm_home, write_text_atomic
+from flmm.files import write_text_atomic
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
 from flmm.lmm.adapter import DTYPES, HUB_ID
@@ -29,39 +28,24 @@ from flmm.model.checkpoint import (
     check_metadata,
     checkpoint_metadata,
     flmm_version,
+    portable,
     read_checkpoint,
+    resolve,
+    sam_source,
 )
 from flmm.model.module import FLMM, HYPER_PARAMETERS
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(flmm.__file__).resolve().parent
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 FORMAT = 1  # bump when config.json changes meaning
 TEST_METRICS = ("giou", "ciou", "coarse_giou", "coarse_ciou", "loss")
 
 
-def portable(path: str) -> str:
-    """``flmm:<relative path>`` for a file of the flmm package, anything else unchanged."""
-    try:
-        return f"flmm:{Path(path).resolve().relative_to(PACKAGE_DIR).as_posix()}"
-    except ValueError:
-        return str(path)
-
-
-def resolve(ref: str) -> str:
-    """A path or hub id from a recorded reference: ``flmm:`` paths in this package; a relative
-    path that is not there from the working folder, under ``$FLMM_HOME``; hub ids unchanged."""
-    if ref.startswith("flmm:"):
-        return str(PACKAGE_DIR / ref.removeprefix("flmm:"))
-    home = flmm_home() / ref
-    return str(home) if not Path(ref).exists() and home.exists() else ref
-
-
 def head_config(model: FLMM, training: dict | None = None, scores: dict | None = None) -> dict:
     """What ``config.json`` records about ``model`` (the LMM and SAM it fits, its heads)."""
     lmm, sam = model.lmm, model.refiner.sam
-    source = getattr(sam, "flmm_source", {"variant": None, "checkpoint": None})
+    source = sam_source(sam)
     return {
         "format": FORMAT,
         "flmm_version": flmm_version(),
@@ -73,10 +57,11 @@ def head_config(model: FLMM, training: dict | None = None, scores: dict | None =
             "text_layers": lmm.num_text_layers,
             "merge": lmm.merge,
             "instruction": lmm.instruction,
+            "trust_remote_code": lmm.trust_remote_code,
         },
         "sam": {
             "variant": source["variant"],
-            "checkpoint": source["checkpoint"] and portable(source["checkpoint"]),
+            "checkpoint": source["checkpoint"],
             "file_name": source["checkpoint"] and Path(source["checkpoint"]).name,
         },
         "mask_head": {
