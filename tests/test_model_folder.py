@@ -70,6 +70,7 @@ def test_training_writes_a_model_folder_from_the_best_checkpoint(run):
     assert (
         config["lmm"]["family"] == "llava" and config["training"]["frozen_lmm_check"]["unchanged"]
     )
+    assert config["lmm"]["trust_remote_code"] is False  # loading passes it back to the LMM
 
 
 def test_from_pretrained_gives_the_checkpoints_masks(run, head):
