@@ -117,13 +117,17 @@ def test_a_missing_folder_is_a_clear_error(tmp_path):
         FLMMHead.from_pretrained(tmp_path / "nothing")
 
 
-def test_grounded_chat_and_the_cli_load_a_folder_alone(run, head):
+def test_grounded_chat_and_the_cli_load_a_folder_alone(run, head, tmp_path, monkeypatch):
     _, _, folder, _, sample = run
     chat = GroundedChat.from_pretrained(str(folder))
     assert_same_masks(ground(chat.model, sample), ground(head.model, sample))
     args = argparse.Namespace(
         checkpoint=str(folder), lmm=None, sam=None, selector=None, device="cpu", family="llava"
     )
+    assert_same_masks(ground(load_chat(args).model, sample), ground(head.model, sample))
+    shutil.copytree(folder, tmp_path / "logs" / "train" / "runs" / "x" / "model")
+    monkeypatch.chdir(tmp_path)  # no --checkpoint: the newest run's model folder under logs/
+    args.checkpoint = None
     assert_same_masks(ground(load_chat(args).model, sample), ground(head.model, sample))
 
 

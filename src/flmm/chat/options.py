@@ -1,7 +1,8 @@
 """Command-line options that pick the models, shared by ``flmm.chat.ground``,
 ``flmm.chat.predict``, ``flmm.chat.reasonseg`` and ``flmm.chat.web``: an F-LMM checkpoint
-(default: the newest run's model folder under ``logs/`` of the current folder), the frozen LMM it was trained on
-(default: the one its metadata names), its dtype and device, SAM and the keyword selector."""
+(default: the newest run's model folder under ``logs/`` of the current folder), the frozen LMM
+it was trained on (default: the one its metadata names), its dtype and device, SAM and the
+keyword selector."""
 
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
     p.add_argument("--family", help="LMM family (default: the one the checkpoint records)")
     p.add_argument("--sam", help="SAM checkpoint (default: the one the checkpoint records)")
     p.add_argument("--sam-variant", choices=("vit_b", "vit_l", "vit_h", "tiny"))
-    p.add_argument("--selector", help="keyword selector (default: selector.pt beside the ckpt)")
+    p.add_argument(
+        "--selector",
+        help="keyword selector (default: selector.pt beside the ckpt or in the folder)",
+    )
     if generates:
         p.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -39,7 +43,7 @@ def load_chat(args: argparse.Namespace) -> GroundedChat:
     print(f"F-LMM checkpoint: {checkpoint}", file=sys.stderr)
     if checkpoint.suffix != ".ckpt" and not checkpoint.is_file():  # a head folder or hub id
         return GroundedChat.from_pretrained(
-            args.checkpoint, args.lmm, args.sam, selector=args.selector, device=args.device
+            str(checkpoint), args.lmm, args.sam, selector=args.selector, device=args.device
         )
     if args.family:
         check_family(read_checkpoint(checkpoint).get("flmm"), args.family, None, str(checkpoint))
