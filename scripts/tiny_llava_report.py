@@ -84,13 +84,12 @@ def cot_share(answerer: LMMAnswerer, questions, image_dir: Path) -> dict:
     return {"share": share, "by_label": by_label, "n": len(named), "examples": named[:6]}
 
 
-def negatives(questions, answers_file: Path, world: Path) -> dict:
-    """The "no" questions' false-yes share by what the absent object shares with the scene."""
+def negatives(questions, answers_file: Path, objects: dict[str, list[str]]) -> dict:
+    """The "no" questions' false-yes share by what the absent object shares with the scene
+    (``objects``: each test image's objects, :func:`split_objects`)."""
     parsed = {r["question_id"]: r["parsed"] for r in read_answers(answers_file)}
     asked = [(q.image, asked_object(q.text), q.label) for q in questions]
-    return false_yes_by_kind(
-        asked, [parsed[q.question_id] for q in questions], split_objects(world)
-    )
+    return false_yes_by_kind(asked, [parsed[q.question_id] for q in questions], objects)
 
 
 def caption_chair(answerer: LMMAnswerer, world: Path, n: int, max_new_tokens: int) -> dict:
@@ -124,8 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"lmm": args.lmm, "limit": args.limit}
     pope = evaluate(answerer, sets, image_dir, args.output_dir, ["plain"], max_new_tokens=8)
     report["pope_plain"] = {name: by_mode["plain"] for name, by_mode in pope.items()}
+    objects = split_objects(args.world)
     report["pope_false_yes"] = {
-        n: negatives(qs, args.output_dir / "answers" / f"{n}.plain.jsonl", args.world)
+        n: negatives(qs, args.output_dir / "answers" / f"{n}.plain.jsonl", objects)
         for n, qs in sets.items()
     }
     report["cot_names_asked"] = {

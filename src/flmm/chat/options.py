@@ -45,10 +45,11 @@ def load_chat(args: argparse.Namespace) -> GroundedChat:
         return GroundedChat.from_pretrained(
             str(checkpoint), args.lmm, args.sam, selector=args.selector, device=args.device
         )
+    saved = read_checkpoint(checkpoint).get("flmm")
     if args.family:
-        check_family(read_checkpoint(checkpoint).get("flmm"), args.family, None, str(checkpoint))
+        check_family(saved, args.family, None, str(checkpoint))
     return GroundedChat.from_checkpoint(
-        args.lmm or checkpoint_lmm(checkpoint),
+        args.lmm or checkpoint_lmm(saved, checkpoint),
         str(checkpoint),
         sam=args.sam,
         family=args.family,
@@ -75,11 +76,8 @@ def default_checkpoint() -> Path:
     return newest.parent if newest.name == "config.json" else newest
 
 
-def checkpoint_lmm(checkpoint: Path) -> str:
-    """The LMM (hub id or folder) recorded in an F-LMM checkpoint's metadata."""
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"F-LMM checkpoint not found: {checkpoint}")
-    meta = read_checkpoint(checkpoint).get("flmm") or {}
-    if "lmm_id" not in meta:
+def checkpoint_lmm(saved: dict | None, checkpoint: Path) -> str:
+    """The LMM (hub id or folder) recorded in the metadata ``saved`` of an F-LMM checkpoint."""
+    if "lmm_id" not in (saved or {}):
         raise FlmmUserError(f"{checkpoint} has no LMM id in its metadata; pass --lmm")
-    return meta["lmm_id"]
+    return saved["lmm_id"]

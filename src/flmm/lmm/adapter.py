@@ -86,9 +86,8 @@ class FrozenLMM(nn.Module):
         self.model, self.processor, self.family, self._model_id = model, processor, family, model_id
         self.merge = merge
         self.instruction = instruction or family.instruction
-        self.trust_remote_code = (
-            False  # what from_pretrained was allowed (a head folder records it)
-        )
+        # whether from_pretrained could run the checkpoint's code (a head folder records it)
+        self.trust_remote_code = False
         self.layers = operator.attrgetter(family.decoder_layers)(model)
         self.final_norm = operator.attrgetter(family.final_norm)(model)
         self.text_config = getattr(model.config, family.text_config)
