@@ -1,7 +1,8 @@
 """What the frozen LMM alone does on the synthetic world's test split (no F-LMM checkpoint needed).
 
     python scripts/tiny_llava_report.py [--lmm DIR] [--world $FLMM_HOME/synthetic_world] [--limit N]
-        [--cot-limit N] [--captions N] [--max-new-tokens N] [--output-dir logs/tiny_llava_report]
+        [--cot-limit N] [--captions N] [--questions N] [--max-new-tokens N]
+        [--output-dir logs/tiny_llava_report]
 
 - POPE, plain answers, on each synthetic POPE file (first ``--limit`` questions; the same
   answering, parsing, resuming and scoring as ``python -m flmm.chat.evaluate_pope``): accuracy,
@@ -13,6 +14,10 @@
 - caption hallucination, CHAIR-style (:mod:`flmm.data.synthetic.hallucination`): the F-LMM
   description prompt's greedy caption of each test image (first ``--captions``), and the share of
   the objects it mentions that are not in the scene.
+- short answers to the corpus's other questions (where / what colour / shape / size, how many,
+  relations; :mod:`flmm.data.synthetic.questions`) about ``--questions`` fresh scenes of a stream
+  no stage trains on: exact-match accuracy by kind, beside the share of the kind's most common
+  answer (what always giving it would score).
 Writes ``report.json`` (and the answer files) in ``--output-dir``.
 """
 
@@ -21,12 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from flmm.chat.conversation import COT_PREFIX, COT_QUESTION, object_phrase
 from flmm.chat.pope import POPE_FILES, evaluate, load_image, read_answers, read_sets
+from flmm.data.synthetic.corpus import questions
 from flmm.data.synthetic.hallucination import chair
 from flmm.data.synthetic.pope import (
     ensure_pope,
@@ -34,10 +41,13 @@ from flmm.data.synthetic.pope import (
     split_attributes,
     split_objects,
 )
+from flmm.data.synthetic.world import sample_scene
 from flmm.files import flmm_home
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
 from flmm.lmm.families import DEFAULT_INSTRUCTION
+
+QUESTION_STREAM = 108  # RNG stream of the short-answer questions' scenes (no stage trains on it)
 
 
 class LMMAnswerer:
@@ -103,6 +113,32 @@ def caption_chair(answerer: LMMAnswerer, world: Path, n: int, max_new_tokens: in
     return out | {"examples": [(name, c) for (name, _), c in zip(scenes[:4], captions)]}
 
 
+def question_kind(text: str) -> str:
+    """ "what colour is the circle?" -> "what colour"; "is the circle left of ...?" -> "relation"."""
+    return "relation" if text.startswith("is the ") else " ".join(text.split()[:2])
+
+
+def short_answers(answerer: LMMAnswerer, n_scenes: int, seed: int = 0) -> dict:
+    """Exact-match accuracy of the greedy answers to every question of ``n_scenes`` scenes of
+    stream ``[seed, QUESTION_STREAM]``, by kind, with each kind's most common answer's share."""
+    rng = np.random.default_rng([seed, QUESTION_STREAM])
+    asked: dict[str, list[tuple[str, str]]] = {}
+    for _ in range(n_scenes):
+        scene = sample_scene(rng)
+        for q in questions(scene, rng):
+            said = answerer.answer(scene.image, q.text, max_new_tokens=4)
+            asked.setdefault(question_kind(q.text), []).append((said, q.answer))
+    return {kind: score_short(pairs) for kind, pairs in sorted(asked.items())}
+
+
+def score_short(pairs: list[tuple[str, str]]) -> dict:
+    """Accuracy of ``(said, answer)`` pairs (case, spaces and a final "." ignored), and the
+    share of the most common answer."""
+    hits = [said.strip().lower().rstrip(".").strip() == answer for said, answer in pairs]
+    common = Counter(answer for _, answer in pairs).most_common(1)[0][1]
+    return {"accuracy": sum(hits) / len(pairs), "majority": common / len(pairs), "n": len(pairs)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lmm", default=str(SHIPPED["tiny_llava"]))
@@ -110,12 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=200, help="POPE questions per file")
     parser.add_argument("--cot-limit", type=int, default=None, help="of those, asked for CoT")
     parser.add_argument("--captions", type=int, default=200, help="test images to caption")
+    parser.add_argument("--questions", type=int, default=60, help="fresh scenes to ask about")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--output-dir", type=Path, default=Path("logs/tiny_llava_report"))
     args = parser.parse_args(argv)
     cot_limit = args.limit if args.cot_limit is None else args.cot_limit
-    if min(args.limit, cot_limit, args.captions) < 1:
-        parser.error("--limit, --cot-limit and --captions must be positive")
+    if min(args.limit, cot_limit, args.captions, args.questions) < 1:
+        parser.error("--limit, --cot-limit, --captions and --questions must be positive")
     answerer = LMMAnswerer(FrozenLMM.from_pretrained(args.lmm, dtype="float32").eval())
     pope_dir = ensure_pope(args.world)
     sets = read_sets(pope_dir, [f"pope_{f}.json" for f in POPE_FILES], args.limit)
@@ -132,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         n: cot_share(answerer, qs[:cot_limit], image_dir) for n, qs in sets.items()
     }
     report["captions"] = caption_chair(answerer, args.world, args.captions, args.max_new_tokens)
+    report["short_answers"] = short_answers(answerer, args.questions)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

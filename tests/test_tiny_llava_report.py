@@ -31,7 +31,8 @@ def test_report_runs_end_to_end(report, tmp_path):
     lmm = build_tiny_llava(tmp_path / "lmm", vocabulary(), num_layers=1, vision_layers=1)
     argv = ["--lmm", str(lmm), "--world", str(world), "--limit", "4", "--cot-limit", "3"]
     out = report.main(
-        [*argv, "--captions", "2", "--max-new-tokens", "6", "--output-dir", str(tmp_path / "out")]
+        [*argv, "--captions", "2", "--questions", "2", "--max-new-tokens", "6"]
+        + ["--output-dir", str(tmp_path / "out")]
     )
     assert json.loads((tmp_path / "out/report.json").read_text()) == json.loads(json.dumps(out))
     assert set(out["pope_plain"]) == {"pope_random", "pope_popular", "pope_adversarial"}
@@ -40,3 +41,14 @@ def test_report_runs_end_to_end(report, tmp_path):
         assert sum(k["n"] for k in kinds.values()) == 2, name
     assert all(c["n"] == 3 and 0 <= c["share"] <= 1 for c in out["cot_names_asked"].values())
     assert out["captions"]["captions"] == 2 and 0 <= out["captions"]["chair_i"] <= 1
+    short = out["short_answers"]
+    assert {"where is", "what size", "how many"} <= set(short)
+    assert all(0 <= k["accuracy"] <= 1 and 0 < k["majority"] <= 1 for k in short.values())
+
+
+def test_short_answers_are_scored_by_kind(report):
+    assert report.question_kind("what colour is the circle on the left?") == "what colour"
+    assert report.question_kind("is the red circle left of the blue square?") == "relation"
+    assert report.question_kind("how many circles are there?") == "how many"
+    pairs = [("Red.", "red"), (" blue", "red"), ("red", "red"), ("green", "green")]
+    assert report.score_short(pairs) == {"accuracy": 0.75, "majority": 0.75, "n": 4}

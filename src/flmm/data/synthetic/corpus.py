@@ -39,7 +39,7 @@ PRETRAIN_STREAM = 102
 INSTRUCT_STREAM = 104
 # RNG stream of the tiny LLaVA's vision-tower stage (105: scripts/vision_probe.py)
 VISION_STREAM = 106
-# RNG stream of the tiny LLaVA's short-answer (VQA) stage
+# RNG stream of the tiny LLaVA's short-answer (VQA) stage (108: scripts/tiny_llava_report.py)
 VQA_STREAM = 107
 # F-LMM's own instruction (flmm.lmm.families.DEFAULT_INSTRUCTION): the LMM learns to describe
 # scenes in exactly the prompt it is later grounded with.
