@@ -16,7 +16,13 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from flmm.data.synthetic.corpus import INSTRUCT_STREAM, PRETRAIN_STREAM, VQA_STREAM, vocabulary
+from flmm.data.synthetic.corpus import (
+    INSTRUCT_STREAM,
+    NEGATIVES_STREAM,
+    PRETRAIN_STREAM,
+    VQA_STREAM,
+    vocabulary,
+)
 from flmm.data.synthetic.world import sample_scene
 from flmm.errors import ConfigError
 from flmm.foundation import build as build_module
@@ -187,9 +193,15 @@ def test_later_stages_go_on_from_the_cached_model_before_them(tmp_path, monkeypa
     assert (info["stream"], info["previous_stage"]["stream"]) == (INSTRUCT_STREAM, PRETRAIN_STREAM)
     models = [p for p in tmp_path.iterdir() if p.suffix != ".lock"]
     assert len(models) == 3 and path in models and last in models
+    # a near-miss negatives stage goes on from the cached VQA-stage model
+    negatives = vqa | {"corpus": vqa["corpus"] | {"near_prob": 1.0}}
+    final = Path(cache.ensure_tiny_llava(str(tmp_path), **args, vqa=vqa, negatives=negatives))
+    assert calls[4:] == [NEGATIVES_STREAM]
+    info = json.loads((final / "pretraining.json").read_text())
+    assert (info["corpus"]["near_prob"], info["previous_stage"]["stream"]) == (1.0, VQA_STREAM)
     # fresh: every stage again
     assert cache.cached_tiny_llava(str(tmp_path), fresh=True, **args, vqa=vqa) == str(last)
-    assert calls[4:] == [PRETRAIN_STREAM, INSTRUCT_STREAM, VQA_STREAM]
+    assert calls[5:] == [PRETRAIN_STREAM, INSTRUCT_STREAM, VQA_STREAM]
     assert cache.llava_recipe(2, instruct=instruct)["instruct"] == instruct
     assert cache.llava_recipe(2, instruct=instruct | {"steps": 0}) == cache.llava_recipe(2)
     with pytest.raises(ConfigError, match="vqa takes steps, lr, corpus; got"):
@@ -214,6 +226,7 @@ def test_the_recipe_still_runs(tmp_path):
     llava["instruct"] = llava["instruct"] | {"steps": 2}
     llava["vision_stage"] = llava["vision_stage"] | {"steps": 2}
     llava["vqa"] = llava["vqa"] | {"steps": 2}
+    llava["negatives"] = llava["negatives"] | {"steps": 2}
     sam = build_module.recipe_args(default_node("sam")) | {"pretrain_steps": 2}
     built = build_module.build_foundation(str(tmp_path / "cache"), llava, sam, tmp_path / "out")
     assert built["tiny_llava"]["recipe"] == cache.llava_recipe(**llava)

@@ -19,7 +19,12 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from flmm.data.synthetic.corpus import INSTRUCT_STREAM, VQA_STREAM, vocabulary
+from flmm.data.synthetic.corpus import (
+    INSTRUCT_STREAM,
+    NEGATIVES_STREAM,
+    VQA_STREAM,
+    vocabulary,
+)
 from flmm.data.synthetic.world import sample_scene
 from flmm.errors import ConfigError
 from flmm.foundation.pretrain_lmm import pretrain_tiny_llava, pretrain_vision_tower
@@ -50,6 +55,7 @@ def llava_recipe(
     instruct: dict | None = None,
     vision_stage: dict | None = None,
     vqa: dict | None = None,
+    negatives: dict | None = None,
 ) -> dict:
     """What a tiny LLaVA build depends on: its arguments, :data:`TINY_VERSION`, the vision
     tower (:data:`WORLD_LLAVA`) and a digest of the vocabulary (the training settings only when
@@ -61,14 +67,15 @@ def llava_recipe(
     if pretrain_steps:
         recipe |= {"batch_size": batch_size, "lr": lr, "corpus": dict(corpus or {})}
         recipe |= {"vision_aux": vision_aux} if vision_aux else {}
-        for name, settings in (("instruct", instruct), ("vqa", vqa)):
+        stages = {"instruct": instruct, "vqa": vqa, "negatives": negatives}
+        for name, settings in stages.items():
             recipe |= {name: stage} if (stage := language_stage(name, settings)) else {}
         recipe |= {"vision_stage": stage} if (stage := tower_stage(vision_stage)) else {}
     return recipe
 
 
 # the stages that go on training a finished model, in build order, and their scenes' RNG streams
-LATER_STAGES = {"instruct": INSTRUCT_STREAM, "vqa": VQA_STREAM}
+LATER_STAGES = {"instruct": INSTRUCT_STREAM, "vqa": VQA_STREAM, "negatives": NEGATIVES_STREAM}
 
 
 def language_stage(name: str, settings: dict | None) -> dict | None:
@@ -138,6 +145,7 @@ def ensure_tiny_llava(
     instruct: dict | None = None,
     vision_stage: dict | None = None,
     vqa: dict | None = None,
+    negatives: dict | None = None,
 ) -> str:
     """Path of the tiny LLaVA pretrained for ``pretrain_steps`` (0: random weights): the shipped
     one if it was built from this recipe, else built into ``cache_dir`` if missing.
@@ -152,7 +160,10 @@ def ensure_tiny_llava(
       tower's patch probe (:class:`~flmm.foundation.pretrain_lmm.PatchProbe`);
     - ``instruct`` (``steps``, ``lr``, ``corpus``): goes on on conversations, as LLaVA's visual
       instruction tuning follows its caption pretraining;
-    - ``vqa`` (the same keys): goes on on short answers, as LLaVA-1.5 adds short-answer VQA data.
+    - ``vqa`` (the same keys): goes on on short answers, as LLaVA-1.5 adds short-answer VQA data;
+    - ``negatives`` (the same keys): goes on on existence questions whose "no"s are near misses of
+      the scene's objects (the corpus's ``near_prob``), as hallucination-targeted tuning follows
+      instruction tuning.
 
     The folder name carries a digest of the whole recipe, so a changed recipe builds a new model
     instead of reusing a stale one.

@@ -41,6 +41,8 @@ INSTRUCT_STREAM = 104
 VISION_STREAM = 106
 # RNG stream of the tiny LLaVA's short-answer (VQA) stage (108: scripts/tiny_llava_report.py)
 VQA_STREAM = 107
+# RNG stream of the tiny LLaVA's near-miss negatives stage
+NEGATIVES_STREAM = 109
 # F-LMM's own instruction (flmm.lmm.families.DEFAULT_INSTRUCTION): the LMM learns to describe
 # scenes in exactly the prompt it is later grounded with.
 CAPTION_PROMPT = "please give me a description of the image."
