@@ -36,7 +36,7 @@ test-all: venv ## every CPU test
 evidence: venv ## the synthetic world's evidence table (pretrained vs random LMM, coarse vs refined)
 	$(PYTHON) scripts/synthetic_evidence.py
 
-foundation: venv ## rebuild the shipped tiny LLaVA and tiny SAM from their recipes (CUDA if present; about 90 min on two CPU threads), print the time
+foundation: venv ## rebuild the shipped tiny LLaVA and tiny SAM from their recipes (CUDA if present; about 95 min on two CPU threads), print the time
 	$(PYTHON) -m flmm.foundation.build
 
 bench: venv ## attention-capture benchmark (time and memory, side by side)
