@@ -15,7 +15,7 @@
   description prompt's greedy caption of each test image (first ``--captions``), and the share of
   the objects it mentions that are not in the scene.
 - short answers to the corpus's other questions (where / what colour / shape / size, how many,
-  relations; :mod:`flmm.data.synthetic.questions`) about ``--questions`` fresh scenes of a stream
+  relations; :func:`flmm.data.synthetic.corpus.questions`) about ``--questions`` fresh scenes of a stream
   no stage trains on: exact-match accuracy by kind, beside the share of the kind's most common
   answer (what always giving it would score).
 Writes ``report.json`` (and the answer files) in ``--output-dir``.
