@@ -9,6 +9,7 @@ from transformers import LlavaForConditionalGeneration
 
 from flmm.chat.conversation import ChatResult, GroundedChat, expand_box, mask_box, sam_variant_of
 from flmm.chat.selector import KeywordSelector, word_spans
+from flmm.data.masks import largest_region
 from flmm.errors import FlmmUserError
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
@@ -139,6 +140,18 @@ def test_visual_cot_asks_with_the_crop(chat, image):
     inputs = chat.lmm.chat_inputs([image, image[:20, :30]], QUESTION)
     grid = chat.lmm.grid[0] * chat.lmm.grid[1]
     assert int((inputs["input_ids"] == chat.lmm.image_token_id).sum()) == 2 * grid
+
+
+def test_the_crop_box_holds_the_masks_largest_region():
+    mask = np.zeros((50, 60), dtype=bool)
+    mask[10:20, 30:41] = True  # the object
+    mask[45:47, 2:4] = True  # a speck far away would stretch the box over half the image
+    mask[20, 41] = True  # touching by a corner: the same region (8-connected)
+    main = largest_region(mask)
+    assert mask_box(main) == (30, 10, 42, 21) and not main[45:47, 2:4].any()
+    assert not largest_region(np.zeros((4, 4), dtype=bool)).any()
+    one = np.eye(5, dtype=bool)  # a diagonal line is one 8-connected region
+    assert (largest_region(one) == one).all()
 
 
 def test_boxes_and_bad_inputs():

@@ -20,7 +20,7 @@ import torch
 from transformers import TextIteratorStreamer, TextStreamer
 
 from flmm.chat.selector import SELECTOR_FILE, KeywordSelector
-from flmm.data.masks import expand_box, mask_box
+from flmm.data.masks import expand_box, largest_region, mask_box
 from flmm.errors import FlmmUserError
 from flmm.foundation.cache import shipped_tiny_sam
 from flmm.heads import build_sam
@@ -306,10 +306,11 @@ class GroundedChat:
         return self.grounded(image, ask, object_text, [phrase] if phrase else [])
 
     def visual_cot(self, image: np.ndarray, question: str, max_new_tokens: int = 32) -> VisualCoT:
-        """Ask for the most relevant object, ground it, crop its box, ask again with the crop."""
+        """Ask for the most relevant object, ground it, crop the box of its mask's largest region
+        (specks elsewhere would widen the crop to other objects), ask again with the crop."""
         step = self.relevant_object(image, question, max_new_tokens)
         mask = step.masks[0] if len(step.masks) and step.masks[0].any() else None
-        box = None if mask is None else expand_box(mask_box(mask), image.shape[:2])
+        box = None if mask is None else expand_box(mask_box(largest_region(mask)), image.shape[:2])
         if box is None:
             final = self.answer(image, question, max_new_tokens)
         else:

@@ -1,11 +1,12 @@
 """COCO segmentations (polygon, multi-polygon, RLE) to exact boolean masks, through pycocotools;
-COCO panoptic id maps (``rgb2id``); boxes of masks, grown for crops; grounded phrases as JSON
-records (``phrase_record``)."""
+COCO panoptic id maps (``rgb2id``); boxes of masks, grown for crops, and a mask's largest
+connected region; grounded phrases as JSON records (``phrase_record``)."""
 
 from __future__ import annotations
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from scipy import ndimage
 
 
 def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> dict:
@@ -115,3 +116,13 @@ def expand_box(
     py = max(min_pad, round((y1 - y0) * ratio))
     height, width = size
     return max(0, x0 - px), max(0, y0 - py), min(width, x1 + px), min(height, y1 + py)
+
+
+def largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a boolean ``H x W`` mask (all False if it is empty):
+    what a crop around a predicted mask should hold, without the specks SAM leaves elsewhere."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if count <= 1:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
