@@ -335,6 +335,26 @@ def test_crop_questions_show_the_object_beside_the_image():
         assert crop.ndim == 3 and crop.shape[0] < image.shape[0] and crop.shape[1] < image.shape[1]
 
 
+def test_a_no_questions_crop_may_show_another_object():
+    rng, stats = np.random.default_rng(12), questions.ObjectStats()
+    decoys = 0
+    for scene in scenes(300, seed=12):
+        stats.add(scene)
+        q = questions.existence_question(scene, rng, stats)
+        crops = [corpus.crop(scene, t) for t in range(len(scene.objects))]
+        images, _, _ = corpus.ask(scene, q, rng, cot_prob=0.0, crop_prob=1.0, decoy_prob=1.0)
+        shown = next(t for t, c in enumerate(crops) if np.array_equal(c, images[1]))
+        if q.answer == "yes":
+            assert np.array_equal(images[1], crops[q.target])  # a "yes" shows the asked object
+        decoys += shown != q.target
+    assert decoys > 40
+    # decoy_prob 0: every crop shows the question's object
+    for scene in scenes(50, seed=13):
+        q = questions.existence_question(scene, rng, stats)
+        images, _, _ = corpus.ask(scene, q, rng, cot_prob=0.0, crop_prob=1.0)
+        assert np.array_equal(images[1], corpus.crop(scene, q.target))
+
+
 def test_relation_questions_are_true():
     rng = np.random.default_rng(9)
     found = 0

@@ -136,15 +136,27 @@ def crop(scene: Scene, t: int) -> np.ndarray:
 
 
 def ask(
-    scene: Scene, q: Question, rng: np.random.Generator, cot_prob: float, crop_prob: float
+    scene: Scene,
+    q: Question,
+    rng: np.random.Generator,
+    cot_prob: float,
+    crop_prob: float,
+    decoy_prob: float = 0.0,
 ) -> tuple[list[np.ndarray], str, str]:
     """``(images, prompt, answer)`` of ``q``: with chance ``cot_prob`` (if it asks about one
     object) its chain-of-thought step naming that object; else, with chance ``crop_prob`` (if it
-    shows one), the question about the image and the crop of that object; else the question."""
+    shows one), the question about the image and the crop of that object; else the question.
+
+    A "no" question's crop shows a random object of the scene instead with chance
+    ``decoy_prob``: the visual chain of thought grounds an absent object wherever its attention
+    lands, so a crop is no evidence for "yes" (0: no RNG draw, the stream of earlier stages)."""
     if q.subject is not None and rng.random() < cot_prob:
         return [scene.image], f"{q.text} {COT_QUESTION}", f"{COT_ANSWER} {q.subject}."
     if q.target is not None and rng.random() < crop_prob:
-        return [scene.image, crop(scene, q.target)], q.text, q.answer
+        shown = q.target
+        if decoy_prob and q.answer == "no" and rng.random() < decoy_prob:
+            shown = int(rng.integers(len(scene.objects)))
+        return [scene.image, crop(scene, shown)], q.text, q.answer
     return [scene.image], q.text, q.answer
 
 
@@ -196,14 +208,15 @@ def pretraining_pairs(
     turns: int = 1,
     stats: ObjectStats | None = None,
     near_prob: float = 0.0,
+    decoy_prob: float = 0.0,
 ) -> Iterator[Conversation]:
     """Endless :class:`Conversation` s about fresh scenes of ``rng``.
 
     The first turn is a caption (chance ``caption_prob``, see :func:`captions`) or a question
     (an existence question with chance ``exist_prob``, its "no"s near misses with chance
-    ``near_prob``, see :func:`any_question`) asked as
-    :func:`ask` says; ``turns - 1`` more questions follow (text only, no crop), so the image is
-    read once for several answers. ``stats`` counts the scenes drawn (for POPE-like "no"
+    ``near_prob``, see :func:`any_question`) asked as :func:`ask` says (``decoy_prob``: a
+    "no"'s crop shows a random object); ``turns - 1`` more questions follow (text only, no
+    crop), so the image is read once for several answers. ``stats`` counts the scenes drawn (for POPE-like "no"
     objects); new if None.
     """
     if turns < 1:
@@ -216,7 +229,7 @@ def pretraining_pairs(
             images, first = [scene.image], (CAPTION_PROMPT, captions(scene, rng, refer_prob, terse))
         else:
             q = any_question(scene, rng, stats, exist_prob, near_prob)
-            images, *first = ask(scene, q, rng, cot_prob, crop_prob)
+            images, *first = ask(scene, q, rng, cot_prob, crop_prob, decoy_prob)
         more = [any_question(scene, rng, stats, exist_prob, near_prob) for _ in range(turns - 1)]
         talk = [tuple(first)] + [ask(scene, q, rng, cot_prob, 0.0)[1:] for q in more]
         yield Conversation(images, talk, pixel_labels(scene))
