@@ -216,8 +216,8 @@ def pretraining_pairs(
     (an existence question with chance ``exist_prob``, its "no"s near misses with chance
     ``near_prob``, see :func:`any_question`) asked as :func:`ask` says (``decoy_prob``: a
     "no"'s crop shows a random object); ``turns - 1`` more questions follow (text only, no
-    crop), so the image is read once for several answers. ``stats`` counts the scenes drawn (for POPE-like "no"
-    objects); new if None.
+    crop), so the image is read once for several answers. ``stats`` counts the scenes drawn
+    (for POPE-like "no" objects); new if None.
     """
     if turns < 1:
         raise ValueError(f"turns must be at least 1, got {turns}")
