@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from flmm.foundation.cache import LATER_STAGES
 from flmm.foundation.tiny_llava import build_tiny_llava
 from flmm.runtime import CONFIG_PATH
 from flmm.train import train
@@ -99,16 +100,15 @@ def run_flmm(
 # ------------------------------------------------------------ the real configs, at a tiny size
 CONF = Path(CONFIG_PATH)
 # Small enough for the fast suite, through every real code path: world generation, tiny LLaVA
-# build + vision, language, instruction and VQA stages, tiny SAM build + pretraining, F-LMM fit,
-# checkpoint, test.
+# build + vision, language and every later stage (instruction, VQA, negatives), tiny SAM build +
+# pretraining, F-LMM fit, checkpoint, test.
 TINY = [
     "data.n_train=24",
     "data.n_val=8",
     "data.n_test=8",
     "data.batch_size=4",
     "model.lmm.name_or_path.pretrain_steps=2",
-    "model.lmm.name_or_path.instruct.steps=2",
-    "model.lmm.name_or_path.vqa.steps=2",
+    *[f"model.lmm.name_or_path.{stage}.steps=2" for stage in LATER_STAGES],
     "model.lmm.name_or_path.vision_stage.steps=2",
     "model.lmm.name_or_path.batch_size=4",
     "model.sam.checkpoint.pretrain_steps=2",
