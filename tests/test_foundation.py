@@ -223,10 +223,8 @@ def test_the_vision_stage_trains_the_tower_alone(tmp_path):
 @pytest.mark.slow
 def test_the_recipe_still_runs(tmp_path):
     llava = build_module.recipe_args(default_node("lmm")) | {"pretrain_steps": 3, "batch_size": 2}
-    llava["instruct"] = llava["instruct"] | {"steps": 2}
-    llava["vision_stage"] = llava["vision_stage"] | {"steps": 2}
-    llava["vqa"] = llava["vqa"] | {"steps": 2}
-    llava["negatives"] = llava["negatives"] | {"steps": 2}
+    for stage in ("vision_stage", *cache.LATER_STAGES):  # every stage, a future one too
+        llava[stage] = llava[stage] | {"steps": 2}
     sam = build_module.recipe_args(default_node("sam")) | {"pretrain_steps": 2}
     built = build_module.build_foundation(str(tmp_path / "cache"), llava, sam, tmp_path / "out")
     assert built["tiny_llava"]["recipe"] == cache.llava_recipe(**llava)

@@ -15,7 +15,7 @@ from conftest import CONF, compose_cfg, run_flmm
 
 from flmm.errors import CheckpointMismatchError
 
-# the default run measured test gIoU 74.4 refined / 42.2 coarse (make evidence); the tiny LLaVA
+# the default run measured test gIoU 74.4 refined / 42.3 coarse (make evidence); the tiny LLaVA
 # with a vision tower half as wide 63.8 / 35.4, without its VQA stage 58.9 / 32.6, random LMM
 # weights 22.8 / 5.2, a whole-image mask 3.4 (README)
 DEFAULT_RUN_FLOOR = 66.0

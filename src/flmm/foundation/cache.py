@@ -162,8 +162,8 @@ def ensure_tiny_llava(
       instruction tuning follows its caption pretraining;
     - ``vqa`` (the same keys): goes on on short answers, as LLaVA-1.5 adds short-answer VQA data;
     - ``negatives`` (the same keys): goes on on existence questions whose "no"s are near misses of
-      the scene's objects (the corpus's ``near_prob``), as hallucination-targeted tuning follows
-      instruction tuning.
+      the scene's objects (the corpus's ``near_prob``) and whose crops may show another object
+      (``decoy_prob``), as hallucination-targeted tuning follows instruction tuning.
 
     The folder name carries a digest of the whole recipe, so a changed recipe builds a new model
     instead of reusing a stale one.
