@@ -50,6 +50,17 @@ def test_trainer_callbacks_and_loggers_instantiate(tmp_path, logger):
     finish_loggers(trainer)  # build_trainer logged the config: the W&B run is open
 
 
+def test_logger_none_drops_the_learning_rate_monitor(tmp_path):
+    """``logger=none``: Lightning refuses a LearningRateMonitor without a logger when fit starts."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from flmm.runtime import build_trainer
+
+    trainer = build_trainer(compose_cfg(tmp_path, ["logger=none", "trainer.accelerator=cpu"]))
+    assert not trainer.loggers and trainer.checkpoint_callback is not None
+    assert not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks)
+
+
 def test_default_run_end_to_end(tiny_run):
     root, _, metrics = tiny_run
     for key in (

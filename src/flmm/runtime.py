@@ -17,6 +17,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -153,6 +154,8 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     group_sweep_runs(cfg)
     callbacks = [*instantiate_group(cfg.get("callbacks")), LoaderPosition()]
     loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning raises)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     log_config(loggers, cfg)
     return hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
