@@ -9,10 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CONF, compose_cfg, paths_at, run_flmm
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
+from PIL import Image
 from png_fixtures import write_png_fixture
 from refer_fixtures import write_refer_fixture
 
@@ -118,6 +120,11 @@ def test_synthetic_world_both_protocols(trained):
     for split in ("val", "test"):
         for protocol in ("reference", "per_sentence"):
             assert 0.0 <= figures[f"synthetic/{split}/{protocol}/refined/ciou"] <= 100.0
+            # the picture a training run leaves each epoch, per set, with any logger
+            picture = Image.open(
+                root / "eval" / "overlays" / "synthetic" / split / f"{protocol}.png"
+            )
+            assert picture.height > cfg.overlays * 96 and picture.width >= 4 * 96
 
 
 def test_bad_inputs_stop_with_one_line(trained, capsys):
@@ -159,22 +166,25 @@ def test_every_evaluate_data_option_composes(tmp_path):
         assert cfg.data._target_ and list(cfg.protocols) == ["reference", "per_sentence"]
 
 
-def test_overlay_panels(trained):
+def test_overlay_rows_are_distinct_images_with_their_masks(trained):
     import hydra
 
     from flmm.data.datamodule import EvalSet
-    from flmm.evaluate import load_model, overlay_panels
+    from flmm.evaluate import load_model, overlay_rows
 
     root, ckpt, _ = trained
     cfg = eval_cfg(root, [*WORLD, f"checkpoint={ckpt}"])
     model = load_model(cfg)
     datamodule = hydra.utils.instantiate(cfg.data)
-    data = datamodule.make_dataset("val", "reference")
-    panels, captions = overlay_panels(model, EvalSet("synthetic", "val", "reference", data), 2)
-    assert len(panels) == len(captions) == 2
-    h, w = data[0].image.shape[:2]
-    assert panels[0].shape == (h, 4 * w, 3) and panels[0].dtype.name == "uint8"
-    assert captions[0] == " | ".join(data[0].phrases)
+    data = datamodule.make_dataset("val", "per_sentence")
+    rows = overlay_rows(model, EvalSet("synthetic", "val", "per_sentence", data), 2)
+    assert len(rows) == 2
+    image, phrases, (target, coarse, refined) = rows[0]
+    assert torch.equal(image, torch.as_tensor(data[0].image))
+    assert phrases == data[0].phrases and torch.equal(target, torch.as_tensor(data[0].masks))
+    assert coarse.shape == refined.shape == target.shape and coarse.dtype == torch.bool
+    second = next(s for s in data if s.meta["image_id"] != data[0].meta["image_id"])
+    assert rows[1][1] == second.phrases  # an image once, though it has several sentences
 
 
 @pytest.mark.slow
@@ -192,6 +202,9 @@ def test_wandb_logs_the_table_and_overlays(trained, monkeypatch):
                 (media / "images" / "overlays" / "synthetic" / split).glob(f"{protocol}_*")
             )
             assert len(found) == 2, (split, protocol)
+            # with target / coarse / refined masks the UI toggles (W&B stores each once)
+            masks = media / "images" / "mask" / "overlays" / "synthetic" / split
+            assert list(masks.glob(f"{protocol}_*.mask.png")), (split, protocol)
     (table,) = (media / "table").glob("evaluation_*.table.json")
     rows = json.loads(table.read_text())["data"]
     assert ["synthetic", "val", "reference", "refined", "giou"] in [r[:5] for r in rows]

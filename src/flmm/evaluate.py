@@ -7,7 +7,8 @@ sequence) and ``per_sentence`` (every sentence on its own); PNG has only ``refer
 narrative's segments in one sequence). Coarse (mask head) and refined (SAM) masks are both
 scored. Writes ``evaluation.json`` (every figure, the skipped records, the settings) and
 ``metrics.json`` in the run folder, prints tables shaped like the paper's, and with
-``logger=wandb`` logs the tables and a few overlay images per split. See conf/evaluate.yaml.
+``logger=wandb`` logs the tables. ``overlays/`` holds a picture of a few samples per set (and W&B
+the same images, masks toggled per phrase). See conf/evaluate.yaml.
 ``checkpoint`` may name a head folder (``<run>/model``, :mod:`flmm.model.pretrained`): its LMM
 and SAM are loaded from its config.json, and the scores are added to its config.json and card.
 
@@ -30,6 +31,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -38,10 +40,11 @@ from flmm.data.datamodule import EvalSet
 from flmm.errors import USER_ERRORS, ConfigError, DataError, FlmmUserError, exit_on_user_error
 from flmm.files import write_text_atomic
 from flmm.model.checkpoint import check_family, read_checkpoint
-from flmm.model.module import FLMM, upsample_logits
+from flmm.model.module import FLMM
 from flmm.model.pretrained import WEIGHTS, FLMMHead, add_scores
-from flmm.overlay import overlay_row
+from flmm.overlay import overlay_panel
 from flmm.runtime import build_trainer, hydra_entry, write_metrics
+from flmm.training.callbacks import log_overlays, sample_masks, wandb_logger
 from flmm.types import GroundingBatch
 
 log = logging.getLogger(__name__)
@@ -117,9 +120,10 @@ def evaluate_set(trainer: L.Trainer, model: FLMM, datamodule, eval_set: EvalSet)
 
 
 @torch.no_grad()
-def overlay_panels(model: FLMM, eval_set: EvalSet, n: int) -> tuple[list, list[str]]:
-    """Image | target | coarse | refined overlays of the first ``n`` samples of distinct images
-    (``per_sentence`` lists an image once per sentence), with captions."""
+def overlay_rows(model: FLMM, eval_set: EvalSet, n: int) -> list[tuple]:
+    """:func:`~flmm.training.callbacks.sample_masks` rows (image, phrases, target / coarse /
+    refined masks) of the first ``n`` samples of distinct images (``per_sentence`` lists an image
+    once per sentence)."""
     samples, seen = [], set()
     for i in range(len(eval_set.data)):
         if len(samples) == n:
@@ -130,14 +134,24 @@ def overlay_panels(model: FLMM, eval_set: EvalSet, n: int) -> tuple[list, list[s
             seen.add(image_id)
             samples.append(sample)
     if not samples:
-        return [], []
+        return []
     batch = GroundingBatch.collate(samples).to(model.device)
     pred = model(batch)
-    panels = []
-    for b, target in enumerate(batch.masks):
-        coarse = upsample_logits(pred.coarse_region[b], target.shape[-2:]) > 0
-        panels.append(overlay_row(batch.images[b], [target, coarse, pred.refined[b] > 0]))
-    return panels, [" | ".join(batch.phrases(b)) for b in range(len(batch))]
+    return [sample_masks(batch, pred, b) for b in range(len(batch))]
+
+
+def save_overlays(cfg: DictConfig, trainer: L.Trainer, model: FLMM, es: EvalSet) -> None:
+    """``overlays/<dataset>/<split>/<protocol>.png`` in the run folder (image | target | coarse |
+    refined, as a training run's), and with ``logger=wandb`` the same samples as W&B images."""
+    rows = overlay_rows(model, es, cfg.overlays) if cfg.overlays else []
+    if not rows:
+        return
+    out = Path(cfg.paths.output_dir) / "overlays" / f"{set_key(es)}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(overlay_panel(rows)).save(out)
+    wandb = wandb_logger(trainer)
+    if wandb is not None:
+        log_overlays(wandb, f"overlays/{set_key(es)}", rows)
 
 
 def flat_figures(results: dict) -> dict[str, float]:
@@ -319,7 +333,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     for es in todo:
         done[set_key(es)] = score_set(cfg, trainer, model, datamodule, es, finished)
     results, skipped = nested(eval_sets, done)
-    wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+    wandb = wandb_logger(trainer)
     if wandb is not None and trainer.is_global_zero:
         log_to_wandb(wandb, results)
     if trainer.is_global_zero and Path(cfg.checkpoint).is_dir():
@@ -360,10 +374,7 @@ def score_set(cfg, trainer: L.Trainer, model: FLMM, datamodule, es: EvalSet, fin
     for logger in trainer.loggers:
         logger.log_metrics(figures)
         logger.save()
-    wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-    if wandb is not None and cfg.overlays:
-        panels, captions = overlay_panels(model, es, cfg.overlays)
-        wandb.log_image(key=f"overlays/{set_key(es)}", images=panels, caption=captions)
+    save_overlays(cfg, trainer, model, es)
     return {"scores": scores, "skipped": skipped}
 
 

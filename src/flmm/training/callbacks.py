@@ -136,13 +136,7 @@ class MaskOverlays(L.Callback):
         Image.fromarray(overlay_panel(self.rows, self.row_height)).save(out)
         wandb = wandb_logger(trainer)
         if wandb is not None:
-            wandb.log_image(
-                key="val/overlays",
-                images=[as_array(image, np.uint8) for image, _, _ in self.rows],
-                step=trainer.global_step,
-                caption=[" | ".join(phrases) for _, phrases, _ in self.rows],
-                masks=[wandb_masks(phrases, sets) for _, phrases, sets in self.rows],
-            )
+            log_overlays(wandb, "val/overlays", self.rows, step=trainer.global_step)
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self.table = []
@@ -184,6 +178,18 @@ def sample_masks(batch: GroundingBatch, pred: Predictions, b: int) -> tuple:
     coarse = upsample_logits(pred.coarse_region[b], target.shape[-2:]) > 0
     sets = [m.detach().cpu() for m in (target, coarse, pred.refined[b] > 0)]
     return batch.images[b].cpu(), batch.phrases(b), sets
+
+
+def log_overlays(wandb: WandbLogger, key: str, rows: list[tuple], step: int | None = None) -> None:
+    """``rows`` (:func:`sample_masks`) as W&B images under ``key``, captioned with their phrases,
+    with target / coarse / refined masks the W&B UI toggles per phrase."""
+    wandb.log_image(
+        key=key,
+        images=[as_array(image, np.uint8) for image, _, _ in rows],
+        step=step,
+        caption=[" | ".join(phrases) for _, phrases, _ in rows],
+        masks=[wandb_masks(phrases, sets) for _, phrases, sets in rows],
+    )
 
 
 def wandb_masks(phrases: list[str], mask_sets: list) -> dict:
