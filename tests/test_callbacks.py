@@ -156,16 +156,32 @@ def test_wandb_images_have_mask_toggles_and_test_table_one_row_per_phrase(
     assert masks["target"]["mask_data"].shape == images["images"][0].shape[:2]
     assert (tmp_path / "overlays" / "epoch_000.png").is_file()
 
+    # under DDP every rank's phrases reach the table: a second rank's, as gathered
+    from flmm.training import callbacks
+
+    def two_ranks(rows):
+        return rows + [
+            (record | {"phrase": f"rank 1: {record['phrase']}"}, *r) for record, *r in rows
+        ]
+
+    monkeypatch.setattr(callbacks, "gather_records", two_ranks)
     trainer.test(model, datamodule=datamodule)
     table = logged["log_table"]
     batch = next(iter(datamodule.test_dataloader()))
-    assert table["key"] == "test/phrases" and len(table["data"]) == sum(batch.num_phrases)
+    assert table["key"] == "test/phrases" and len(table["data"]) == 2 * sum(batch.num_phrases)
+    phrases = [row[0] for row in table["data"]]
+    assert phrases[len(phrases) // 2 :] == [f"rank 1: {p}" for p in phrases[: len(phrases) // 2]]
     columns = table["columns"]
     assert columns[0] == "phrase" and "kind" in columns and columns[-1] == "overlay"
     first = dict(zip(columns, table["data"][0]))
     assert first["phrase"] == batch.phrases(0)[0] and first["kind"]
     assert 0 <= first["iou_refined"] <= 1 and 0 <= first["iou_coarse"] <= 1
     assert set(first["overlay"]._masks) == {"target", "coarse", "refined"}
+    # the masks survive the trip between ranks (one PNG of bits per phrase)
+    _, _, masks = callbacks.sample_masks(batch, model(batch), 0)  # target, coarse, refined
+    for name, mask in zip(("target", "coarse", "refined"), masks):
+        sent = first["overlay"]._masks[name]._val["mask_data"]
+        assert np.array_equal(sent, mask[0].numpy().astype(np.uint8)), name
     logger.experiment.finish()
 
 

@@ -290,10 +290,10 @@ def check_resumable(last: Path) -> None:
         raise FlmmUserError(f"checkpoint=last: {err}; {fix}") from None
 
 
-def gather_records(records: list[dict]) -> list[dict]:
+def gather_records(records: list) -> list:
     """Every rank's records (rank order) under DDP; ``records`` unchanged in one process."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return records
-    parts: list[list[dict] | None] = [None] * torch.distributed.get_world_size()
+    parts: list[list | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, records)
     return [r for part in parts for r in part]

@@ -4,8 +4,10 @@ LMM) and the pictures a run leaves (mask overlays each epoch, curves of its metr
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +18,7 @@ from PIL import Image
 
 from flmm.model.module import Predictions, phrase_records, upsample_logits
 from flmm.overlay import PANEL_COLUMNS, as_array, disjoint, overlay_panel
+from flmm.runtime import gather_records
 from flmm.training.plots import line_charts
 from flmm.types import GroundingBatch
 
@@ -102,12 +105,13 @@ class MaskOverlays(L.Callback):
     phrases above it in their mask colours. With a ``WandbLogger`` the same samples are logged as
     ``val/overlays``, images with target / coarse / refined masks the W&B UI toggles per phrase, and
     testing logs ``test/phrases``: one row per test phrase with its tags (the synthetic world's
-    ``kind``), coarse and refined IoU and its masks. Rank zero draws what rank zero sees.
+    ``kind``), coarse and refined IoU and its masks, gathered from every rank under DDP (the
+    overlays are rank zero's samples).
 
     Args:
         num_samples: validation samples drawn each epoch.
         row_height: height of each sample's row in the picture, in pixels.
-        max_test_rows: at most this many phrases in the W&B test table.
+        max_test_rows: at most this many phrases in the W&B test table (an equal share per rank).
     """
 
     def __init__(self, num_samples: int = 6, row_height: int = 192, max_test_rows: int = 1000):
@@ -115,7 +119,7 @@ class MaskOverlays(L.Callback):
         self.row_height = row_height
         self.max_test_rows = max_test_rows
         self.rows: list[tuple] = []
-        self.table: list[dict] = []
+        self.table: list[tuple] = []  # (record, image PNG, mask-bits PNG) per test phrase
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.rows = []
@@ -144,27 +148,45 @@ class MaskOverlays(L.Callback):
     def on_test_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if wandb_logger(trainer) is None or not trainer.is_global_zero:
+        if wandb_logger(trainer) is None:
             return
-        import wandb
-
+        share = math.ceil(self.max_test_rows / trainer.world_size)  # of each rank
         for b in range(len(batch)):
-            image, phrases, (target, coarse, refined) = sample_masks(batch, outputs, b)
-            records = phrase_records(batch.meta[b], phrases, coarse, refined, target)
-            for k, record in enumerate(records[: self.max_test_rows - len(self.table)]):
-                sets = [m[k : k + 1] for m in (target, coarse, refined)]
-                masks = wandb_masks([phrases[k]], sets)
-                self.table.append({**record, "overlay": wandb.Image(image.numpy(), masks=masks)})
+            if len(self.table) >= share:
+                return
+            image, phrases, masks = sample_masks(batch, outputs, b)  # target, coarse, refined
+            records = phrase_records(batch.meta[b], phrases, masks[1], masks[2], masks[0])
+            picture = png_bytes(as_array(image, np.uint8))  # one object: pickled once per sample
+            for k, record in enumerate(records[: share - len(self.table)]):
+                bits = sum(m[k].numpy().astype(np.uint8) << i for i, m in enumerate(masks))
+                self.table.append((record, picture, png_bytes(bits)))
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         wandb = wandb_logger(trainer)
-        if wandb is None or not self.table:
+        if wandb is None:
             return
-        fixed = ("image_id", "phrase", "iou_coarse", "iou_refined", "overlay")
-        tags = sorted({key for row in self.table for key in row} - set(fixed))
-        columns = ["phrase", *tags, "iou_coarse", "iou_refined", "overlay"]
-        data = [[row.get(c) for c in columns] for row in self.table]
-        wandb.log_table(key="test/phrases", columns=columns, data=data)
+        rows = gather_records(self.table)  # every rank's phrases under DDP (each rank calls it)
+        if trainer.is_global_zero and rows:
+            wandb.log_table(key="test/phrases", **phrase_table(rows[: self.max_test_rows]))
+
+
+def phrase_table(rows: list[tuple]) -> dict:
+    """W&B ``columns`` and ``data`` of ``(record, image PNG, mask-bits PNG)`` rows: the phrase,
+    its tags, its IoUs and the image with its target / coarse / refined masks."""
+    import wandb
+
+    fixed = ("image_id", "phrase", "iou_coarse", "iou_refined")
+    tags = sorted({key for record, _, _ in rows for key in record} - set(fixed))
+    columns = ["phrase", *tags, "iou_coarse", "iou_refined"]
+    data = []
+    for record, picture, bits in rows:
+        bits = from_png(bits)
+        sets = [torch.from_numpy(bits[None] >> i & 1) for i in range(3)]  # target, coarse, refined
+        masks = wandb_masks([record["phrase"]], sets)
+        data.append(
+            [record.get(c) for c in columns] + [wandb.Image(from_png(picture), masks=masks)]
+        )
+    return {"columns": [*columns, "overlay"], "data": data}
 
 
 def wandb_logger(trainer) -> WandbLogger | None:
@@ -190,6 +212,17 @@ def log_overlays(wandb: WandbLogger, key: str, rows: list[tuple], step: int | No
         caption=[" | ".join(phrases) for _, phrases, _ in rows],
         masks=[wandb_masks(phrases, sets) for _, phrases, sets in rows],
     )
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """``array`` (``H x W`` or ``H x W x 3`` uint8) as PNG bytes: compact to send between ranks."""
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def from_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
 
 
 def wandb_masks(phrases: list[str], mask_sets: list) -> dict:
