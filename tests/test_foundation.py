@@ -220,11 +220,24 @@ def test_the_vision_stage_trains_the_tower_alone(tmp_path):
     assert cache.llava_recipe(2, vision_stage={"steps": 0, "lr": 1e-3}) == cache.llava_recipe(2)
 
 
+def test_steps_scale_shortens_every_stage_and_records_the_steps():
+    llava = build_module.recipe_args(default_node("lmm"))
+    assert llava["steps_scale"] == 1.0
+    assert cache.llava_recipe(**llava) == cache.llava_recipe(**(llava | {"steps_scale": 1}))
+    quick = cache.llava_recipe(**(llava | {"steps_scale": 0.01}))
+    assert "steps_scale" not in quick and quick["pretrain_steps"] == llava["pretrain_steps"] // 100
+    for stage in ("vision_stage", *cache.LATER_STAGES):  # every stage, a future one too
+        assert quick[stage]["steps"] == max(1, round(llava[stage]["steps"] / 100))
+        assert quick[stage]["lr"] == llava[stage]["lr"]
+    assert cache.llava_recipe(**(llava | {"steps_scale": 1e-9}))["negatives"]["steps"] == 1
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match="steps_scale must be in"):
+            cache.llava_recipe(**(llava | {"steps_scale": bad}))
+
+
 @pytest.mark.slow
 def test_the_recipe_still_runs(tmp_path):
-    llava = build_module.recipe_args(default_node("lmm")) | {"pretrain_steps": 3, "batch_size": 2}
-    for stage in ("vision_stage", *cache.LATER_STAGES):  # every stage, a future one too
-        llava[stage] = llava[stage] | {"steps": 2}
+    llava = build_module.recipe_args(default_node("lmm")) | {"steps_scale": 1e-4, "batch_size": 2}
     sam = build_module.recipe_args(default_node("sam")) | {"pretrain_steps": 2}
     built = build_module.build_foundation(str(tmp_path / "cache"), llava, sam, tmp_path / "out")
     assert built["tiny_llava"]["recipe"] == cache.llava_recipe(**llava)

@@ -56,26 +56,48 @@ def llava_recipe(
     vision_stage: dict | None = None,
     vqa: dict | None = None,
     negatives: dict | None = None,
+    steps_scale: float = 1.0,
 ) -> dict:
     """What a tiny LLaVA build depends on: its arguments, :data:`TINY_VERSION`, the vision
     tower (:data:`WORLD_LLAVA`) and a digest of the vocabulary (the training settings only when
     it is pretrained; each optional stage only when it has steps). The build reads this dict
-    alone (:func:`_build_llava`), so what is recorded is what was built."""
+    alone (:func:`_build_llava`), so what is recorded is what was built.
+
+    ``steps_scale`` multiplies the steps of every stage (at least one step each), for a quick
+    build of the whole recipe; the recipe records the scaled steps, not the scale."""
+    stages = {"instruct": instruct, "vqa": vqa, "negatives": negatives}
+    stages |= {"vision_stage": vision_stage}
+    if steps_scale != 1.0:
+        pretrain_steps, stages = scaled_steps(steps_scale, pretrain_steps, stages)
     words = hashlib.sha256(" ".join(vocabulary()).encode()).hexdigest()[:12]
     recipe = {"version": TINY_VERSION, "vocabulary": words, "image_size": image_size}
     recipe |= {"vision": dict(WORLD_LLAVA), "pretrain_steps": pretrain_steps, "seed": seed}
     if pretrain_steps:
         recipe |= {"batch_size": batch_size, "lr": lr, "corpus": dict(corpus or {})}
         recipe |= {"vision_aux": vision_aux} if vision_aux else {}
-        stages = {"instruct": instruct, "vqa": vqa, "negatives": negatives}
-        for name, settings in stages.items():
-            recipe |= {name: stage} if (stage := language_stage(name, settings)) else {}
-        recipe |= {"vision_stage": stage} if (stage := tower_stage(vision_stage)) else {}
+        for name in LATER_STAGES:
+            recipe |= {name: stage} if (stage := language_stage(name, stages[name])) else {}
+        recipe |= {"vision_stage": stage} if (stage := tower_stage(stages["vision_stage"])) else {}
     return recipe
 
 
 # the stages that go on training a finished model, in build order, and their scenes' RNG streams
 LATER_STAGES = {"instruct": INSTRUCT_STREAM, "vqa": VQA_STREAM, "negatives": NEGATIVES_STREAM}
+
+
+def scaled_steps(scale: float, pretrain_steps: int, stages: dict) -> tuple[int, dict]:
+    """``pretrain_steps`` and each stage's settings (None for a stage left out) with their steps
+    times ``scale``; a stage with steps keeps at least one."""
+    if not 0 < scale <= 1:
+        raise ConfigError(
+            f"model.lmm.name_or_path.steps_scale must be in (0, 1] (1: the whole recipe), got {scale}"
+        )
+
+    def times(steps) -> int:
+        return max(1, round(int(steps) * scale)) if steps else 0
+
+    scaled = {k: s and dict(s) | {"steps": times(s.get("steps"))} for k, s in stages.items()}
+    return times(pretrain_steps), scaled
 
 
 def language_stage(name: str, settings: dict | None) -> dict | None:
@@ -146,6 +168,7 @@ def ensure_tiny_llava(
     vision_stage: dict | None = None,
     vqa: dict | None = None,
     negatives: dict | None = None,
+    steps_scale: float = 1.0,
 ) -> str:
     """Path of the tiny LLaVA pretrained for ``pretrain_steps`` (0: random weights): the shipped
     one if it was built from this recipe, else built into ``cache_dir`` if missing.
@@ -165,8 +188,9 @@ def ensure_tiny_llava(
       the scene's objects (the corpus's ``near_prob``) and whose crops may show another object
       (``decoy_prob``), as hallucination-targeted tuning follows instruction tuning.
 
-    The folder name carries a digest of the whole recipe, so a changed recipe builds a new model
-    instead of reusing a stale one.
+    ``steps_scale`` (in (0, 1]) shortens every stage alike, for a quick build of the whole recipe
+    (``pretrain_steps`` alone shortens only the language stage). The folder name carries a digest
+    of the whole recipe, so a changed recipe builds a new model instead of reusing a stale one.
     """
     recipe = llava_recipe(**{k: v for k, v in locals().items() if k != "cache_dir"})
     return shipped_path("tiny_llava", recipe) or _cached_llava(Path(cache_dir), recipe, False)
