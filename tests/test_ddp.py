@@ -143,3 +143,22 @@ def test_loader_state_skips_the_batches_already_trained_on():
     other.load_state_dict(state)
     other.sampler.set_epoch(3)  # the saved epoch had ended: nothing to skip in the next one
     assert len([b for b in other]) == 5
+
+
+@pytest.mark.slow
+def test_wandb_test_table_holds_every_ranks_phrases(tmp_path):
+    ddp = run_train(
+        tmp_path,
+        "ddp",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "data.batch_size=2",
+        "logger=wandb",
+    )
+    scored = [json.loads(line)["phrase"] for line in (ddp / "test_phrases.jsonl").open()]
+    media = ddp / "wandb" / "latest-run" / "files" / "media" / "table" / "test"
+    (table,) = media.glob("phrases_*.table.json")
+    rows = json.loads(table.read_text())
+    logged = [row[rows["columns"].index("phrase")] for row in rows["data"]]
+    assert sorted(logged) == sorted(scored) and len(scored) > 2  # each rank scored its shard
