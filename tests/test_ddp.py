@@ -27,6 +27,8 @@ RUN = [
     "trainer.limit_train_batches=3",
     "callbacks.progress_bar=null",
 ]
+# 2 gloo processes of 2 samples: the global batch of a 1-process run with data.batch_size=4
+TWO_RANKS = ["trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2"]
 
 
 def run_train(root: Path, name: str, *overrides: str) -> Path:
@@ -40,14 +42,7 @@ def run_train(root: Path, name: str, *overrides: str) -> Path:
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     run_train(tmp_path, "warm", "train=false", "test=false")  # builds the foundation models
     single = run_train(tmp_path, "single", "data.batch_size=4")
-    ddp = run_train(
-        tmp_path,
-        "ddp",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "data.batch_size=2",
-    )
+    ddp = run_train(tmp_path, "ddp", "trainer=ddp", *TWO_RANKS)
     expected = json.loads((single / "metrics.json").read_text())
     got = json.loads((ddp / "metrics.json").read_text())
     assert got.keys() == expected.keys()
@@ -86,9 +81,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 def test_sharded_lmm_trains_like_ddp(tmp_path):
     """trainer=fsdp: the frozen LMM's weights sharded over 2 ranks, the heads under DDP."""
     run_train(tmp_path, "warm", "train=false", "test=false")  # builds the foundation models
-    ddp_args = ["trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2"]
-    ddp = run_train(tmp_path, "ddp", "trainer=ddp", *ddp_args)
-    sharded = run_train(tmp_path, "sharded", "trainer=fsdp", *ddp_args)
+    ddp = run_train(tmp_path, "ddp", "trainer=ddp", *TWO_RANKS)
+    sharded = run_train(tmp_path, "sharded", "trainer=fsdp", *TWO_RANKS)
     expected = json.loads((ddp / "metrics.json").read_text())
     got = json.loads((sharded / "metrics.json").read_text())
     assert got.keys() == expected.keys()
@@ -147,15 +141,7 @@ def test_loader_state_skips_the_batches_already_trained_on():
 
 @pytest.mark.slow
 def test_wandb_test_table_holds_every_ranks_phrases(tmp_path):
-    ddp = run_train(
-        tmp_path,
-        "ddp",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "data.batch_size=2",
-        "logger=wandb",
-    )
+    ddp = run_train(tmp_path, "ddp", "trainer=ddp", *TWO_RANKS, "logger=wandb")
     scored = [json.loads(line)["phrase"] for line in (ddp / "test_phrases.jsonl").open()]
     media = ddp / "wandb" / "latest-run" / "files" / "media" / "table" / "test"
     (table,) = media.glob("phrases_*.table.json")
