@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from flmm.chat.evaluate_pope import evaluate_pope
+from flmm.chat.evaluate_pope import TINY_LLAVA, evaluate_pope, same_model
 from flmm.chat.pope import (
     PopeFormatError,
     check_settings,
@@ -259,6 +259,22 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     check_settings(tmp_path, {"checkpoint": "a.ckpt", "max_new_tokens": 16})
     with pytest.raises(FlmmUserError, match="other settings \\(checkpoint"):
         check_settings(tmp_path, {"checkpoint": "b.ckpt", "max_new_tokens": 16})
+
+
+def test_resume_compares_the_tiny_llava_recipe_not_its_config_spelling(tmp_path):
+    """A run recorded before ``steps_scale`` existed, with another cache folder, resumes; another
+    recipe is refused."""
+    node = {"_target_": TINY_LLAVA, "cache_dir": "/old", "pretrain_steps": 40, "seed": 0}
+    (tmp_path / "answers").mkdir()
+    (tmp_path / "answers" / "pope_random.plain.jsonl").write_text("{}\n")
+    check_settings(tmp_path, {"lmm": {"name_or_path": node}}, same_model)
+    now = node | {"cache_dir": "/new", "steps_scale": 1.0}
+    check_settings(tmp_path, {"lmm": {"name_or_path": now}}, same_model)
+    with pytest.raises(FlmmUserError, match="other settings \\(lmm"):
+        check_settings(tmp_path, {"lmm": {"name_or_path": now | {"seed": 1}}}, same_model)
+    assert same_model({"lmm": {"name_or_path": "llava-hf/llava-1.5-7b-hf"}}) == {
+        "lmm": {"name_or_path": "llava-hf/llava-1.5-7b-hf"}
+    }
 
 
 # ------------------------------------------------------------------------ synthetic POPE

@@ -19,9 +19,11 @@ from flmm.chat.conversation import GroundedChat
 from flmm.chat.pope import check_modes, check_settings, evaluate, format_table, read_sets
 from flmm.data.synthetic.pope import ensure_pope
 from flmm.errors import exit_on_user_error
+from flmm.foundation.cache import llava_recipe
 from flmm.runtime import hydra_entry
 
 log = logging.getLogger(__name__)
+TINY_LLAVA = "flmm.foundation.cache.ensure_tiny_llava"
 
 
 def resolve_path(node) -> str:
@@ -47,6 +49,18 @@ def build_chat(cfg: DictConfig) -> GroundedChat:
     )
 
 
+def same_model(settings: dict) -> dict:
+    """``settings`` with a tiny LLaVA's config node (``ensure_tiny_llava``'s arguments) replaced
+    by the recipe it builds, so a run recorded before a config key with a neutral default was
+    added (``steps_scale``) or with another cache folder resumes."""
+    lmm = settings.get("lmm") or {}
+    node = lmm.get("name_or_path")
+    if not isinstance(node, dict) or node.get("_target_") != TINY_LLAVA:
+        return settings
+    args = {k: v for k, v in node.items() if k not in ("_target_", "cache_dir")}
+    return settings | {"lmm": lmm | {"name_or_path": {"tiny_llava_recipe": llava_recipe(**args)}}}
+
+
 def evaluate_pope(cfg: DictConfig) -> dict:
     """Run the POPE evaluation as configured; returns ``metrics[file][mode]``."""
     if cfg.synthetic_world:
@@ -56,7 +70,7 @@ def evaluate_pope(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     lmm = OmegaConf.to_container(cfg.model.lmm, resolve=True)
     settings = {"checkpoint": str(cfg.checkpoint), "lmm": lmm, "max_new_tokens": cfg.max_new_tokens}
-    check_settings(out, settings)
+    check_settings(out, settings, same_model)
     results = evaluate(build_chat(cfg), questions, cfg.image_dir, out, modes, cfg.max_new_tokens)
     table = format_table(results)
     (out / "pope_metrics.json").write_text(json.dumps(results, indent=2))

@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -318,15 +318,19 @@ def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 # ------------------------------------------------------------------------------ a whole run
-def check_settings(output_dir: str | Path, settings: dict) -> None:
+def check_settings(
+    output_dir: str | Path, settings: dict, canonical: Callable[[dict], dict] = dict
+) -> None:
     """Record ``settings`` (what the answers depend on) in ``output_dir/pope_run.json``; if
     answers are already there, raise :class:`FlmmUserError` unless they were made with the same
-    settings (a resumed run must not mix answers of two models)."""
+    settings (a resumed run must not mix answers of two models). Both are compared as
+    ``canonical`` writes them (what identifies the model, not how its config spelled it)."""
     path = Path(output_dir) / "pope_run.json"
     settings = json.loads(json.dumps(settings))
     answered = any(p.stat().st_size for p in Path(output_dir).glob("answers/*.jsonl"))
     if answered and path.is_file():
-        recorded = json.loads(path.read_text())
+        recorded = canonical(json.loads(path.read_text()))
+        settings = canonical(settings)
         keys = settings.keys() | recorded.keys()
         changed = sorted(k for k in keys if settings.get(k) != recorded.get(k))
         if changed:
