@@ -7,7 +7,15 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from flmm.chat.conversation import ChatResult, GroundedChat, expand_box, mask_box, sam_variant_of
+from flmm.chat.conversation import (
+    COT_PREFIX,
+    COT_QUESTION,
+    ChatResult,
+    GroundedChat,
+    expand_box,
+    mask_box,
+    sam_variant_of,
+)
 from flmm.chat.selector import KeywordSelector, word_spans
 from flmm.data.masks import largest_region
 from flmm.errors import FlmmUserError
@@ -140,6 +148,29 @@ def test_visual_cot_asks_with_the_crop(chat, image):
     inputs = chat.lmm.chat_inputs([image, image[:20, :30]], QUESTION)
     grid = chat.lmm.grid[0] * chat.lmm.grid[1]
     assert int((inputs["input_ids"] == chat.lmm.image_token_id).sum()) == 2 * grid
+
+
+def test_the_named_object_is_grounded_as_a_referring_expression(chat, image, monkeypatch):
+    """By default the object the chain of thought names is grounded as F-LMM grounds a
+    referring expression (the phrase alone as the answer); ``cot_in_turn``: inside its turn."""
+    monkeypatch.setattr(chat.lmm, "generate", lambda *a, **k: " the red circle. more")
+    calls, ground = [], chat.ground
+    monkeypatch.setattr(chat, "ground", lambda *a: calls.append(a[1:]) or ground(*a))
+    step = chat.relevant_object(image, QUESTION)
+    assert step.answer == f"{COT_PREFIX} the red circle. more" and step.phrases == [
+        "the red circle"
+    ]
+    start, end = step.spans[0]
+    assert step.answer[start:end] == "the red circle"
+    assert step.masks.shape == (1, *image.shape[:2])
+    monkeypatch.setattr(chat, "cot_in_turn", True)
+    turn = chat.relevant_object(image, QUESTION)
+    assert turn.spans == step.spans and turn.masks.shape == step.masks.shape
+    ask = COT_QUESTION.format(question=QUESTION)
+    assert calls == [
+        ("the red circle", ["the red circle"]),
+        (step.answer, ["the red circle"], ask),
+    ]
 
 
 def test_the_crop_box_holds_the_masks_largest_region():

@@ -85,7 +85,14 @@ class _CallbackStreamer(TextStreamer):
 
 
 class GroundedChat:
-    """A trained F-LMM (``model.lmm`` is the frozen LMM) plus an optional keyword selector."""
+    """A trained F-LMM (``model.lmm`` is the frozen LMM) plus an optional keyword selector.
+
+    ``cot_in_turn``: the visual chain of thought grounds the object it names inside its own
+    turn instead of as a referring expression (POPE vcot on the synthetic world, shipped models:
+    docs/tiny_llava.md, "Grounding the named object as F-LMM was trained to").
+    """
+
+    cot_in_turn = False
 
     def __init__(self, model: FLMM, selector: KeywordSelector | None = None) -> None:
         self.model = model.eval()
@@ -295,15 +302,20 @@ class GroundedChat:
         self, image: np.ndarray, question: str, max_new_tokens: int = 32
     ) -> ChatResult:
         """The visual chain of thought's first step: the LMM completes "The object most relevant
-        to the question is ..." (greedy) and the object it names is grounded in that turn."""
+        to the question is ..." (greedy) and the object it names is grounded as F-LMM grounds a
+        referring expression, the phrase alone as the answer to its training instruction (with
+        :attr:`cot_in_turn`: inside the chain-of-thought turn, where it was said)."""
         check_image(image)
         ask = COT_QUESTION.format(question=question)
         completion = self.lmm.generate(
             [image], ask, answer_prefix=COT_PREFIX, max_new_tokens=max_new_tokens, do_sample=False
         ).strip()
         object_text = f"{COT_PREFIX} {completion}"
-        phrase = object_phrase(object_text)
-        return self.grounded(image, ask, object_text, [phrase] if phrase else [])
+        phrase, span = object_span(object_text)
+        if self.cot_in_turn or not phrase:
+            return self.grounded(image, ask, object_text, [phrase] if phrase else [])
+        masks = self.ground(image, phrase, [phrase]).masks.numpy()
+        return ChatResult(ask, object_text, [phrase], [span], masks)
 
     def visual_cot(self, image: np.ndarray, question: str, max_new_tokens: int = 32) -> VisualCoT:
         """Ask for the most relevant object, ground it, crop the box of its mask's largest region
@@ -344,6 +356,13 @@ def recorded_sam(saved: dict, checkpoint: str, variant: str | None) -> tuple[str
 def object_phrase(object_text: str) -> str:
     """The object named by a visual-CoT completion: its first sentence after the prefix."""
     return object_text.removeprefix(COT_PREFIX).split(".")[0].strip()
+
+
+def object_span(object_text: str) -> tuple[str, tuple[int, int]]:
+    """The object a visual-CoT completion names (:func:`object_phrase`) and its span there."""
+    phrase = object_phrase(object_text)
+    start = object_text.index(phrase, len(COT_PREFIX))
+    return phrase, (start, start + len(phrase))
 
 
 def check_image(image) -> None:

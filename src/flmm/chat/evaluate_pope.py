@@ -38,7 +38,7 @@ def build_chat(cfg: DictConfig) -> GroundedChat:
             f"F-LMM checkpoint {cfg.checkpoint!r} not found; pass checkpoint=... (a run's "
             "logs/train/runs/<time>/checkpoints/*.ckpt)"
         )
-    return GroundedChat.from_checkpoint(
+    chat = GroundedChat.from_checkpoint(
         resolve_path(cfg.model.lmm.name_or_path),
         cfg.checkpoint,
         resolve_path(cfg.model.sam.checkpoint),
@@ -47,6 +47,8 @@ def build_chat(cfg: DictConfig) -> GroundedChat:
         device=cfg.device,
         dtype=cfg.model.lmm.dtype,
     )
+    chat.cot_in_turn = cfg.cot_in_turn
+    return chat
 
 
 def same_model(settings: dict) -> dict:
@@ -70,6 +72,7 @@ def evaluate_pope(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     lmm = OmegaConf.to_container(cfg.model.lmm, resolve=True)
     settings = {"checkpoint": str(cfg.checkpoint), "lmm": lmm, "max_new_tokens": cfg.max_new_tokens}
+    settings |= {"cot_in_turn": cfg.cot_in_turn}
     check_settings(out, settings, same_model)
     results = evaluate(build_chat(cfg), questions, cfg.image_dir, out, modes, cfg.max_new_tokens)
     table = format_table(results)

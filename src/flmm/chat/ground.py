@@ -18,11 +18,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from flmm.chat.conversation import (
-    COT_PREFIX,
     ChatResult,
     GroundedChat,
     VisualCoT,
-    object_phrase,
+    object_span,
 )
 from flmm.chat.options import add_model_args, load_chat
 from flmm.chat.reasonseg import reason
@@ -145,11 +144,8 @@ def cot_result(cot: VisualCoT, image: np.ndarray) -> ChatResult:
     answer = f"{cot.object_text} Answer (whole image + crop {cot.box}): {cot.answer}"
     if cot.mask is None:
         return ChatResult(cot.question, answer, [], [], np.zeros((0, *image.shape[:2]), bool))
-    phrase = object_phrase(cot.object_text)
-    start = cot.object_text.index(phrase, len(COT_PREFIX))
-    return ChatResult(
-        cot.question, answer, [phrase], [(start, start + len(phrase))], cot.mask[None]
-    )
+    phrase, span = object_span(cot.object_text)
+    return ChatResult(cot.question, answer, [phrase], [span], cot.mask[None])
 
 
 def parser() -> argparse.ArgumentParser:
