@@ -17,12 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from flmm.chat.conversation import (
-    ChatResult,
-    GroundedChat,
-    VisualCoT,
-    object_span,
-)
+from flmm.chat.conversation import ChatResult, GroundedChat, VisualCoT, object_span
 from flmm.chat.options import add_model_args, load_chat
 from flmm.chat.reasonseg import reason
 from flmm.errors import FlmmUserError, exit_on_user_error
