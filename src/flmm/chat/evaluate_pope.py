@@ -19,11 +19,12 @@ from flmm.chat.conversation import GroundedChat
 from flmm.chat.pope import check_modes, check_settings, evaluate, format_table, read_sets
 from flmm.data.synthetic.pope import ensure_pope
 from flmm.errors import exit_on_user_error
-from flmm.foundation.cache import llava_recipe
+from flmm.foundation.cache import ensure_tiny_llava, llava_recipe
 from flmm.runtime import hydra_entry
 
 log = logging.getLogger(__name__)
-TINY_LLAVA = "flmm.foundation.cache.ensure_tiny_llava"
+# the `_target_` of a tiny LLaVA config node (conf/model/lmm/tiny.yaml)
+TINY_LLAVA = f"{ensure_tiny_llava.__module__}.{ensure_tiny_llava.__qualname__}"
 
 
 def resolve_path(node) -> str:
