@@ -65,6 +65,24 @@ def test_sampled_answer_is_plain_generate_with_the_same_seed(chat, image):
     assert any(o != expected for o in other), "sampling ignores the seed"
 
 
+def test_decoding_settings_reach_answers_not_the_chain_of_thought(chat, image, monkeypatch):
+    """``decoding`` (``--repetition-penalty``) is plain generate's setting for answers, streamed
+    or not; the chain of thought's steps keep the model's own decoding."""
+    expected = plain_generate(
+        chat.lmm, image, max_new_tokens=12, do_sample=False, repetition_penalty=1.5
+    )
+    monkeypatch.setattr(chat, "decoding", {"repetition_penalty": 1.5})
+    assert chat.answer(image, QUESTION, max_new_tokens=12) == expected
+    assert "".join(chat.stream(image, QUESTION, max_new_tokens=12)).strip() == expected.strip()
+    assert chat.answer(image, QUESTION, max_new_tokens=12, repetition_penalty=1.0) == (
+        plain_generate(chat.lmm, image, max_new_tokens=12, do_sample=False)
+    )
+    seen, generate = [], chat.lmm.generate
+    monkeypatch.setattr(chat.lmm, "generate", lambda *a, **k: seen.append(k) or generate(*a, **k))
+    chat.visual_cot(image, QUESTION, max_new_tokens=4)
+    assert len(seen) == 2 and not any("repetition_penalty" in k for k in seen)
+
+
 def test_streaming_gives_the_same_text(chat, image):
     expected = chat.answer(image, QUESTION, max_new_tokens=12)
     pieces = list(chat.stream(image, QUESTION, max_new_tokens=12))

@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from flmm.chat import ground as ground_cli
+from flmm.chat import options
 from flmm.chat.conversation import ChatResult
 from flmm.chat.ground import load_image, main, marked
 from flmm.heads import build_sam
@@ -86,6 +88,26 @@ def test_chat_mode_answers_then_grounds(saved, image_file, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("question: what colour is the circle?\nanswer:   ")
     assert "not in the answer, not grounded: 'not said'" in printed
+
+
+def test_repetition_penalty_reaches_the_answer(saved, image_file, tmp_path, monkeypatch):
+    loaded = []
+
+    def answer(chat, *args):
+        loaded.append(chat)
+        return ChatResult("what colour?", "red", [], [], np.zeros((0, 36, 50), dtype=bool))
+
+    monkeypatch.setattr(ground_cli, "run", answer)
+    out = str(tmp_path / "o.png")
+    main([str(image_file), "what colour?", "--repetition-penalty", "1.3", "--output", out, *saved])
+    assert loaded[0].decoding == {"repetition_penalty": 1.3}
+
+
+def test_a_bad_repetition_penalty_is_refused_before_models_load(image_file, capsys, monkeypatch):
+    monkeypatch.setattr(options, "_load_chat", lambda args: pytest.fail("models loaded"))
+    with pytest.raises(SystemExit):
+        main([str(image_file), "what colour?", "--repetition-penalty", "0"])
+    assert "--repetition-penalty must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["cot", "reason"])

@@ -90,6 +90,10 @@ class GroundedChat:
     ``cot_in_turn``: the visual chain of thought grounds the object it names inside its own
     turn instead of as a referring expression (POPE vcot on the synthetic world, shipped models:
     docs/tiny_llava.md, "Grounding the named object as F-LMM was trained to").
+
+    ``decoding``: HF ``generate`` settings for the answers of :meth:`answer`, :meth:`stream` and
+    :meth:`chat` (e.g. ``{"repetition_penalty": 1.2}``; a call's own settings win). The visual
+    chain of thought's steps keep the model's own decoding (and ``flmm pope`` sets none).
     """
 
     cot_in_turn = False
@@ -98,6 +102,7 @@ class GroundedChat:
         self.model = model.eval()
         self.lmm: FrozenLMM = model.lmm
         self.selector = selector
+        self.decoding: dict = {}
 
     @classmethod
     def from_pretrained(
@@ -164,8 +169,9 @@ class GroundedChat:
         do_sample: bool = False,
         **gen,
     ) -> str:
-        """The plain LMM answer (HF ``generate``); ``seed=`` fixes the sampling."""
-        return self._generate([image], question, max_new_tokens, do_sample, **gen)
+        """The plain LMM answer (HF ``generate``, with :attr:`decoding`); ``seed=`` fixes the
+        sampling."""
+        return self._generate([image], question, max_new_tokens, do_sample, **self.decoding | gen)
 
     def stream(
         self,
@@ -180,7 +186,8 @@ class GroundedChat:
         streamer = TextIteratorStreamer(
             self.lmm.processor.tokenizer, skip_prompt=True, skip_special_tokens=True
         )
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer, **gen)
+        kwargs = {**self.decoding, **gen, "streamer": streamer}
+        kwargs |= {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
         failed: list[Exception] = []
 
         def work() -> None:
@@ -324,7 +331,7 @@ class GroundedChat:
         mask = step.masks[0] if len(step.masks) and step.masks[0].any() else None
         box = None if mask is None else expand_box(mask_box(largest_region(mask)), image.shape[:2])
         if box is None:
-            final = self.answer(image, question, max_new_tokens)
+            final = self._generate([image], question, max_new_tokens, False)
         else:
             crop = image[box[1] : box[3], box[0] : box[2]]
             final = self._generate([image, crop], question, max_new_tokens, False)

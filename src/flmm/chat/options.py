@@ -34,11 +34,30 @@ def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
     )
     if generates:
         p.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap")
+        p.add_argument(
+            "--repetition-penalty",
+            type=float,
+            help="HF generate's repetition_penalty for answers, e.g. 1.3 (default: the LMM's own "
+            "decoding); the visual chain of thought keeps the LMM's own",
+        )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
 def load_chat(args: argparse.Namespace) -> GroundedChat:
     """The :class:`GroundedChat` the command-line arguments describe."""
+    penalty = getattr(args, "repetition_penalty", None)
+    if penalty is not None and not penalty > 0:
+        raise FlmmUserError(
+            f"--repetition-penalty must be positive (1.0: none, above 1: fewer repeats), "
+            f"got {penalty}"
+        )
+    chat = _load_chat(args)
+    if penalty is not None:
+        chat.decoding = {"repetition_penalty": penalty}
+    return chat
+
+
+def _load_chat(args: argparse.Namespace) -> GroundedChat:
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     print(f"F-LMM checkpoint: {checkpoint}", file=sys.stderr)
     if checkpoint.suffix != ".ckpt" and not checkpoint.is_file():  # a head folder or hub id
