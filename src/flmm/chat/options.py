@@ -37,7 +37,7 @@ def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
         p.add_argument(
             "--repetition-penalty",
             type=float,
-            help="HF generate's repetition_penalty for answers, e.g. 1.3 (default: the LMM's own "
+            help="HF generate's repetition_penalty for answers, e.g. 1.2 (default: the LMM's own "
             "decoding); the visual chain of thought keeps the LMM's own",
         )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
