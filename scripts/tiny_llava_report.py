@@ -2,6 +2,7 @@
 
     python scripts/tiny_llava_report.py [--lmm DIR] [--world $FLMM_HOME/synthetic_world] [--limit N]
         [--cot-limit N] [--captions N] [--questions N] [--max-new-tokens N]
+        [--repetition-penalty P]
         [--output-dir logs/tiny_llava_report]
 
 - POPE, plain answers, on each synthetic POPE file (first ``--limit`` questions; the same
@@ -12,8 +13,9 @@
 - the visual chain of thought's first step (the LMM completes "The object most relevant to the
   question is"), on the first ``--cot-limit`` of them: the share that names the asked object.
 - caption hallucination, CHAIR-style (:mod:`flmm.data.synthetic.hallucination`): the F-LMM
-  description prompt's greedy caption of each test image (first ``--captions``), and the share of
-  the objects it mentions that are not in the scene.
+  description prompt's greedy caption of each test image (first ``--captions``; with
+  ``--repetition-penalty``, HF's penalty), the share of the objects it mentions that are not in
+  the scene, and the share of the scene's objects it mentions (coverage).
 - short answers to the corpus's other questions (where / what colour / shape / size, how many,
   relations; :func:`flmm.data.synthetic.corpus.questions`) about ``--questions`` fresh scenes of a stream
   no stage trains on: exact-match accuracy by kind, beside the share of the kind's most common
@@ -56,8 +58,10 @@ class LMMAnswerer:
     def __init__(self, lmm: FrozenLMM) -> None:
         self.lmm = lmm
 
-    def answer(self, image: np.ndarray, question: str, max_new_tokens: int = 32) -> str:
-        return self.lmm.generate([image], question, max_new_tokens=max_new_tokens, do_sample=False)
+    def answer(self, image: np.ndarray, question: str, max_new_tokens: int = 32, **gen) -> str:
+        return self.lmm.generate(
+            [image], question, max_new_tokens=max_new_tokens, do_sample=False, **gen
+        )
 
     def cot_object(self, image: np.ndarray, question: str, max_new_tokens: int = 16) -> str:
         """The object the chain of thought's first step names for ``question``."""
@@ -102,14 +106,20 @@ def negatives(questions, answers_file: Path, objects: dict[str, list[str]]) -> d
     return false_yes_by_kind(asked, [parsed[q.question_id] for q in questions], objects)
 
 
-def caption_chair(answerer: LMMAnswerer, world: Path, n: int, max_new_tokens: int) -> dict:
-    """CHAIR of the greedy descriptions of the first ``n`` test images."""
+def caption_chair(
+    answerer: LMMAnswerer, world: Path, n: int, max_new_tokens: int, penalty: float | None = None
+) -> dict:
+    """CHAIR of the greedy descriptions of the first ``n`` test images (with HF's
+    ``repetition_penalty`` ``penalty``, if given)."""
     scenes = list(split_attributes(world, "test").items())[:n]
+    gen = {} if penalty is None else {"repetition_penalty": penalty}
     captions = [
-        answerer.answer(load_image(world / "images", name), DEFAULT_INSTRUCTION, max_new_tokens)
+        answerer.answer(
+            load_image(world / "images", name), DEFAULT_INSTRUCTION, max_new_tokens, **gen
+        )
         for name, _ in scenes
     ]
-    out = chair(captions, [objects for _, objects in scenes])
+    out = chair(captions, [objects for _, objects in scenes]) | {"repetition_penalty": penalty}
     return out | {"examples": [(name, c) for (name, _), c in zip(scenes[:4], captions)]}
 
 
@@ -148,6 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--captions", type=int, default=200, help="test images to caption")
     parser.add_argument("--questions", type=int, default=60, help="fresh scenes to ask about")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--repetition-penalty", type=float, help="for the captions (default: greedy, none)"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("logs/tiny_llava_report"))
     args = parser.parse_args(argv)
     cot_limit = args.limit if args.cot_limit is None else args.cot_limit
@@ -168,7 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     report["cot_names_asked"] = {
         n: cot_share(answerer, qs[:cot_limit], image_dir) for n, qs in sets.items()
     }
-    report["captions"] = caption_chair(answerer, args.world, args.captions, args.max_new_tokens)
+    report["captions"] = caption_chair(
+        answerer, args.world, args.captions, args.max_new_tokens, args.repetition_penalty
+    )
     report["short_answers"] = short_answers(answerer, args.questions)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "report.json").write_text(json.dumps(report, indent=2))

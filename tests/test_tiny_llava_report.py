@@ -32,6 +32,7 @@ def test_report_runs_end_to_end(report, tmp_path):
     argv = ["--lmm", str(lmm), "--world", str(world), "--limit", "4", "--cot-limit", "3"]
     out = report.main(
         [*argv, "--captions", "2", "--questions", "2", "--max-new-tokens", "6"]
+        + ["--repetition-penalty", "1.2"]
         + ["--output-dir", str(tmp_path / "out")]
     )
     assert json.loads((tmp_path / "out/report.json").read_text()) == json.loads(json.dumps(out))
@@ -41,6 +42,7 @@ def test_report_runs_end_to_end(report, tmp_path):
         assert sum(k["n"] for k in kinds.values()) == 2, name
     assert all(c["n"] == 3 and 0 <= c["share"] <= 1 for c in out["cot_names_asked"].values())
     assert out["captions"]["captions"] == 2 and 0 <= out["captions"]["chair_i"] <= 1
+    assert out["captions"]["repetition_penalty"] == 1.2
     short = out["short_answers"]
     assert {"where is", "what size", "how many"} <= set(short)
     assert all(0 <= k["accuracy"] <= 1 and 0 < k["majority"] <= 1 for k in short.values())
