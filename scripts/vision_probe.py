@@ -1,13 +1,16 @@
-"""What the tiny LLaVA's image features carry: linear probes for each patch's colour and shape.
+"""What the tiny LLaVA's image features carry: linear probes for each patch's colour, shape and
+place.
 
     python scripts/vision_probe.py [--lmm DIR] [--train 512] [--test 256] [--output FILE]
 
 The features are what the projector reads (the vision tower's ``vision_feature_layer``), one per
 patch, for fresh scenes of their own RNG stream. A patch counts when one object covers at least
-half of it; its label is that object's colour (or shape). A softmax-regression probe is fitted
-on the ``--train`` scenes' patches and scored on the ``--test`` scenes'. Accuracy near the
-majority share means the features do not say that attribute, so nothing downstream (captions,
-existence answers, F-LMM's attention) can.
+half of it; its label is that object's colour (or shape), or the patch's own row (or column) of
+the grid. A softmax-regression probe is fitted on the ``--train`` scenes' patches and scored on
+the ``--test`` scenes'. Accuracy near the majority share means the features do not say that
+attribute, so nothing downstream (captions, existence answers, F-LMM's attention) can. Row and
+column are also probed on the projector's output, the image tokens the language model reads
+(``tokens``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,16 @@ def object_patches(feats: torch.Tensor, shares: torch.Tensor) -> tuple[torch.Ten
     return feats[keep], top.indices[keep]
 
 
+def object_places(
+    feats: torch.Tensor, shares: torch.Tensor, side: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The patches one object covers at least half of (``feats`` row-major, ``side`` x ``side``
+    per scene), with each patch's row and column."""
+    kept, _ = object_patches(torch.arange(len(feats)), shares)
+    place = kept % (side * side)
+    return {"row": (feats[kept], place // side), "column": (feats[kept], place % side)}
+
+
 def probe_accuracy(train_x, train_y, test_x, test_y, steps: int = 500) -> dict:
     """Fit a softmax regression on standardised ``train_x``; its test accuracy and the majority
     share of ``test_y``."""
@@ -92,6 +105,15 @@ def main(argv: list[str] | None = None) -> dict:
         out[name] = probe_accuracy(
             *object_patches(train[0], train[1][name]), *object_patches(test[0], test[1][name])
         )
+    side = size // model.config.vision_config.patch_size
+    with torch.no_grad():
+        project = model.model.multi_modal_projector
+        tokens = [(project(feats), shares) for feats, shares in (train, test)]
+    for where, (fit, score) in (("features", (train, test)), ("tokens", tokens)):
+        fit_at, score_at = (object_places(f, s["colour"], side) for f, s in (fit, score))
+        for name in ("row", "column"):
+            key = name if where == "features" else f"tokens_{name}"
+            out[key] = probe_accuracy(*fit_at[name], *score_at[name])
     text = json.dumps(out, indent=2)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -37,13 +37,24 @@ def test_object_patches_keep_half_covered_patches_and_their_value(probe):
     assert kept.flatten().tolist() == [1.0, 2.0] and values.tolist() == [1, 0]
 
 
+def test_object_places_are_each_patchs_row_and_column(probe):
+    feats = torch.arange(8.0)[:, None]  # two scenes of a 2 x 2 grid, row-major
+    shares = torch.zeros(8, 2)
+    shares[[1, 2, 7], 1] = 1.0  # covered patches: (0, 1) and (1, 0) of scene 1, (1, 1) of scene 2
+    places = probe.object_places(feats, shares, side=2)
+    kept, rows = places["row"]
+    assert kept.flatten().tolist() == [1.0, 2.0, 7.0] and rows.tolist() == [0, 1, 1]
+    assert places["column"][1].tolist() == [1, 0, 1]
+
+
 def test_vision_probe_runs_end_to_end(probe, tmp_path):
     lmm = build_tiny_llava(tmp_path / "lmm", vocabulary(), num_layers=1, vision_layers=1)
     out = probe.main(
         ["--lmm", str(lmm), "--train", "6", "--test", "3", "--output", str(tmp_path / "p.json")]
     )
     assert json.loads((tmp_path / "p.json").read_text()) == out
-    for name in ("colour", "shape"):
+    for name in ("colour", "shape", "row", "column", "tokens_row", "tokens_column"):
         assert out[name]["n"] > 0 and 0 <= out[name]["accuracy"] <= 1
+    assert out["row"]["n"] == out["colour"]["n"] == out["tokens_column"]["n"]
     # colour is in a patch's pixels, so even a random linear patch embedding carries it
     assert out["colour"]["accuracy"] > out["colour"]["majority"] + 0.3
