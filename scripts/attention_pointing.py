@@ -9,7 +9,8 @@ phrase's rows merged by the LMM's ``merge``), and the maps of the phrase's last 
 *points* at the referent when its largest patch touches the object; its *mass* is the share of
 the map on the patches the object touches. Per phrase kind, for the layer-head that does best on
 that kind: the share of phrases it points at and its mean mass, beside the share of the grid the
-referents touch (a map spread evenly has that mass). Writes the table as JSON to ``--output``.
+referents touch (a map spread evenly has that mass). The world's images are square, so the
+attention frame is the image. Writes the table as JSON to ``--output``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from flmm.types import GroundingBatch
 BATCH = 8  # test images per forward
 
 
-def test_loader(world: Path, batch_size: int = BATCH):
+def split_loader(world: Path, batch_size: int = BATCH):
     """The test split of the world at ``world`` (as written, never regenerated)."""
     manifest = world / DATASET / "world.json"
     if not manifest.is_file():
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--output", type=Path, default=Path("logs/attention_pointing.json"))
     args = parser.parse_args(argv)
-    batches = exit_on_user_error(test_loader, args.world)
+    batches = exit_on_user_error(split_loader, args.world)
     if args.limit is not None:
         batches = islice(batches, -(-args.limit // BATCH))
     lmm = FrozenLMM.from_pretrained(args.lmm, dtype="float32").eval()
