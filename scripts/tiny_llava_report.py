@@ -119,8 +119,9 @@ def caption_chair(
         )
         for name, _ in scenes
     ]
-    out = chair(captions, [objects for _, objects in scenes]) | {"repetition_penalty": penalty}
-    return out | {"examples": [(name, c) for (name, _), c in zip(scenes[:4], captions)]}
+    examples = [(name, c) for (name, _), c in zip(scenes[:4], captions)]
+    out = chair(captions, [objects for _, objects in scenes])
+    return out | {"repetition_penalty": penalty, "examples": examples}
 
 
 def question_kind(text: str) -> str:

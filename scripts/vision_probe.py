@@ -106,14 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
             *object_patches(train[0], train[1][name]), *object_patches(test[0], test[1][name])
         )
     side = size // model.config.vision_config.patch_size
+    project = model.model.multi_modal_projector
     with torch.no_grad():
-        project = model.model.multi_modal_projector
         tokens = [(project(feats), shares) for feats, shares in (train, test)]
-    for where, (fit, score) in (("features", (train, test)), ("tokens", tokens)):
+    for prefix, (fit, score) in (("", (train, test)), ("tokens_", tokens)):
         fit_at, score_at = (object_places(f, s["colour"], side) for f, s in (fit, score))
         for name in ("row", "column"):
-            key = name if where == "features" else f"tokens_{name}"
-            out[key] = probe_accuracy(*fit_at[name], *score_at[name])
+            out[prefix + name] = probe_accuracy(*fit_at[name], *score_at[name])
     text = json.dumps(out, indent=2)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

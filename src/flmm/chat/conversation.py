@@ -186,8 +186,13 @@ class GroundedChat:
         streamer = TextIteratorStreamer(
             self.lmm.processor.tokenizer, skip_prompt=True, skip_special_tokens=True
         )
-        kwargs = {**self.decoding, **gen, "streamer": streamer}
-        kwargs |= {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+        kwargs = {
+            **self.decoding,
+            **gen,
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "streamer": streamer,
+        }
         failed: list[Exception] = []
 
         def work() -> None:
