@@ -150,7 +150,7 @@ def tiny_models(tiny_run) -> tuple:
 
 
 BROKEN_CHECKPOINTS = {
-    "empty": (lambda good: b"", "is empty, truncated or not a torch checkpoint"),
+    "empty": (lambda good: b"", "is empty, truncated or not a torch file"),
     "truncated": (lambda good: good[: len(good) // 2], "is empty, truncated or not a torch"),
     "list": (lambda good: torch_bytes([1, 2, 3]), "holds a list, not a checkpoint"),
     "unknown_hparams": (
@@ -446,11 +446,40 @@ def test_feature_cache_entry_of_another_format_is_recomputed(tiny_models, tmp_pa
     from flmm.training.feature_cache import FORMAT_VERSION, LMM_FIELDS, EntryStore, lmm_identity
 
     store = EntryStore(tmp_path, {"format": FORMAT_VERSION}, LMM_FIELDS)
+    shapes = {name: (1,) for name in LMM_FIELDS}
     store.save("ab01", {"maps": torch.zeros(2), "box": torch.zeros(4)})  # an older layout
-    assert store.load("ab01") is None and "recomputing it" in caplog.text
+    assert store.load("ab01", shapes) is None and "recomputing it" in caplog.text
     store.save("ab02", {name: torch.zeros(1) for name in LMM_FIELDS})
-    assert set(store.load("ab02")) == LMM_FIELDS
+    assert set(store.load("ab02", shapes)) == LMM_FIELDS
     assert lmm_identity(tiny_models[0])["format"] == FORMAT_VERSION
+
+
+def test_feature_cache_entry_of_the_wrong_shapes_is_recomputed(
+    tiny_models, ragged_batch, tmp_path, caplog
+):
+    """Right fields, wrong shapes (another grid, a cut file): recomputed, not a crash mid-epoch."""
+    import torch
+
+    from flmm.heads import SamRefiner
+    from flmm.training.feature_cache import FeatureCache
+
+    lmm, sam = tiny_models
+    cache = FeatureCache(tmp_path, lmm, SamRefiner(sam))
+    fresh = cache.lookup(ragged_batch)
+    key = cache.sample_key(ragged_batch, 1)
+    entry = dict(cache.lmm_store.load(key, cache.capture_shapes(len(ragged_batch.spans[1]))))
+    entry["maps"] = entry["maps"][..., :-1]
+    entry["hidden"] = entry["hidden"][:, :-1]
+    cache.lmm_store.save(key, entry)
+    image_key = cache.image_key(ragged_batch.images[0])
+    cache.sam_store.save(
+        image_key, {"embedding": torch.zeros(3, 2, 2), "input_size": torch.ones(2)}
+    )
+    again = cache.lookup(ragged_batch)
+    assert caplog.text.count("recomputing it") == 2, caplog.text
+    assert cache.misses == {"lmm": 3 + 1, "sam": 3 + 1}
+    assert torch.allclose(again[0].maps, fresh[0].maps)
+    assert torch.allclose(again[1][0], fresh[1][0], atol=1e-3)
 
 
 # ------------------------------------------------------------------------------ the web page

@@ -70,7 +70,7 @@ def test_training_writes_a_model_folder_from_the_best_checkpoint(run):
     assert (
         config["lmm"]["family"] == "llava" and config["training"]["frozen_lmm_check"]["unchanged"]
     )
-    assert config["lmm"]["trust_remote_code"] is False  # loading passes it back to the LMM
+    assert config["lmm"]["remote_code"] is False  # recorded for the reader; never obeyed
 
 
 def test_from_pretrained_gives_the_checkpoints_masks(run, head):
@@ -122,7 +122,8 @@ def test_grounded_chat_and_the_cli_load_a_folder_alone(run, head, tmp_path, monk
     chat = GroundedChat.from_pretrained(str(folder))
     assert_same_masks(ground(chat.model, sample), ground(head.model, sample))
     args = argparse.Namespace(
-        checkpoint=str(folder), lmm=None, sam=None, selector=None, device="cpu", family="llava"
+        checkpoint=str(folder), lmm=None, sam=None, selector=None, device="cpu", family="llava",
+        trust_remote_code=False,
     )
     assert_same_masks(ground(load_chat(args).model, sample), ground(head.model, sample))
     shutil.copytree(folder, tmp_path / "logs" / "train" / "runs" / "x" / "model")
@@ -139,7 +140,7 @@ def test_a_checkpoint_alone_names_its_sam_and_family(run, head, tmp_path):
     args = argparse.Namespace(
         checkpoint=str(best), lmm=None, sam=None, sam_variant=None, selector=None, family=None
     )
-    args.device, args.dtype = "cpu", "float32"
+    args.device, args.dtype, args.trust_remote_code = "cpu", "float32", False
     assert_same_masks(ground(load_chat(args).model, sample), ground(head.model, sample))
     moved = torch.load(best, weights_only=True)
     moved["flmm"]["sam"] = {"variant": "vit_l", "checkpoint": str(tmp_path / "sam_vit_l.pth")}

@@ -61,7 +61,8 @@ def load_model(cfg: DictConfig) -> FLMM:
     check_checkpoint(cfg)
     if Path(cfg.checkpoint).is_dir():
         log.info("checkpoint is a head folder: LMM and SAM from its config.json, not model=...")
-        return FLMMHead.from_pretrained(cfg.checkpoint).model
+        trust = bool(cfg.model.lmm.get("trust_remote_code", False))  # the user's config only
+        return FLMMHead.from_pretrained(cfg.checkpoint, trust_remote_code=trust).model
     saved = read_checkpoint(cfg.checkpoint).get("flmm")
     check_family(saved, cfg.model.lmm.family, cfg.model.lmm.get("grid_size"), cfg.checkpoint)
     sam = hydra.utils.instantiate(cfg.model.sam)

@@ -26,6 +26,12 @@ def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
     p.add_argument("--lmm", help="frozen LMM id or folder (default: the checkpoint's)")
     p.add_argument("--dtype", default="float32", help="the frozen LMM's dtype (bfloat16 on GPUs)")
     p.add_argument("--family", help="LMM family (default: the one the checkpoint records)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the LMM's checkpoint run the Python code it ships (read it first); never "
+        "implied by a checkpoint or head folder",
+    )
     p.add_argument("--sam", help="SAM checkpoint (default: the one the checkpoint records)")
     p.add_argument("--sam-variant", choices=("vit_b", "vit_l", "vit_h", "tiny"))
     p.add_argument(
@@ -62,7 +68,12 @@ def _load_chat(args: argparse.Namespace) -> GroundedChat:
     print(f"F-LMM checkpoint: {checkpoint}", file=sys.stderr)
     if checkpoint.suffix != ".ckpt" and not checkpoint.is_file():  # a head folder or hub id
         return GroundedChat.from_pretrained(
-            str(checkpoint), args.lmm, args.sam, selector=args.selector, device=args.device
+            str(checkpoint),
+            args.lmm,
+            args.sam,
+            selector=args.selector,
+            device=args.device,
+            trust_remote_code=args.trust_remote_code,
         )
     saved = read_checkpoint(checkpoint).get("flmm")
     if args.family:
@@ -76,6 +87,7 @@ def _load_chat(args: argparse.Namespace) -> GroundedChat:
         selector=args.selector,
         device=args.device,
         dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
     )
 
 

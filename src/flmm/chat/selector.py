@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from flmm.errors import CheckpointMismatchError
+from flmm.files import load_torch_file
 from flmm.types import GroundingBatch, GroundingSample
 
 WORD = re.compile(r"\w+|[^\w\s]")
@@ -127,8 +128,8 @@ class KeywordSelector(nn.Module):
                 f"keyword selector not found: {path}; "
                 "train one with `python -m flmm.chat.train_selector`"
             )
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if "selector" not in saved:
+        saved = load_torch_file(path, "keyword selector")
+        if not isinstance(saved, dict) or "selector" not in saved:
             raise CheckpointMismatchError(f"{path} is not a keyword selector written by flmm")
         meta = saved["selector"]
         if hidden_size is not None and meta["hidden_size"] != hidden_size:

@@ -18,6 +18,7 @@ from segment_anything.modeling import (
 from torch import nn
 
 from flmm.errors import CheckpointMismatchError
+from flmm.files import load_torch_file
 
 
 def build_tiny_sam(
@@ -111,7 +112,12 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path, variant: str) -> None:
             f"SAM checkpoint not found: {path}. Download {path.name} (segment-anything's release) "
             f"into paths.sam_checkpoint_dir, or pass model.sam.checkpoint=/path/to/{path.name}"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, "SAM checkpoint")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointMismatchError(
+            f"SAM checkpoint {path} holds a {type(state).__name__}, not a state dict of tensors; "
+            "pass segment-anything's released sam_vit_*.pth (model.sam.checkpoint=...)"
+        )
     problems = state_dict_mismatches(sam.state_dict(), state)
     if problems:
         raise CheckpointMismatchError(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from torch import nn
 
 import flmm
 from flmm.errors import CheckpointMismatchError, DataError
-from flmm.files import flmm_home, write_atomic
+from flmm.files import flmm_home, load_torch_file, write_atomic
 
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(flmm.__file__).resolve().parent
@@ -121,14 +120,7 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"F-LMM checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as err:
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise DataError(
-            f"checkpoint {path} ({path.stat().st_size:,} bytes) is empty, truncated or not a "
-            f"torch checkpoint ({reason}); a run killed while saving can leave one: use another"
-        ) from None
+    ckpt = load_torch_file(path, "F-LMM checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         kind = type(ckpt).__name__ if not isinstance(ckpt, dict) else "dict without a state_dict"
         raise CheckpointMismatchError(

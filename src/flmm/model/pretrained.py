@@ -15,10 +15,11 @@ import logging
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flmm.errors import CheckpointMismatchError, FlmmUserError
+from flmm.errors import CheckpointMismatchError, DataError, FlmmUserError
 from flmm.files import write_text_atomic
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 FORMAT = 1  # bump when config.json changes meaning
 TEST_METRICS = ("giou", "ciou", "coarse_giou", "coarse_ciou", "loss")
+REQUIRED = ("lmm", "sam", "mask_head", "hyper_parameters", "metadata")  # config.json's sections
+DAMAGED = "the head folder is damaged: copy it again, or write it anew with save_pretrained"
+# the LMM settings a head folder's config.json may pass to FrozenLMM.from_pretrained
+RECORDED_SETTINGS = ("family", "dtype", "grid_size", "text_layers", "merge", "instruction")
 
 
 def head_config(model: FLMM, training: dict | None = None, scores: dict | None = None) -> dict:
@@ -57,7 +62,8 @@ def head_config(model: FLMM, training: dict | None = None, scores: dict | None =
             "text_layers": lmm.num_text_layers,
             "merge": lmm.merge,
             "instruction": lmm.instruction,
-            "trust_remote_code": lmm.trust_remote_code,
+            # a fact for the reader and the loader's message; loading never trusts it
+            "remote_code": lmm.trust_remote_code,
         },
         "sam": {
             "variant": source["variant"],
@@ -113,71 +119,92 @@ class FLMMHead(
         return ModelCard(render_card(self.config))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> FLMMHead:
-        where = str(pretrained_model_name_or_path)
-        looks_local = where.startswith(("/", ".", "~")) or not HUB_ID.match(where)
-        if looks_local and not Path(where).expanduser().is_dir():
-            raise FileNotFoundError(
-                f"F-LMM head folder not found: {where}; pass a folder written by training "
-                "(<run>/model) or save_pretrained, or a hub id"
-            )
-        return super().from_pretrained(where, **kwargs)
-
-    @classmethod
-    def _from_pretrained(
+    def from_pretrained(
         cls,
+        pretrained_model_name_or_path: str | Path,
         *,
-        model_id: str,
-        revision,
-        cache_dir,
-        force_download: bool,
-        local_files_only: bool,
-        token,
-        config: dict | None = None,
         lmm: FrozenLMM | str | None = None,
         sam: nn.Module | str | None = None,
         device: str = "cpu",
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
         **lmm_kwargs,
     ) -> FLMMHead:
-        folder = Path(model_id)
-        if not folder.is_dir():
-            folder = Path(
-                snapshot_download(
-                    model_id,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    force_download=force_download,
-                    local_files_only=local_files_only,
-                    token=token,
-                )
-            )
-        config = check_folder(folder, config)
+        """Load a head folder or hub id (``revision``... select the head's files on the hub)."""
+        folder = head_folder(
+            str(pretrained_model_name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        config = read_config(folder)
         sam = sam if isinstance(sam, nn.Module) else load_sam(config["sam"], sam)
         if not isinstance(lmm, FrozenLMM):
             lmm = load_lmm(config["lmm"], lmm, **lmm_kwargs)
         try:
             check_metadata(config["metadata"], portable_metadata(lmm, sam))
         except CheckpointMismatchError as err:
-            raise CheckpointMismatchError(f"head folder {model_id}: {err}") from None
-        head = config["mask_head"]
-        model = FLMM.build(lmm, sam, **head, **config["hyper_parameters"])
-        model.load_state_dict(load_file(str(folder / WEIGHTS)))
+            raise CheckpointMismatchError(f"head folder {folder}: {err}") from None
+        model = FLMM.build(lmm, sam, **config["mask_head"], **config["hyper_parameters"])
+        model.load_state_dict(read_weights(folder / WEIGHTS))
         return cls(model.eval().to(device), config)
 
 
-def check_folder(folder: Path, config: dict | None) -> dict:
-    """The folder's config, after checking it is an flmm head folder of a format we read."""
-    if config is None or not (folder / WEIGHTS).is_file():
+def head_folder(where: str, **hub) -> Path:
+    """The local folder of a head: ``where`` itself, or the hub snapshot of the id ``where``."""
+    looks_local = where.startswith(("/", ".", "~")) or not HUB_ID.match(where)
+    folder = Path(where).expanduser()
+    if folder.is_dir():
+        return folder
+    if looks_local:
+        raise FileNotFoundError(
+            f"F-LMM head folder not found: {where}; pass a folder written by training "
+            "(<run>/model) or save_pretrained, or a hub id"
+        )
+    return Path(snapshot_download(where, **hub))
+
+
+def read_config(folder: Path) -> dict:
+    """The folder's ``config.json``, after checking it is an flmm head config of a format we read;
+    a damaged file is a one-line :class:`DataError` naming it."""
+    path = folder / CONFIG
+    if not path.is_file() or not (folder / WEIGHTS).is_file():
         raise FlmmUserError(
             f"{folder} is not an F-LMM head folder (it needs {CONFIG} and {WEIGHTS}); "
             "training writes one into <run>/model"
         )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}); {DAMAGED}") from None
+    if not isinstance(config, dict):
+        raise DataError(
+            f"{path} holds a JSON {type(config).__name__}, not a head config; {DAMAGED}"
+        )
     if config.get("format") != FORMAT:
         raise CheckpointMismatchError(
-            f"{folder / CONFIG} has format {config.get('format')!r}, this flmm reads {FORMAT}; "
+            f"{path} has format {config.get('format')!r}, this flmm reads {FORMAT}; "
             "load it with the flmm version that wrote it"
         )
+    missing = [k for k in REQUIRED if not isinstance(config.get(k), dict)]
+    if missing or "id" not in config["lmm"]:
+        raise DataError(f"{path} lacks {missing or ['lmm.id']}; {DAMAGED}")
     return config
+
+
+def read_weights(path: Path) -> dict:
+    """The head's trainable tensors; a truncated or foreign file is a one-line :class:`DataError`."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise DataError(
+            f"{path} is truncated or not a safetensors file ({err}); {DAMAGED}"
+        ) from None
 
 
 def load_sam(recorded: dict, checkpoint: str | None):
@@ -188,10 +215,23 @@ def load_sam(recorded: dict, checkpoint: str | None):
     return build_sam(recorded["variant"], path)
 
 
-def load_lmm(recorded: dict, name_or_path: str | None, **overrides) -> FrozenLMM:
-    """The recorded LMM (or ``name_or_path``) with the recorded settings, ``overrides`` applied."""
-    settings = {k: v for k, v in recorded.items() if k != "id"} | overrides
-    return FrozenLMM.from_pretrained(name_or_path or resolve(recorded["id"]), **settings)
+def load_lmm(
+    recorded: dict, name_or_path: str | None, trust_remote_code: bool = False, **overrides
+) -> FrozenLMM:
+    """The recorded LMM (or ``name_or_path``) with the recorded settings, ``overrides`` applied.
+
+    Only :data:`RECORDED_SETTINGS` are read from the folder: whether the LMM's own code may run
+    comes from the caller's ``trust_remote_code`` alone, never from a downloaded file.
+    """
+    source = name_or_path or resolve(recorded["id"])
+    if recorded.get("remote_code") and not trust_remote_code:
+        raise FlmmUserError(
+            f"the head folder's LMM {source!r} needs code shipped with its checkpoint, and flmm "
+            "runs no code because a downloaded file asks: read that code, then pass "
+            "trust_remote_code=True (--trust-remote-code, model.lmm.trust_remote_code=true)"
+        )
+    settings = {k: v for k, v in recorded.items() if k in RECORDED_SETTINGS} | overrides
+    return FrozenLMM.from_pretrained(source, trust_remote_code=trust_remote_code, **settings)
 
 
 def write_folder_text(folder: Path, config: dict) -> None:

@@ -27,7 +27,6 @@ channels of the mask head's first conv are reordered (the identity for one-grid 
 from __future__ import annotations
 
 import logging
-import pickle
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import lightning
 import torch
 
 from flmm.errors import CheckpointMismatchError, FlmmUserError
+from flmm.files import load_torch_file
 from flmm.heads import MaskHead, TextPrompt, build_sam
 from flmm.heads.sam_build import MAX_KEYS_SHOWN
 from flmm.lmm import get_family
@@ -178,15 +178,7 @@ def read_reference(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(
             f"reference checkpoint not found: {path}; download it from {RELEASES}"
         )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0]
-        raise CheckpointMismatchError(
-            f"cannot read {path} as tensors only ({reason}); if it is a training checkpoint "
-            "holding Python objects, save just its 'state_dict' entry with torch.save where you "
-            "trust the file"
-        ) from None
+    obj = load_torch_file(path, "reference checkpoint")
     return unwrap(obj, path)
 
 

@@ -116,8 +116,9 @@ class EntryStore:
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.pt"
 
-    def load(self, key: str) -> dict[str, torch.Tensor] | None:
-        """The entry stored under ``key``, or None (missing or unreadable: it is recomputed)."""
+    def load(self, key: str, shapes: dict[str, tuple]) -> dict[str, torch.Tensor] | None:
+        """The entry stored under ``key``, or None (missing, unreadable or not of the ``shapes``
+        :func:`shape_problem` checks: it is recomputed)."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -134,6 +135,10 @@ class EntryStore:
                 found,
                 sorted(self.fields),
             )
+            return None
+        problem = shape_problem(entry, shapes)
+        if problem:
+            log.warning("feature cache entry %s holds %s; recomputing it", path, problem)
             return None
         return entry
 
@@ -184,7 +189,9 @@ class FeatureCache:
     def capture(self, batch: GroundingBatch) -> CaptureOutput:
         """What ``lmm(batch)`` returns, from cached per-sample entries where they exist."""
         keys = [self.sample_key(batch, b) for b in range(len(batch))]
-        entries = [self.lmm_store.load(k) for k in keys]
+        entries = [
+            self.lmm_store.load(k, self.capture_shapes(len(s))) for k, s in zip(keys, batch.spans)
+        ]
         missing = [b for b, e in enumerate(entries) if e is None]
         self._count("lmm", len(batch), len(missing))
         if missing:
@@ -198,7 +205,12 @@ class FeatureCache:
     def embed_images(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple]]:
         """What ``refiner.embed_images(images)`` returns, from cached per-image entries."""
         keys = [self.image_key(image) for image in images]
-        entries = [self.sam_store.load(k) for k in keys]
+        prompts = self.refiner.sam.prompt_encoder
+        shapes = {
+            "embedding": (prompts.embed_dim, *prompts.image_embedding_size),
+            "input_size": (2,),
+        }
+        entries = [self.sam_store.load(k, shapes) for k in keys]
         missing = [i for i, e in enumerate(entries) if e is None]
         self._count("sam", len(images), len(missing))
         if missing:
@@ -213,9 +225,34 @@ class FeatureCache:
         embeddings = torch.stack([e["embedding"].to(device, dtype) for e in entries])
         return embeddings, [tuple(int(v) for v in e["input_size"]) for e in entries]
 
+    def capture_shapes(self, num_phrases: int) -> dict[str, tuple]:
+        """The shapes of a sample's LMM entry (``R``: its phrase-token rows)."""
+        lmm = self.lmm
+        return {
+            "maps": (num_phrases, lmm.channels, *lmm.grid),
+            "hidden": (lmm.num_text_layers, "R", lmm.hidden_size),
+            "token_phrase": ("R",),
+            "region": (4,),
+        }
+
     def _count(self, kind: str, total: int, missing: int) -> None:
         self.hits[kind] += total - missing
         self.misses[kind] += missing
+
+
+def shape_problem(entry: dict[str, torch.Tensor], shapes: dict[str, tuple]) -> str | None:
+    """What in ``entry`` differs from ``shapes`` (``{field: dims}``, a dim an int or a name that
+    must be the same size wherever it appears), or None."""
+    sizes: dict[str, int] = {}
+    for name, dims in shapes.items():
+        shape = tuple(entry[name].shape)
+        fits = len(shape) == len(dims) and all(
+            d == n if isinstance(d, int) else sizes.setdefault(d, n) == n
+            for d, n in zip(dims, shape)
+        )
+        if not fits:
+            return f"{name} of shape {shape}, not {dims}"
+    return None
 
 
 def subset(batch: GroundingBatch, index: list[int]) -> GroundingBatch:
