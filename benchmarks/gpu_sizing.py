@@ -212,9 +212,14 @@ def loaded(run: Run, group: Group):
         run.setup(group.family, f"load {group.precision}", time.perf_counter() - start)
         cache = run.workdir / "cache" / group.family
         rig = tt.Rig.build(run.preset(group.family, 8), cache, lmm=lmm)
+    shape = dataclasses.asdict(cache_size.shape_of(lmm))
+    del shape["checkpoint"]  # the model folder
+    assumed = dataclasses.asdict(cache_size.HEADLINE[group.family])
     run.report["families"][group.family]["shape"] = {
-        **dataclasses.asdict(cache_size.shape_of(lmm)),
+        **shape,
         "channels": lmm.channels,
+        # whether the feature cache's sizes (cache_size.HEADLINE) hold for the loaded model
+        "as_cache_size_assumes": all(assumed[k] == v for k, v in shape.items()),
     }
     try:
         yield rig

@@ -118,6 +118,7 @@ def test_gpu_sizing_smoke_measures_bf16_and_marks_the_rest(sizing, tmp_path, cap
         "cached-b8",
     }
     assert report["cached_step"]["eager"] > 0
+    assert report["families"]["llava"]["shape"]["as_cache_size_assumes"] is False  # tiny, not 7B
     assert report["feature_cache"]["families"]["llava"]["mix_bytes"] > 1e12
     table = capsys.readouterr().out
     assert "|  | 4bit | not measured | not measured | not measured |  |  |" in table
