@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 PYTEST  := $(PYTHON) -m pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test test-slow test-all evidence foundation bench bench-cache bench-train clean clean-cache
+.PHONY: help venv run test test-slow test-all evidence foundation bench bench-cache bench-train bench-gpu clean clean-cache
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ bench-cache: venv ## frozen-feature cache: training-step time uncached vs cached
 BENCH_PRESET ?= cpu
 bench-train: venv ## whole training steps: reference way vs flmm vs cached vs floor (BENCH_PRESET=cpu|gpu-llava15|gpu-next)
 	$(PYTHON) benchmarks/train_throughput.py --preset $(BENCH_PRESET) --json docs/benchmarks/train_throughput_$(BENCH_PRESET).json
+
+bench-gpu: venv ## GPU sizing table (needs CUDA): every family in bf16 / 4-bit / 8-bit, 10 minutes (docs/development/gpu_sizing.md)
+	timeout 600 $(PYTHON) benchmarks/gpu_sizing.py --json docs/benchmarks/gpu_sizing.json
 
 clean: ## remove run logs and caches of Python
 	rm -rf logs outputs multirun .pytest_cache

@@ -38,6 +38,8 @@ Presets (``--preset``):
     make bench-train        # = --preset cpu --json docs/benchmarks/train_throughput_cpu.json
     python benchmarks/train_throughput.py --preset gpu-llava15 --preset gpu-next   # on a GPU
     python benchmarks/train_throughput.py --preset cpu --profile   # (b) by phase, top ops
+    python benchmarks/train_throughput.py --preset gpu-llava15 --cases reference cached --compile
+                            # (b) and (c)'s heads torch.compiled; (a) stays eager
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class Preset:
     repeats: int = 2
     device: str = "cpu"
     dtype: str = "float32"
+    compile: str | None = None  # torch.compile backend of (b) and (c)'s heads; None: eager
 
 
 GPU = {  # LLaVA-1.5-7B: 32 layers, CLIP ViT-L/14-336, 32,064 tokens; SAM ViT-L
@@ -306,22 +309,32 @@ class Rig:
     fill_seconds: float | None = None
 
     @classmethod
-    def build(cls, p: Preset, cache_dir: Path) -> Rig:
-        lmm = build_lmm(p)
+    def build(cls, p: Preset, cache_dir: Path, lmm: FrozenLMM | None = None) -> Rig:
+        """The rig of preset ``p`` around ``lmm`` (a random LLaVA of ``p``'s shape when None)."""
+        lmm = lmm or build_lmm(p)
         sam = build_sam(p.sam[0], **p.sam[1]).to(p.device)
         torch.manual_seed(0)
         model = FLMM.build(lmm, sam, base_channels=p.base_channels).to(p.device).train()
         refiner = PerPhraseRefiner(sam)
         reference = FLMM(lmm, model.mask_head, model.text_prompt, refiner).train()
+        if p.compile:
+            compile_heads(model, p.compile)
+        params = [q for q in model.parameters() if q.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+        rig = cls(p, model, reference, [], [], optimizer, cache_dir)
+        rig.set_samples(p)
+        return rig
+
+    def set_samples(self, p: Preset) -> None:
+        """From now on use ``p``'s samples (``p.samples`` of ``p.image_hw``) in batches of
+        ``p.batch`` (and one by one for (a)); the models stay as they are."""
         samples = make_samples(p)
-        batches = [
+        self.preset = p
+        self.batches = [
             GroundingBatch.collate(samples[i : i + p.batch]).to(p.device)
             for i in range(0, len(samples), p.batch)
         ]
-        singles = [GroundingBatch.collate([s]).to(p.device) for s in samples]
-        params = [q for q in model.parameters() if q.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
-        return cls(p, model, reference, batches, singles, optimizer, cache_dir)
+        self.singles = [GroundingBatch.collate([s]).to(p.device) for s in samples]
 
     def autocast(self):
         """bf16 autocast around forward and losses, as Lightning's ``bf16-mixed`` does."""
@@ -333,6 +346,14 @@ class Rig:
         """The caching pass (epoch 1 with ``data.cache_dir``); timed, reported separately."""
         self.cache = FeatureCache(self.cache_dir, self.model.lmm, self.model.refiner)
         self.fill_seconds = timed(lambda: run_flmm(self, self.cache), self.preset.device)
+
+
+def compile_heads(model: FLMM, backend: str = "inductor") -> None:
+    """``torch.compile`` the trainable heads of ``model``: the U-Net mask head and SAM's prompt
+    encoder + mask decoder (:meth:`SamRefiner.decode`). Wrappers, not in place: the reference
+    twin shares these modules' weights but keeps running them eagerly, as the reference does."""
+    model.mask_head = torch.compile(model.mask_head, backend=backend)
+    model.refiner.decode = torch.compile(model.refiner.decode, backend=backend)
 
 
 # ------------------------------------------------------------------------------------ the cases
@@ -454,18 +475,24 @@ def release_free_memory() -> None:
 def measure_pass(rig: Rig, case: str) -> dict:
     """Seconds of one pass of ``case`` over all samples, its peak memory and the peak above what
     was held before it (bytes)."""
-    device = rig.preset.device
+    return measure(lambda: RUNS[case](rig), rig.preset.device)
+
+
+def measure(run, device: str) -> dict:
+    """Seconds ``run()`` takes (:func:`timed`), the peak memory during it (CUDA:
+    ``max_memory_allocated``; CPU: the process's peak RSS) and that peak above what was held
+    before it (bytes)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        seconds = timed(lambda: RUNS[case](rig), device)
+        seconds = timed(run, device)
         peak = torch.cuda.max_memory_allocated()
     else:
         release_free_memory()
         before = status_bytes("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        seconds = timed(lambda: RUNS[case](rig), device)
+        seconds = timed(run, device)
         peak = status_bytes("VmHWM")
     return {"seconds": seconds, "peak_bytes": peak, "step_bytes": peak - before}
 
@@ -644,7 +671,7 @@ def print_report(info: dict, rows: dict[str, dict], ratio: dict[str, float]) -> 
         f"images {p['image_hw'][0]} x {p['image_hw'][1]}, {p['phrases']} phrases each; "
         f"B = {p['batch']}, {p['samples']} samples per pass, median of {p['repeats']} "
         f"interleaved passes ({info['clock']}); {fill}; each case in its own process: "
-        f"{info['isolated_processes']}"
+        f"{info['isolated_processes']}; (b) and (c)'s heads compiled: {p['compile'] or 'no'}"
     )
     print("| case | batch | samples/s | ms/sample | peak MiB | step MiB | step MiB/sample |")
     print("|---|---|---|---|---|---|---|")
@@ -793,6 +820,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, help="samples per pass (a multiple of B)")
     parser.add_argument("--repeats", type=int, help="interleaved passes per case (median)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per case")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="torch.compile (b) and (c)'s mask head and SAM prompt encoder + mask decoder "
+        "(backend inductor unless named); (a) stays eager, as the reference runs",
+    )
     parser.add_argument("--in-process", action="store_true", help="CPU: no subprocess per case")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--profile", action="store_true", help="profile (b) instead (in-process)")
@@ -811,7 +846,12 @@ def main(argv=None) -> list[dict]:
     reports = []
     for name in args.preset or ["cpu"]:
         p = PRESETS[name]
-        overrides = {"batch": args.batch_size, "samples": args.samples, "repeats": args.repeats}
+        overrides = {
+            "batch": args.batch_size,
+            "samples": args.samples,
+            "repeats": args.repeats,
+            "compile": args.compile,
+        }
         p = dataclasses.replace(p, **{k: v for k, v in overrides.items() if v is not None})
         if p.samples % p.batch:
             raise SystemExit(f"--samples ({p.samples}) must be a multiple of B ({p.batch})")
