@@ -9,6 +9,7 @@ import torch
 from conftest import compose_cfg
 from PIL import Image
 
+from flmm.lmm import FrozenLMM
 from flmm.overlay import LEGEND_ROW, PALETTE, overlay, overlay_row
 from flmm.runtime import build_trainer, finish_loggers
 from flmm.training.callbacks import MaskOverlays, MetricCurves, fingerprint, label_map
@@ -45,6 +46,44 @@ def test_fingerprint_sees_any_weight_change():
     with torch.no_grad():
         layer.weight[0, 0] += 1e-6
     assert fingerprint(layer) != before
+
+
+@pytest.fixture(scope="module")
+def tiny_lmm(tiny_llava_dir) -> FrozenLMM:
+    return FrozenLMM.from_pretrained(str(tiny_llava_dir))
+
+
+def changes_fingerprint(module: torch.nn.Module, tensor: torch.Tensor) -> bool:
+    """Whether adding 1e-3 (1 to an integer) to the last element of ``tensor`` (a parameter or
+    buffer of ``module``) changes ``fingerprint(module)``; the value is put back afterwards."""
+    before = fingerprint(module)
+    flat = tensor.detach().view(-1)
+    kept = flat[-1].clone()
+    flat[-1] += 1e-3 if flat.is_floating_point() else 1
+    changed = fingerprint(module) != before
+    flat[-1] = kept
+    assert fingerprint(module) == before
+    return changed
+
+
+@pytest.mark.parametrize("which", ["first", "middle", "last", "vision tower", "projector"])
+def test_fingerprint_sees_a_change_in_any_frozen_tensor(tiny_lmm, which):
+    names = list(tiny_lmm.state_dict())
+    name = {
+        "first": names[0],
+        "middle": names[len(names) // 2],
+        "last": names[-1],
+        "vision tower": next(n for n in names if "vision_tower" in n and n != names[0]),
+        "projector": next(n for n in names if "multi_modal_projector" in n),
+    }[which]
+    assert changes_fingerprint(tiny_lmm, tiny_lmm.state_dict()[name]), name
+
+
+def test_fingerprint_sees_a_buffer_change():
+    """Buffers count, 0-d ones too (BatchNorm's ``num_batches_tracked``: this crashed once)."""
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    for buffer in module[1].buffers():
+        assert changes_fingerprint(module, buffer)
 
 
 def test_label_map_gives_each_pixel_its_smallest_mask():

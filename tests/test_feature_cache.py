@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import TINY, compose_cfg
+from safetensors.torch import load_file, save_file
 
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
@@ -57,6 +59,10 @@ def test_keys_depend_on_image_text_spans_and_lmm_settings(model, ragged_batch, t
     cache = FeatureCache(tmp_path, model.lmm, model.refiner)
     keys = {cache.sample_key(ragged_batch, b) for b in range(3)}
     assert len(keys) == 3
+    reworded = ragged_batch.to("cpu")  # the same image and spans, another text
+    reworded.texts = ["One red circle, left!", *ragged_batch.texts[1:]]
+    assert reworded.phrases(0) == ragged_batch.phrases(0)
+    assert cache.sample_key(reworded, 0) != cache.sample_key(ragged_batch, 0)
     shifted = ragged_batch.to("cpu")
     shifted.spans = [[(0, 3)], *ragged_batch.spans[1:]]
     assert cache.sample_key(shifted, 0) != cache.sample_key(ragged_batch, 0)
@@ -72,6 +78,35 @@ def test_keys_depend_on_image_text_spans_and_lmm_settings(model, ragged_batch, t
     assert other_settings.lmm_id != cache.lmm_id and other_settings.sam_id == cache.sam_id
     identity = json.loads((other_settings.lmm_store.folder / "identity.json").read_text())
     assert identity["merge"] == "max" and identity["model_id"] == model.lmm.model_id
+
+
+def test_keys_depend_on_the_lmm_id_dtype_and_weight_files(
+    model, ragged_batch, tiny_llava_dir, tmp_path, monkeypatch
+):
+    """Each of these alone changes every sample key: another stale cache would feed one model's
+    features to another's training."""
+    key = FeatureCache(tmp_path, model.lmm, model.refiner).sample_key(ragged_batch, 0)
+
+    def key_now(lmm) -> str:
+        return FeatureCache(tmp_path, lmm, model.refiner).sample_key(ragged_batch, 0)
+
+    half = FrozenLMM.from_pretrained(str(tiny_llava_dir), dtype="bfloat16")
+    assert half.model_id == model.lmm.model_id and key_now(half) != key
+    # hub ids: no local files, so only the id tells them apart
+    monkeypatch.setattr(model.lmm, "_model_id", "org/model-a")
+    hub_a = key_now(model.lmm)
+    monkeypatch.setattr(model.lmm, "_model_id", "org/model-b")
+    assert key_now(model.lmm) != hub_a
+    monkeypatch.undo()
+    copy = shutil.copytree(tiny_llava_dir, tmp_path / "copy")
+    lmm = FrozenLMM.from_pretrained(str(copy))
+    before = key_now(lmm)
+    weights = copy / "model.safetensors"
+    tensors = load_file(weights)
+    size, name = weights.stat().st_size, max(tensors)
+    tensors[name] = tensors[name] + 1.0  # the same names, shapes and size, other values
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size and key_now(lmm) != before
 
 
 def test_interrupted_write_leaves_no_entry_and_is_redone(

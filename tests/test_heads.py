@@ -183,19 +183,46 @@ def test_refiner_gradients_reach_head_and_text(refiner):
     assert refiner.sam.mask_decoder.output_upscaling[0].weight.grad is not None
 
 
-def test_refiner_groups_phrases_exactly(refiner):
+# text lengths (3, 0, 3) group as phrases [0, 2], [1]: an order that is its own inverse; (1, 2, 3, 1)
+# group as [0, 3], [1], [2]: order [0, 3, 1, 2], whose inverse [0, 2, 3, 1] differs
+@pytest.mark.parametrize("lengths", [(3, 0, 3), (1, 2, 3, 1)])
+def test_refiner_groups_phrases_exactly(refiner, lengths):
     torch.manual_seed(1)
     image = torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8)
     embeddings, input_sizes = refiner.embed_images([image])
-    coarse = torch.randn(3, 16, 16)
-    text = [torch.randn(n, 64) for n in (3, 0, 3)]
+    coarse = torch.randn(len(lengths), 16, 16)
+    text = [torch.randn(n, 64) for n in lengths]
     with torch.no_grad():
         (together,) = refiner(embeddings, [coarse], [text], input_sizes, [(40, 40)])
         alone = [
             refiner(embeddings, [coarse[k : k + 1]], [text[k : k + 1]], input_sizes, [(40, 40)])[0]
-            for k in range(3)
+            for k in range(len(lengths))
         ]
     torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-4)
+
+
+def test_refiner_regroups_phrases_of_several_images(refiner):
+    """Phrase counts (3, 1) with text lengths (1, 2, 3 | 1): grouped by length across images
+    (order [0, 3, 1, 2], not its own inverse), each phrase comes back where it was, as it is
+    refined alone."""
+    torch.manual_seed(3)
+    images = [torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8) for _ in range(2)]
+    embeddings, input_sizes = refiner.embed_images(images)
+    coarse = [torch.randn(3, 8, 12), torch.randn(1, 8, 12)]
+    text = [[torch.randn(n, 64) for n in (1, 2, 3)], [torch.randn(1, 64)]]
+    sizes = [(40, 60)] * 2
+    with torch.no_grad():
+        together = refiner(embeddings, coarse, text, input_sizes, sizes)
+        for b in range(2):
+            for k in range(len(coarse[b])):
+                (alone,) = refiner(
+                    embeddings[b : b + 1],
+                    [coarse[b][k : k + 1]],
+                    [text[b][k : k + 1]],
+                    input_sizes[b : b + 1],
+                    sizes[b : b + 1],
+                )
+                torch.testing.assert_close(together[b][k : k + 1], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_refiner_batches_images_like_upstream_one_image_calls(refiner):

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from flmm.data import distributed
 from flmm.model.metrics import PNGRecallMetric, ReferSegMetric
 
 GROUPS = ("all", "things", "stuff", "singular", "plural")
@@ -60,6 +61,58 @@ def test_metrics_match_numpy(seed):
     assert set(got) == set(expected)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-3), key
+
+
+def eval_shards(n: int, world: int, monkeypatch) -> list[list[int]]:
+    """The indices of ``n`` samples each of ``world`` ranks evaluates: the project's evaluation
+    loader, with the process group's ``(world size, rank)`` simulated."""
+    shards = []
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: (world, rank))
+        loader = distributed.build_loader(list(range(n)), batch_size=2, shuffle=False, seed=0)
+        shards.append([i for batch in loader for i in batch.tolist()])
+    return shards
+
+
+def sent(metric) -> list[torch.Tensor]:
+    """The tensors ``metric`` hands to the all-gather of a DDP sync, in order."""
+    tensors: list[torch.Tensor] = []
+    metric.sync(
+        dist_sync_fn=lambda t, group=None: tensors.append(t) or [t],
+        distributed_available=lambda: True,
+    )
+    metric.unsync()
+    return tensors
+
+
+def synced(metrics: list):
+    """``metrics[0]``, whose ``compute`` syncs as rank 0 of ``len(metrics)`` ranks: torchmetrics'
+    own sync and reductions, with an all-gather that hands back every rank's copy of a state."""
+    calls = iter(list(zip(*[sent(m) for m in metrics])))
+    metrics[0].dist_sync_fn = lambda tensor, group=None: list(next(calls))
+    metrics[0].distributed_available_fn = lambda: True
+    return metrics[0]
+
+
+def test_metrics_over_uneven_eval_shards_equal_the_whole_set(monkeypatch):
+    """11 samples on 3 ranks (4, 4, 3, none twice), each rank's metric states reduced as DDP
+    reduces them: the figures of one process over the whole set."""
+    preds, targets, tags = random_case(6, n=11)
+    shards = eval_shards(11, 3, monkeypatch)
+    assert [len(s) for s in shards] == [4, 4, 3] and sorted(sum(shards, [])) == list(range(11))
+    refers, pngs = [], []
+    for shard in shards:
+        refer, png = ReferSegMetric(), PNGRecallMetric()
+        for i in shard:  # one update per sample, as evaluation steps do
+            refer.update([torch.from_numpy(preds[i])], [targets[i]])
+            png.update([preds[i]], [torch.from_numpy(targets[i])], [tags[i]])
+        refers.append(refer)
+        pngs.append(png)
+    got = {**synced(refers).compute(), **synced(pngs).compute()}
+    expected = numpy_figures(preds, targets, tags)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert float(got[key]) == pytest.approx(value, abs=1e-3), key
 
 
 def _rank(rank: int, port: int, queue) -> None:

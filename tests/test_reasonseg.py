@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_ground_cli import save_flmm
 
-from flmm.chat.conversation import COT_PREFIX, GroundedChat, object_phrase
+from flmm.chat.conversation import COT_PREFIX, GroundedChat
 from flmm.chat.reasonseg import (
     IGNORE,
     evaluate,
@@ -130,13 +131,32 @@ def test_evaluate_scores_every_query(tiny_llava_dir, tmp_path):
     assert all(0.0 <= r["iou"] <= 1.0 for r in records)
 
 
-def test_relevant_object_mode_segments_the_object_the_cot_step_names(tiny_llava_dir, tmp_path):
+def test_relevant_object_mode_segments_the_object_the_cot_step_names(
+    tiny_llava_dir, tmp_path, monkeypatch
+):
+    """The chain of thought's first step names "red circle" (given here: the random tiny LMM
+    completes the prefix with nothing, which grounds nothing); that phrase alone is grounded and
+    its mask is what each query scores (the target is the whole image: IoU = the mask's area)."""
+    torch.manual_seed(0)
     lmm = FrozenLMM.from_pretrained(tiny_llava_dir)
     chat = GroundedChat(FLMM.build(lmm, build_sam("tiny"), base_channels=8))
-    write_item(tmp_path, "a", [{"label": "target", "points": BOX}], size=(24, 24))
-    metrics, records = evaluate(chat, read_split(tmp_path), 3, relevant_object=True)
-    assert metrics["queries"] == 2
-    for record in records:
-        assert record["answer"].startswith(COT_PREFIX)
-        phrase = object_phrase(record["answer"])
-        assert record["phrases"] == ([phrase] if phrase else [])
+    whole = [[0, 0], [23, 0], [23, 23], [0, 23]]
+    write_item(tmp_path, "a", [{"label": "target", "points": whole}], size=(24, 24))
+    asked = []
+
+    def generate(images, question, answer_prefix="", **gen):
+        asked.append((question, answer_prefix))
+        return " red circle. It is on the left"
+
+    monkeypatch.setattr(chat.lmm, "generate", generate)
+    (item,) = read_split(tmp_path)
+    metrics, records = evaluate(chat, [item], 3, relevant_object=True)
+    image = np.array(Image.open(item.image_path).convert("RGB"))
+    mask = chat.ground(image, "red circle", ["red circle"]).masks[0].numpy()
+    assert mask.any() and item.mask.all()
+    assert metrics["queries"] == 2 and len(records) == 2
+    for record, (question, prefix), query in zip(records, asked, item.queries):
+        assert query in question and prefix == COT_PREFIX
+        assert record["answer"] == f"{COT_PREFIX} red circle. It is on the left"
+        assert record["phrases"] == ["red circle"]
+        assert record["iou"] == pytest.approx(mask.mean())

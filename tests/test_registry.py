@@ -126,6 +126,35 @@ def test_registry_image_tokens_match_processor_and_model(family, tiny_lmms, ragg
         check(lmm, enc, cols, counts, layouts)
 
 
+def squashed(text: str) -> str:
+    """``text`` lowercased without whitespace: what a tokenizer's decode keeps of it."""
+    return "".join(text.lower().split())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_phrase_tokens_spell_their_phrase(family, tiny_lmms):
+    """The tokens ``token_phrase`` gives phrase ``k`` decode to phrase ``k``: phrases at the start
+    and the end of a text, of several words, of words of several tokens (``red-circle``)."""
+    batch = GroundingBatch.collate(
+        [
+            make_sample(
+                "red-circle left of the blue square and a green star",
+                ["red-circle", "blue square", "green star"],
+                40,
+                60,
+            ),
+            make_sample("the dark-blue ring", ["the", "dark-blue ring"], 50, 30, seed=1),
+        ]
+    )
+    lmm = tiny_lmms(family)
+    enc = lmm.encode(batch)
+    for b in range(len(batch)):
+        for k, phrase in enumerate(batch.phrases(b)):
+            ids = enc["input_ids"][b][enc["token_phrase"][b] == k]
+            assert squashed(lmm.processor.tokenizer.decode(ids)) == squashed(phrase), (b, k)
+        assert set(enc["token_phrase"][b].tolist()) == {-1, *range(batch.num_phrases[b])}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_registry_chat_still_answers(family, tiny_lmms, ragged_batch):
     """The frozen model's own greedy generation works through the adapter, as before capture."""

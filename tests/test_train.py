@@ -7,13 +7,16 @@ import subprocess
 import time
 from pathlib import Path
 
+import hydra
 import lightning as L
 import numpy as np
 import pytest
 import torch
 from conftest import CONF, compose_cfg, run_flmm
+from omegaconf import OmegaConf
 
 from flmm.errors import CheckpointMismatchError
+from flmm.runtime import instantiate_group
 
 # the default run measured test gIoU 74.4 refined / 42.3 coarse (make evidence); the tiny LLaVA
 # with a vision tower half as wide 63.8 / 35.4, without its VQA stage 58.9 / 32.6, random LMM
@@ -32,10 +35,52 @@ def test_every_experiment_composes(tmp_path, experiment):
     assert cfg.model._target_ and cfg.data._target_ and cfg.trainer._target_
 
 
+def leaves(node, path: tuple = ()) -> list[tuple[tuple, object]]:
+    """``(path, value)`` of every leaf of nested dicts and lists."""
+    if isinstance(node, dict | list):
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        return [leaf for key, value in items for leaf in leaves(value, (*path, key))]
+    return [(path, node)]
+
+
+def at(node, path: tuple):
+    for key in path:
+        node = node[key]
+    return node
+
+
+def own_settings(group: str, option: str) -> tuple[dict, bool]:
+    """The settings an option file writes itself (its defaults list left out), and whether it
+    writes them at the top of the config (``# @package _global_``)."""
+    path = CONF / group / f"{option}.yaml"
+    own = OmegaConf.to_container(OmegaConf.load(path))
+    own.pop("defaults", None)
+    return own, path.read_text().startswith("# @package _global_")
+
+
+# groups whose objects build on a CPU in no time (a model loads LMM weights, trainer=gpu a GPU)
+BUILT = {"data", "logger", "callbacks"}
+
+
 @pytest.mark.parametrize("group", ["model", "data", "trainer", "logger", "callbacks", "debug"])
 def test_every_group_option_composes(tmp_path, group):
+    """Every option composes with each of its own settings in place, every ``_target_`` in it
+    names an importable callable, and the groups cheap to build build into those classes."""
     for option in options(group):
-        compose_cfg(tmp_path, [f"{group}={option}"])
+        cfg = compose_cfg(tmp_path, [f"{group}={option}"])
+        own, is_global = own_settings(group, option)
+        node = cfg if is_global else cfg[group]
+        composed = OmegaConf.to_container(node, resolve=False)
+        for path, value in leaves(own):
+            assert at(composed, path) == value, (option, path)
+        targets = [v for path, v in leaves(composed) if path[-1] == "_target_"]
+        assert all(callable(hydra.utils.get_object(t)) for t in targets), option
+        if group == "data":
+            assert isinstance(hydra.utils.instantiate(node), hydra.utils.get_object(node._target_))
+        elif group in BUILT:
+            classes = [hydra.utils.get_object(entry._target_) for entry in node.values()]
+            built = instantiate_group(node)
+            assert len(built) == len(classes) and all(map(isinstance, built, classes)), option
 
 
 @pytest.mark.parametrize("logger", ["csv", "wandb"])

@@ -92,7 +92,9 @@ def fingerprint(module: torch.nn.Module) -> str:
     for name, tensor in module.state_dict().items():
         tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+        # flattened first: a 0-d tensor (BatchNorm's num_batches_tracked) has no byte view
+        flat = tensor.detach().reshape(-1).contiguous()
+        digest.update(flat.view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
