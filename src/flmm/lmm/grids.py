@@ -102,9 +102,9 @@ def tiles(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
     one tile), a second ``S x S`` grid. An image the processor keeps in one tile gets no thumbnail
     (that tile is the whole image): one grid, which :func:`layout` uses as both parts."""
     side = math.isqrt(lmm.processor.image_seq_length)
-    if num_tokens == side * side:
-        return [TokenGrid(side, side)]
     cols, rows = tile_canvas(lmm, enc["image_sizes"][b])
+    if rows * cols == 1:
+        return [TokenGrid(side, side)]
     return [TokenGrid(rows * side, cols * side, tiles=(rows, cols)), TokenGrid(side, side)]
 
 
