@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from flmm.attention.capture import capture, phrase_rows
+from flmm.attention.capture import capture, phrase_rows, use_capture
 from flmm.foundation.tiny_llava import build_tiny_llava
 from flmm.lmm import FrozenLMM
 from flmm.types import GroundingBatch
@@ -93,3 +93,10 @@ def test_phrase_rows_compacts_phrase_tokens():
     rows, row_phrase = phrase_rows(token_phrase)
     assert rows.tolist() == [[1, 2, 4], [2, 0, 0]]
     assert row_phrase.tolist() == [[0, 0, 1], [0, -1, -1]]
+
+
+def test_capture_refuses_a_text_config_that_names_no_sub_config(tiny_llava_dir):
+    """transformers would ignore the unknown key silently and leave the decoder uncaptured."""
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir)
+    with pytest.raises(RuntimeError, match="no such sub-config .*text_config"):
+        use_capture(model, "language_config")

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from conftest import CONF, TINY, compose_cfg, make_sample
+from grid_checks import GRID_CHECKS
 from omegaconf import OmegaConf
 
 from flmm import frame
@@ -75,7 +76,7 @@ def test_registry_loads_frozen_with_contract_shapes(family, tiny_lmms, ragged_ba
     config = lmm.model.config.text_config
     parts = PARTS[get_family(family).grid]
     assert lmm.channels == parts * config.num_hidden_layers * config.num_attention_heads
-    assert parts == (2 if family in ("llava_next", "llava_onevision") else 1)
+    assert parts == (2 if family in ("llava_next", "llava_onevision", "internvl") else 1)
     assert not any(p.requires_grad for p in lmm.parameters()) and not lmm.training
     out = lmm(ragged_batch)
     assert out.maps.shape == (3, 3, lmm.channels, *lmm.grid)
@@ -111,19 +112,18 @@ def test_registry_image_tokens_match_processor_and_model(family, tiny_lmms, ragg
     cols, counts = lmm.image_columns(enc["input_ids"])
     layouts = lmm.layouts(enc, counts)
     for b, (layout, count) in enumerate(zip(layouts, counts)):
-        on_grid = torch.cat([index for _, index in layout])
-        assert len(set(on_grid.tolist())) == len(on_grid) <= count
+        parts = {tuple(index.tolist()) for _, index in layout}  # a repeated part counts once
+        on_grid = [i for part in parts for i in part]
+        assert len(set(on_grid)) == len(on_grid) <= count
         assert torch.equal(
             enc["input_ids"][b, cols[b, :count]], torch.full((count,), lmm.image_token_id)
         )
         grid = layout[-1][0]
         height, width = ragged_batch.images[b].shape[:2]
-        if get_family(family).grid != "square":  # the grid follows the image's aspect ratio
+        if get_family(family).grid in ("anyres", "thw"):  # the grid has the image's aspect
             assert (grid.height > grid.width) == (height > width)
             assert (grid.height < grid.width) == (height < width)
-    check = GRID_CHECKS.get(get_family(family).grid)
-    if check:
-        check(lmm, enc, cols, counts, layouts)
+    GRID_CHECKS[get_family(family).grid](lmm, enc, cols, counts, layouts)
 
 
 def squashed(text: str) -> str:
@@ -165,6 +165,31 @@ def test_registry_chat_still_answers(family, tiny_lmms, ragged_batch):
     assert lmm.generate([image.numpy()], "what is in the image?", max_new_tokens=3) == answer
 
 
+# inputs that hold the prompt's tokens; every other model input is the image's
+TEXT_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_phrase", "region"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", [(60, 90), (90, 40)])
+def test_registry_chat_sees_the_image_tokens_grounding_sees(family, shape, tiny_lmms):
+    """``chat_inputs`` and grounding's ``encode`` give the model the same image: the same image
+    tokens (count and ids) and the same pixel tensors, the family's processor arguments included."""
+    lmm = tiny_lmms(family)
+    batch = GroundingBatch.collate([make_sample("a red circle", ["red circle"], *shape)])
+    ground = lmm.encode(batch)
+    chat = lmm.chat_inputs([batch.images[0].numpy()], "where is the red circle?")
+    image_ids = [lmm.image_token_id, *getattr(lmm.processor, "image_token_ids", [])]
+
+    def image_tokens(ids: torch.Tensor) -> torch.Tensor:
+        return ids[torch.isin(ids, torch.tensor(image_ids))]
+
+    assert torch.equal(image_tokens(chat["input_ids"][0]), image_tokens(ground["input_ids"][0]))
+    keys = set(ground) - TEXT_KEYS
+    assert "pixel_values" in keys and keys == set(chat) - TEXT_KEYS
+    for key in keys:
+        assert torch.equal(chat[key], ground[key]), key
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_registry_extreme_aspect_ratios(family, tiny_lmms):
     """Slivers and a 1-pixel image: grids still agree with the processor and the model."""
@@ -182,69 +207,6 @@ def test_registry_extreme_aspect_ratios(family, tiny_lmms):
 
 
 SLIVERS = [(8, 100), (100, 8), (500, 20), (1, 1)]
-
-
-def _square_check(lmm, enc, cols, counts, layouts):
-    for (grid, index), count in zip([lay[0] for lay in layouts], counts):
-        assert grid.height * grid.width == count and (grid.height, grid.width) == lmm.grid
-
-
-def _anyres_check(lmm, enc, cols, counts, layouts):
-    """Newline embeddings sit exactly at the image tokens that no grid covers."""
-    seen: list[torch.Tensor] = []
-
-    def keep_input(module, args, kwargs):
-        seen.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
-
-    hook = lmm.layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            lmm.model(**{k: v for k, v in enc.items() if k not in ("token_phrase", "region")})
-    finally:
-        hook.remove()
-    newline = lmm.model.model.image_newline
-    for b, (layout, count) in enumerate(zip(layouts, counts)):
-        embeds = seen[0][b, cols[b, :count]]
-        is_newline = torch.isclose(embeds, newline.to(embeds)).all(-1)
-        off_grid = torch.ones(count, dtype=torch.bool)
-        off_grid[torch.cat([index for _, index in layout])] = False
-        assert torch.equal(is_newline, off_grid) and int(off_grid.sum()) == layout[1][0].height
-        base = layout[0][0]
-        assert (
-            base.height * base.width
-            == (
-                lmm.model.config.vision_config.image_size
-                // lmm.model.config.vision_config.patch_size
-            )
-            ** 2
-        )
-
-
-def _thw_check(lmm, enc, cols, counts, layouts):
-    """The grid rows/cols equal the model's own 2-D rope positions of the image tokens."""
-    positions, _ = lmm.model.model.get_rope_index(
-        enc["input_ids"],
-        enc["mm_token_type_ids"],
-        enc["image_grid_thw"],
-        attention_mask=enc["attention_mask"],
-    )
-    merge = lmm.processor.image_processor.merge_size
-    for b, (layout, count) in enumerate(zip(layouts, counts)):
-        ((grid, index),) = layout
-        assert [grid.height * merge, grid.width * merge] == enc["image_grid_thw"][b, 1:].tolist()
-        rows = positions[1, b, cols[b, :count]][index]
-        cols_ = positions[2, b, cols[b, :count]][index]
-        assert torch.equal(
-            (rows - rows.min()).view(grid.height, grid.width),
-            torch.arange(grid.height)[:, None].expand(-1, grid.width),
-        )
-        assert torch.equal(
-            (cols_ - cols_.min()).view(grid.height, grid.width),
-            torch.arange(grid.width)[None].expand(grid.height, -1),
-        )
-
-
-GRID_CHECKS = {"square": _square_check, "anyres": _anyres_check, "thw": _thw_check}
 
 
 def eager_raw(path, family: str, lmm: FrozenLMM, inputs: dict, token_phrase, cols, num_phrases):

@@ -189,12 +189,19 @@ def register() -> None:
 
 
 def use_capture(model: PreTrainedModel, text_config: str = "text_config") -> None:
-    """Switch the text decoder of ``model`` (its ``text_config`` sub-model) to flmm_capture."""
+    """Switch the text decoder of ``model`` (its ``text_config`` sub-model) to flmm_capture.
+
+    transformers ignores a dict key that names no sub-config, so that is refused here; a decoder
+    that still does not capture makes :meth:`Capture.stacked` raise at the first forward.
+    """
+    if text_config not in model.config.sub_configs:
+        known = ", ".join(model.config.sub_configs)
+        raise RuntimeError(
+            f"could not set {IMPLEMENTATION!r} on {text_config!r}: {type(model.config).__name__} "
+            f"has no such sub-config (it has: {known}); fix the family's text_config"
+        )
     register()
     model.set_attn_implementation({text_config: IMPLEMENTATION})
-    impl = getattr(model.config, text_config)._attn_implementation
-    if impl != IMPLEMENTATION:
-        raise RuntimeError(f"could not set {IMPLEMENTATION!r} on {text_config}: it uses {impl!r}")
 
 
 register()

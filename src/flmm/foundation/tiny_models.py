@@ -190,12 +190,13 @@ def tiny_qwen2_5_vl(words: list[str] | None, max_side: int = 96, patch_size: int
 
 
 def tiny_internvl(words: list[str] | None, image_size: int = 64, patch_size: int = 8):
-    """InternVL3 (InternViT tower, pixel-shuffle 0.5, Qwen2 decoder; one tile per image)."""
+    """InternVL3 (InternViT tower, pixel-shuffle 0.5, Qwen2 decoder; dynamic tiling into 1-6
+    tiles of ``image_size`` plus a thumbnail, as InternVL3's 1-12 tiles)."""
     names = ("start_image_token", "end_image_token", "context_image_token", "video_token")
     tokens = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
     tokenizer = family_tokenizer(dict(zip(names, tokens)), words)
     image_processor = transformers.GotOcr2ImageProcessor(
-        size={"height": image_size, "width": image_size}, crop_to_patches=False
+        size={"height": image_size, "width": image_size}, crop_to_patches=True, max_patches=6
     )
     processor = transformers.InternVLProcessor(
         image_processor=image_processor,

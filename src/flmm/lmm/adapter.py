@@ -22,6 +22,7 @@ from flmm.attention.capture import MERGES, capture, phrase_rows, use_capture
 from flmm.errors import ConfigError, DataError, ModelLoadError
 from flmm.lmm import grids
 from flmm.lmm.families import Family, family_of_model_type, get_family, list_lmms
+from flmm.lmm.processing import process
 from flmm.types import CaptureOutput, GroundingBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -184,15 +185,9 @@ class FrozenLMM(nn.Module):
         return grids.square(self, enc, 0, count)[0].height
 
     def _process(self, images: list[np.ndarray], texts: list[str]):
-        """The processor on images and prompts, right-padded, with the family's extra arguments."""
-        return self.processor(
-            images=images,
-            text=texts,
-            return_tensors="pt",
-            padding=True,
-            input_data_format="channels_last",
-            **self.family.processor_kwargs,
-        )
+        """The processor on images and prompts (:func:`flmm.lmm.processing.process`): every
+        processor call of grounding and chat goes through here."""
+        return process(self.processor, self.family, images, texts)
 
     @property
     def hidden_size(self) -> int:
@@ -404,7 +399,7 @@ class FrozenLMM(nn.Module):
         user = {"role": "user", "content": content}
         text = self.processor.apply_chat_template([user], add_generation_prompt=True)
         text = text + answer_prefix
-        inputs = self.processor(images=arrays, text=[text], return_tensors="pt").to(self.device)
+        inputs = self._process(arrays, [text]).to(self.device)
         self.check_length(inputs, [question])
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs

@@ -29,12 +29,14 @@ class Family:
         grid: the rule laying image tokens out on 2-D grids (a key of
             :data:`flmm.lmm.grids.GRIDS`): ``"square"`` one ``S x S`` grid, ``S^2`` = the image
             tokens the processor inserts; ``"anyres"`` the base ``S x S`` grid plus the unpadded
-            high-res grid without its newline tokens; ``"thw"`` the merged ``image_grid_thw`` grid.
+            high-res grid without its newline tokens; ``"thw"`` the merged ``image_grid_thw`` grid;
+            ``"tiles"`` InternVL's mosaic of tiles plus its thumbnail.
         pad_to_square: pad images to a centred square before the processor, so that its
             resize/crop keeps the whole image and the grid covers the square frame; otherwise the
             grids cover the image itself and are resampled onto its region of the frame.
         fine_scale: any-res: the output grid side is ``fine_scale`` x the base grid side.
-        grid_size: the output grid side when the token grid has no fixed size (``"thw"``).
+        grid_size: the output grid side when the token grid has no fixed size (``"thw"``,
+            ``"tiles"``).
         processor_kwargs: keyword arguments for every processor call.
         text_config: name of the text sub-config (the decoder that gets ``"flmm_capture"``).
         decoder_layers: attribute path from the full model to its decoder layer list.
@@ -63,8 +65,8 @@ class Family:
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise ValueError(f"family {self.name!r}: grid must be one of {sorted(GRIDS)}")
-        if self.grid == "thw" and not self.grid_size:
-            raise ValueError(f"family {self.name!r}: the 'thw' grid rule needs a grid_size")
+        if self.grid in ("thw", "tiles") and not self.grid_size:
+            raise ValueError(f"family {self.name!r}: the {self.grid!r} grid rule needs a grid_size")
 
 
 FAMILIES: dict[str, Family] = {
@@ -113,9 +115,14 @@ FAMILIES: dict[str, Family] = {
             "InternVLForConditionalGeneration",
             "InternVLProcessor",
             ("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-8B-hf"),
-            # its processor resizes the image to one square tile without padding
+            # dynamic tiling, as the model is used: 1-12 tiles of 448 px (16 x 16 tokens) by
+            # aspect ratio, plus a thumbnail; the tiles are resized, never padded
+            grid="tiles",
             pad_to_square=False,
-            processor_kwargs={"crop_to_patches": False},
+            grid_size=32,
+            processor_kwargs={"crop_to_patches": True},
+            # its tiny model: 64 px tiles of 4 x 4 tokens
+            tiny_grid_size=8,
         ),
         Family(
             "deepseek_vl",

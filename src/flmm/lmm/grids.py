@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers.image_processing_utils import select_best_resolution
+from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
 from flmm import frame
 
@@ -22,21 +23,29 @@ WHOLE_FRAME = torch.tensor([0.0, 0.0, 1.0, 1.0])
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """``height x width`` image tokens stored row-major, each row followed by ``skip`` tokens
-    that are not on the grid (LLaVA-NeXT's newline token)."""
+    """``height x width`` image tokens stored as a ``tiles = (rows, cols)`` mosaic of equal tiles,
+    the tiles one after another in row-major order, each tile's tokens row-major, each token row
+    followed by ``skip`` tokens that are not on the grid (LLaVA-NeXT's newline token). One tile
+    (the default) is a plain row-major grid."""
 
     height: int
     width: int
     skip: int = 0
+    tiles: tuple[int, int] = (1, 1)
 
     @property
     def num_tokens(self) -> int:
         return self.height * (self.width + self.skip)
 
     def index(self, offset: int) -> torch.Tensor:
-        """``h*w`` positions of the grid tokens among the image tokens, starting at ``offset``."""
-        rows = torch.arange(self.height)[:, None] * (self.width + self.skip)
-        return (offset + rows + torch.arange(self.width)[None]).flatten()
+        """``h*w`` positions of the grid's tokens, row-major over the whole grid, among the image
+        tokens, starting at ``offset``."""
+        tile_h = max(self.height // self.tiles[0], 1)
+        tile_w = max(self.width // self.tiles[1], 1)
+        row, col = torch.arange(self.height)[:, None], torch.arange(self.width)[None]
+        tile = (row // tile_h) * self.tiles[1] + col // tile_w
+        inside = (row % tile_h) * (tile_w + self.skip) + col % tile_w
+        return (offset + tile * tile_h * (tile_w + self.skip) + inside).flatten()
 
 
 def square(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
@@ -49,17 +58,68 @@ def square(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
 
 def anyres(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
     """LLaVA-NeXT / OneVision: the base ``S x S`` grid, then the unpadded high-res grid with one
-    newline token after each row (its size from the processor's own any-res rule)."""
+    newline token after each row (:func:`unpadded`, then OneVision's :func:`anyres_max`)."""
     side = base_side(lmm.model.config)
     height, width = (int(v) for v in enc["image_sizes"][b])
     tile = enc["pixel_values"].shape[-1]
     pinpoints = lmm.processor.image_processor.image_grid_pinpoints
     best_h, best_w = select_best_resolution((height, width), pinpoints)
-    tokens, rows = lmm.processor._get_unpadded_features(
-        height, width, side, side, best_h // tile, best_w // tile
-    )
+    rows, cols = unpadded(height, width, side * (best_h // tile), side * (best_w // tile))
+    rows, cols = anyres_max(rows, cols, side, lmm.model.config)
     # an extreme aspect ratio can leave no high-res tokens (0 rows, or rows of width 0)
-    return [TokenGrid(side, side), TokenGrid(rows, tokens // max(rows, 1), skip=1)]
+    return [TokenGrid(side, side), TokenGrid(rows, cols, skip=1)]
+
+
+def unpadded(height: int, width: int, rows: int, cols: int) -> tuple[int, int]:
+    """The ``rows x cols`` high-res grid of an ``height x width`` image without the token rows (or
+    columns) its letterbox padding filled: ``(rows - new) // 2`` off each side, ``new`` the image's
+    extent rounded as transformers' LLaVA-NeXT/OneVision ``unpad_image`` does
+    (``int(round(x, 7))``)."""
+    if width / height > cols / rows:
+        new = int(round(height * (cols / width), 7))
+        return rows - (rows - new) // 2 * 2, cols
+    new = int(round(width * (rows / height), 7))
+    return rows, cols - (cols - new) // 2 * 2
+
+
+def anyres_max(rows: int, cols: int, side: int, config) -> tuple[int, int]:
+    """OneVision's ``vision_aspect_ratio="anyres_max_N"``: an unpadded grid of more than ``N``
+    base tiles' tokens shrinks by ``ratio = sqrt(rows * cols / (N * S^2))`` when ``ratio > 1.1``
+    (each side floored); other configs (LLaVA-NeXT) keep ``rows x cols``."""
+    aspect = getattr(config, "vision_aspect_ratio", None) or ""
+    if not aspect.startswith("anyres_max_"):
+        return rows, cols
+    ratio = math.sqrt(rows * cols / (int(aspect.removeprefix("anyres_max_")) * side**2))
+    if ratio <= 1.1:
+        return rows, cols
+    return int(rows // ratio), int(cols // ratio)
+
+
+def tiles(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
+    """InternVL's dynamic tiling: the image resized to ``rows x cols`` tiles (:func:`tile_canvas`),
+    each tile ``S x S`` tokens (``S^2`` = the processor's ``image_seq_length``), in row-major tile
+    order: one ``rows*S x cols*S`` mosaic over the image; then the thumbnail (the whole image in
+    one tile), a second ``S x S`` grid. An image the processor keeps in one tile gets no thumbnail
+    (that tile is the whole image): one grid, which :func:`layout` uses as both parts."""
+    side = math.isqrt(lmm.processor.image_seq_length)
+    cols, rows = tile_canvas(lmm, enc["image_sizes"][b])
+    if rows * cols == 1:
+        return [TokenGrid(side, side)]
+    return [TokenGrid(rows * side, cols * side, tiles=(rows, cols)), TokenGrid(side, side)]
+
+
+def tile_canvas(lmm, size: torch.Tensor) -> tuple[int, int]:
+    """``(cols, rows)`` of the tiles InternVL's processor cuts an image of ``size = (height,
+    width)`` into: GOT-OCR2's public ``get_optimal_tiled_canvas`` with the processor's tile size
+    and ``min_patches`` / ``max_patches`` (the family's ``processor_kwargs`` first)."""
+    processor, settings = lmm.processor.image_processor, lmm.family.processor_kwargs
+    height, width = (int(v) for v in size)
+    return get_optimal_tiled_canvas(
+        (height, width),
+        (processor.size["height"], processor.size["width"]),
+        settings.get("min_patches", processor.min_patches),
+        settings.get("max_patches", processor.max_patches),
+    )
 
 
 def thw(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
@@ -69,8 +129,8 @@ def thw(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
     return [TokenGrid(height // merge, width // merge)]
 
 
-GRIDS = {"square": square, "anyres": anyres, "thw": thw}
-PARTS = {"square": 1, "anyres": 2, "thw": 1}
+GRIDS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles}
+PARTS = {"square": 1, "anyres": 2, "thw": 1, "tiles": 2}
 
 
 def base_side(config) -> int:
@@ -79,7 +139,9 @@ def base_side(config) -> int:
 
 
 def layout(lmm, enc: dict, b: int, num_tokens: int) -> list[tuple[TokenGrid, torch.Tensor]]:
-    """The grids of sample ``b`` and each one's positions among its ``num_tokens`` image tokens."""
+    """The grids of sample ``b`` and each one's positions among its ``num_tokens`` image tokens,
+    always ``PARTS`` of them: a rule that yields fewer (InternVL's single tile, its own thumbnail)
+    has its last grid repeated, so a model's channel count does not depend on the image."""
     grids = GRIDS[lmm.family.grid](lmm, enc, b, num_tokens)
     used = sum(g.num_tokens for g in grids)
     if used != num_tokens:
@@ -88,7 +150,8 @@ def layout(lmm, enc: dict, b: int, num_tokens: int) -> list[tuple[TokenGrid, tor
             f"inserted {num_tokens}"
         )
     offsets = [0, *torch.tensor([g.num_tokens for g in grids]).cumsum(0).tolist()]
-    return [(g, g.index(o)) for g, o in zip(grids, offsets)]
+    placed = [(g, g.index(o)) for g, o in zip(grids, offsets)]
+    return placed + placed[-1:] * (PARTS[lmm.family.grid] - len(placed))
 
 
 def to_frame(

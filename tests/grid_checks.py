@@ -1,0 +1,120 @@
+"""Each grid rule checked against the model's own placement of image features (test helpers).
+
+``GRID_CHECKS[rule](lmm, enc, cols, counts, layouts)``: ``enc`` the adapter's encoded batch,
+``cols`` / ``counts`` from ``lmm.image_columns``, ``layouts`` from ``lmm.layouts``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODEL_KEYS_EXCLUDED = ("token_phrase", "region")
+
+
+def decoder_inputs(lmm, enc: dict) -> torch.Tensor:
+    """``B x N x D``: what the first decoder layer reads (the image features placed by the model)."""
+    seen: list[torch.Tensor] = []
+
+    def keep_input(module, args, kwargs):
+        seen.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    hook = lmm.layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            lmm.model(**{k: v for k, v in enc.items() if k not in MODEL_KEYS_EXCLUDED})
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def _square_check(lmm, enc, cols, counts, layouts):
+    for (grid, index), count in zip([lay[0] for lay in layouts], counts):
+        assert grid.height * grid.width == count and (grid.height, grid.width) == lmm.grid
+
+
+def _anyres_check(lmm, enc, cols, counts, layouts):
+    """Newline embeddings sit exactly at the image tokens that no grid covers."""
+    seen = decoder_inputs(lmm, enc)
+    newline = lmm.model.model.image_newline
+    for b, (layout, count) in enumerate(zip(layouts, counts)):
+        embeds = seen[b, cols[b, :count]]
+        is_newline = torch.isclose(embeds, newline.to(embeds)).all(-1)
+        off_grid = torch.ones(count, dtype=torch.bool)
+        off_grid[torch.cat([index for _, index in layout])] = False
+        assert torch.equal(is_newline, off_grid) and int(off_grid.sum()) == layout[1][0].height
+        base = layout[0][0]
+        vision = lmm.model.config.vision_config
+        assert base.height * base.width == (vision.image_size // vision.patch_size) ** 2
+
+
+def _thw_check(lmm, enc, cols, counts, layouts):
+    """The grid rows/cols equal the model's own 2-D rope positions of the image tokens."""
+    positions, _ = lmm.model.model.get_rope_index(
+        enc["input_ids"],
+        enc["mm_token_type_ids"],
+        enc["image_grid_thw"],
+        attention_mask=enc["attention_mask"],
+    )
+    merge = lmm.processor.image_processor.merge_size
+    for b, (layout, count) in enumerate(zip(layouts, counts)):
+        ((grid, index),) = layout
+        assert [grid.height * merge, grid.width * merge] == enc["image_grid_thw"][b, 1:].tolist()
+        rows = positions[1, b, cols[b, :count]][index]
+        cols_ = positions[2, b, cols[b, :count]][index]
+        assert torch.equal(
+            (rows - rows.min()).view(grid.height, grid.width),
+            torch.arange(grid.height)[:, None].expand(-1, grid.width),
+        )
+        assert torch.equal(
+            (cols_ - cols_.min()).view(grid.height, grid.width),
+            torch.arange(grid.width)[None].expand(grid.height, -1),
+        )
+
+
+def tile_features(lmm, enc: dict) -> torch.Tensor:
+    """``T x S x S x D``: the model's own features of every tile the processor cut (all samples,
+    in order), each tile's tokens as the model lays them out."""
+    config = lmm.model.config
+    with torch.no_grad():
+        features = lmm.model.model.get_image_features(
+            pixel_values=enc["pixel_values"],
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            return_dict=True,
+        ).pooler_output
+    side = int(features.shape[1] ** 0.5)
+    return features.unflatten(1, (side, side))
+
+
+def _tiles_check(lmm, enc, cols, counts, layouts):
+    """The processor's tile count per sample is the grid's (tiles, plus a thumbnail when more
+    than one), and the token at each mosaic cell is the model's feature of that tile's token:
+    tile ``(r, c)`` of a ``rows x cols`` canvas holds mosaic rows ``r*S..`` and columns ``c*S..``;
+    the thumbnail (or the single tile) is the tile after them."""
+    seen, features = decoder_inputs(lmm, enc), tile_features(lmm, enc)
+    side = features.shape[1]
+    first = 0
+    for b, (layout, count) in enumerate(zip(layouts, counts)):
+        (mosaic, fine), (thumb, coarse) = layout
+        rows, cols_ = mosaic.tiles
+        tiles = rows * cols_ + (rows * cols_ > 1)
+        assert count == tiles * lmm.processor.image_seq_length and len(layout) == 2
+        height, width = enc["image_sizes"][b].tolist()
+        assert rows == cols_ or (rows > cols_) == (height > width)
+        embeds = seen[b, cols[b, :count]]
+        own = features[first : first + rows * cols_].unflatten(0, (rows, cols_))
+        own = own.permute(0, 2, 1, 3, 4).reshape(rows * side * cols_ * side, -1)
+        assert torch.equal(embeds[fine], own.to(embeds))
+        thumbnail = features[first + tiles - 1].flatten(0, 1)
+        assert torch.equal(embeds[coarse], thumbnail.to(embeds))
+        assert (thumb.height, thumb.width) == (side, side)
+        first += tiles
+    assert first == enc["pixel_values"].shape[0]
+
+
+GRID_CHECKS = {
+    "square": _square_check,
+    "anyres": _anyres_check,
+    "thw": _thw_check,
+    "tiles": _tiles_check,
+}
