@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +101,14 @@ def test_ref_without_split(refer, capsys):
     assert "ref #3 (ref_id 4) has no 'split'" in err
 
 
+def test_sentence_that_is_not_text(refer, capsys):
+    refs = _refs()
+    refs[0]["sentences"][0]["sent"] = ["the", "left", "box"]
+    write_refs(refer, refs)
+    err = one_line_error(capsys, load_refer, refer)
+    assert "ref #0 (ref_id 1): a sentence's 'sent' is not a string" in err
+
+
 def test_refs_file_holding_a_dict(refer, capsys):
     write_refs(refer, {"refs": _refs()})
     assert "holds a dict, not the list of refs" in one_line_error(capsys, load_refer, refer)
@@ -124,6 +134,86 @@ def test_polygon_with_odd_coordinate_count(refer, capsys):
     edit_instances(refer, lambda d: d["annotations"][0]["segmentation"][0].append(7.0))
     err = one_line_error(capsys, train_set, refer)
     assert "annotation 11" in err and "odd number of coordinates (9)" in err
+
+
+# annotation id, damage to its segmentation, what the line says (image 2: 30 x 30, image 1: 40 x 50)
+BROKEN_RLES = {
+    "size_of_another_image": (
+        21,
+        lambda seg: seg.update(size=[20, 30]),
+        "RLE size [20, 30] is not its image's [height, width] [30, 30]",
+    ),
+    "garbage_counts": (
+        21,
+        lambda seg: seg.update(counts="abc!!!"),
+        "RLE counts hold '!', not part of a compressed RLE",
+    ),
+    "counts_that_end_mid_run": (21, lambda seg: seg.update(counts="0i"), "in the middle of a run"),
+    "counts_not_adding_up": (
+        13,
+        lambda seg: seg["counts"].append(5),
+        "RLE counts cover 2005 pixels, not height x width = 2000",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_RLES))
+def test_broken_rle_names_the_file_and_annotation(refer, capsys, kind):
+    ann_id, damage, message = BROKEN_RLES[kind]
+
+    def edit(instances):
+        damage(next(a for a in instances["annotations"] if a["id"] == ann_id)["segmentation"])
+
+    edit_instances(refer, edit)
+    err = one_line_error(capsys, train_set, refer)
+    assert f"{refer / 'refcoco' / 'instances.json'}: annotation {ann_id} " in err
+    assert message in err and "fix or remove that annotation" in err
+
+
+def damaged(data: bytes, seed: int) -> bytes:
+    """``data`` with 1 to 3 of its bytes overwritten, at places and with values drawn from ``seed``."""
+    rng = random.Random(seed)
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        out[rng.randrange(len(out))] = rng.randrange(256)
+    return bytes(out)
+
+
+# (pickle protocol, seed of the damage): what the unpickler raised on them before it was caught
+# (protocol 2 is the refer toolkit's, written by Python 2)
+DAMAGED_REFS = [
+    (2, 1),  # UnpicklingError: pickle data was truncated
+    (2, 40),  # AttributeError: 'dict' object has no attribute 'add'
+    (2, 185),  # AttributeError, though every opcode is whole
+    (2, 284),  # MemoryError: a BINBYTES8 of 7.5e18 bytes
+    (4, 819),  # MemoryError: a BYTEARRAY8 of 2.3e18 bytes
+    (4, 1651),  # OverflowError: FRAME length exceeds system's maximum
+    (4, 2795),  # OverflowError: BINUNICODE exceeds system's maximum size
+]
+
+
+@pytest.mark.parametrize("protocol, seed", DAMAGED_REFS)
+def test_refs_file_with_damaged_bytes_is_one_line(refer, capsys, protocol, seed):
+    path = refer / "refcoco" / "refs(unc).p"
+    path.write_bytes(damaged(pickle.dumps(_refs(), protocol=protocol), seed))
+    tracemalloc.start()
+    try:
+        err = one_line_error(capsys, load_refer, refer)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"{path} is not a readable refs pickle" in err and peak < 2**24, (err, peak)
+
+
+def test_refs_file_storing_at_a_huge_memo_index(refer, capsys):
+    """The C unpickler would grow its memo to 2e15 entries (16 PB) for this one opcode."""
+    good = pickle.dumps(_refs(), protocol=2)
+    assert good[3:5] == b"q\x00"  # BINPUT 0: the list of refs stored at memo index 0
+    path = refer / "refcoco" / "refs(unc).p"
+    path.write_bytes(good[:3] + b"p1000000000000000\n" + good[5:])  # PUT at index 10^15
+    err = one_line_error(capsys, load_refer, refer)
+    assert f"{path} is not a readable refs pickle" in err
+    assert "stores at memo index 1,000,000,000,000,000, beyond a file of" in err
 
 
 def test_ref_pointing_at_another_images_annotation_is_skipped_and_counted(refer):
