@@ -225,6 +225,42 @@ def test_ref_pointing_at_another_images_annotation_is_skipped_and_counted(refer)
     assert all(p.ref["ref_id"] != 1 for record in data.records for p in record)
 
 
+# ---------------------------------------------------------------------------- config numbers
+def composed(root: Path, config: str, *overrides: str):
+    """``conf/<config>.yaml`` with ``overrides``, reading and writing under ``root``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config, overrides=[*paths_at(root), *overrides])
+
+
+@pytest.mark.parametrize(
+    "entry, override, message",
+    [
+        ("train", "data.batch_size=-1", "got -1 (set data.batch_size=8)"),
+        ("train", "data.batch_size=0", "got 0 (set data.batch_size=8)"),
+        ("train", "data.batch_size=abc", "got 'abc' (set data.batch_size=8)"),
+        ("evaluate", "data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
+        ("train", "data.num_workers=-2", "data.num_workers must be an integer >= 0, got -2"),
+        ("train", "trainer.max_epochs=many", "trainer.max_epochs must be an integer >= -1"),
+        ("train", "trainer.limit_train_batches=1.5", "or a fraction in [0.0, 1.0], got 1.5"),
+        ("train", "model.lr=-0.001", "model.lr must be a positive number, got -0.001"),
+    ],
+)
+def test_bad_numbers_are_refused_before_anything_is_built(
+    tmp_path, monkeypatch, capsys, entry, override, message
+):
+    import importlib
+
+    import hydra
+
+    run = getattr(importlib.import_module(f"flmm.{entry}"), entry)
+    monkeypatch.setattr(hydra.utils, "instantiate", lambda *a, **k: pytest.fail("built first"))
+    cfg = composed(tmp_path, entry, override, "checkpoint=none.ckpt")
+    err = one_line_error(capsys, run, cfg)
+    assert message in err and err.startswith(f"flmm: error: {override.split('=')[0]} must be ")
+
+
 # ------------------------------------------------------------------------------- checkpoints
 def tiny_checkpoint(tiny_run) -> Path:
     return tiny_run[0] / "run" / "checkpoints" / "last.ckpt"

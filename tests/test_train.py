@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import CONF, compose_cfg, run_flmm
 
+from flmm.config_checks import check_numbers
 from flmm.errors import CheckpointMismatchError
 
 # the default run measured test gIoU 74.4 refined / 42.3 coarse (make evidence); the tiny LLaVA
@@ -30,12 +31,13 @@ def options(group: str) -> list[str]:
 def test_every_experiment_composes(tmp_path, experiment):
     cfg = compose_cfg(tmp_path, [f"experiment={experiment}"])
     assert cfg.model._target_ and cfg.data._target_ and cfg.trainer._target_
+    check_numbers(cfg)
 
 
 @pytest.mark.parametrize("group", ["model", "data", "trainer", "logger", "callbacks", "debug"])
 def test_every_group_option_composes(tmp_path, group):
     for option in options(group):
-        compose_cfg(tmp_path, [f"{group}={option}"])
+        check_numbers(compose_cfg(tmp_path, [f"{group}={option}"]))
 
 
 @pytest.mark.parametrize("logger", ["csv", "wandb"])
