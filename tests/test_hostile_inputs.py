@@ -538,6 +538,37 @@ def test_reasonseg_text_as_one_string_is_one_query(tmp_path, capsys):
     assert "'text' must be a query or a list of queries" in err
 
 
+REASONSEG_BREAKS = {  # what is broken -> (image bytes or None: a valid image, shapes, message)
+    "corrupt_image": (b"not a jpeg", [], "a.jpg is not a readable image (cannot identify"),
+    "truncated_image": ("half", [], "a.jpg is not a readable image (Truncated File Read)"),
+    "one_number_point": (None, [{"label": "target", "points": [[1]]}], "('points' [[1]])"),
+    "no_points": (None, [{"label": "target"}], "a.json: shape 0 is not a polygon"),
+    "label_not_text": (None, [{"label": 3, "points": [[1, 1], [4, 4]]}], "a 'label' string"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REASONSEG_BREAKS))
+def test_reasonseg_broken_image_or_polygon_before_the_model_loads(
+    tmp_path, monkeypatch, capsys, kind
+):
+    import io
+
+    from PIL import Image
+
+    from flmm.chat import reasonseg
+
+    image, shapes, message = REASONSEG_BREAKS[kind]
+    jpeg = io.BytesIO()
+    Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(jpeg, "JPEG")
+    good = jpeg.getvalue()
+    (tmp_path / "a.jpg").write_bytes(good[: len(good) // 2] if image == "half" else image or good)
+    anno = {"text": ["what is it?"], "is_sentence": False, "shapes": shapes}
+    (tmp_path / "a.json").write_text(json.dumps(anno))
+    monkeypatch.setattr(reasonseg, "load_chat", lambda args: pytest.fail("models loaded"))
+    err = one_line_error(capsys, reasonseg.main, [str(tmp_path)])
+    assert str(tmp_path) in err and message in err
+
+
 def test_pope_answers_with_a_repeated_question_id(tmp_path, capsys):
     from flmm.chat.pope import read_answers
 
