@@ -48,10 +48,11 @@ def check_polygons(polygons: list) -> None:
 
 
 def check_rle(rle: dict, height: int, width: int) -> None:
-    """``ValueError`` unless ``rle`` is a COCO RLE of an ``height x width`` image: its ``size``
-    is ``[height, width]`` and its run lengths (a list, or a compressed string) are whole numbers
-    >= 0 adding up to ``height * width`` (pycocotools trusts both, and decodes a wrong one into
-    a mask of another shape, or refuses it only when a sample is read)."""
+    """``ValueError`` (``TypeError`` for counts of another type) unless ``rle`` is a COCO RLE of
+    an ``height x width`` image: its ``size`` is ``[height, width]`` and its run lengths (a list,
+    or a compressed string) are whole numbers >= 0 adding up to ``height * width`` (pycocotools
+    trusts both, and decodes a wrong one into a mask of another shape, or refuses it only when a
+    sample is read)."""
     size = list(rle["size"]) if isinstance(rle["size"], (list, tuple)) else rle["size"]
     if size != [height, width]:
         raise ValueError(f"RLE size {size} is not its image's [height, width] [{height}, {width}]")
@@ -62,7 +63,7 @@ def check_rle(rle: dict, height: int, width: int) -> None:
     elif isinstance(counts, (str, bytes)):
         counts = compressed_counts(counts.encode() if isinstance(counts, str) else counts)
     else:
-        raise ValueError(f"RLE counts is a {type(counts).__name__}, not a list or a string")
+        raise TypeError(f"RLE counts is a {type(counts).__name__}, not a list or a string")
     if sum(counts) != height * width:
         raise ValueError(
             f"RLE counts cover {sum(counts)} pixels, not height x width = {height * width}"

@@ -98,7 +98,9 @@ def check_ref(ref, index: int, path: str | Path) -> None:
             )
     for sentence in ref["sentences"]:
         if not isinstance(sentence, dict):
-            raise DataError(f"{where}: 'sentences' must be a list of dicts (raw, sent, tokens, ...)")
+            raise DataError(
+                f"{where}: 'sentences' must be a list of dicts (raw, sent, tokens, ...)"
+            )
         wrong = [k for k in SENTENCE_TEXTS if not isinstance(sentence.get(k, ""), str)]
         if wrong:
             raise DataError(f"{where}: a sentence's {wrong[0]!r} is not a string")
