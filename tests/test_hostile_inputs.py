@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONF, TINY, paths_at
+from conftest import CONF, TINY, paths_at, run_flmm
 from refer_fixtures import _refs, write_refer_fixture
 
 from flmm.data import ReferDataset, load_refer
@@ -259,6 +259,100 @@ def test_bad_numbers_are_refused_before_anything_is_built(
     cfg = composed(tmp_path, entry, override, "checkpoint=none.ckpt")
     err = one_line_error(capsys, run, cfg)
     assert message in err and err.startswith(f"flmm: error: {override.split('=')[0]} must be ")
+
+
+# ------------------------------------------------------------------- homes and run folders
+def train_at_home(tmp_path: Path, monkeypatch, capsys) -> str:
+    """``flmm train`` (the synthetic world, tiny models: written to flmm's home, $FLMM_HOME) in
+    ``tmp_path``, a small world; the one error line it ends with before any model is built."""
+    import hydra
+    from hydra import compose, initialize_config_dir
+
+    from flmm.train import train
+
+    build = hydra.utils.instantiate
+
+    def data_only(node, *args, **kwargs):
+        assert "n_train" in node, "no error on writing the world: the models were being built"
+        return build(node, *args, **kwargs)
+
+    monkeypatch.setattr(hydra.utils, "instantiate", data_only)
+    run = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}"]
+    run += ["data.n_train=2", "data.n_val=1", "data.n_test=1"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return one_line_error(capsys, train, compose("train", overrides=run))
+
+
+def refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """``folder`` as a read-only folder looks, even to root (who may write anywhere)."""
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and Path(p) != folder)
+
+
+def test_flmm_home_that_is_a_file(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.write_text("")
+    monkeypatch.setenv("FLMM_HOME", str(home))
+    err = train_at_home(tmp_path, monkeypatch, capsys)
+    assert (
+        err == f"flmm: error: FLMM_HOME={home} is a file, not a folder: point FLMM_HOME at a folder"
+    )
+
+
+@pytest.mark.parametrize("refused", ["folder", "lock"])
+def test_read_only_flmm_home(tmp_path, monkeypatch, capsys, refused):
+    from filelock import FileLock
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("FLMM_HOME", str(home))
+    if refused == "folder":
+        read_only(monkeypatch, home)
+    else:  # a folder that looks writable, but its lock file cannot be made (another user's)
+        monkeypatch.setattr(FileLock, "acquire", refuse)
+    where = home if refused == "folder" else home / "synthetic_world.lock"
+    err = train_at_home(tmp_path, monkeypatch, capsys)
+    assert f"cannot write to {where} (read-only): set FLMM_HOME=... to a writable folder" in err
+
+
+def test_a_written_world_is_read_from_a_read_only_home(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    from flmm.data.synthetic import ensure_world
+
+    root = ensure_world(tmp_path / "synthetic_world", 2, 1, 1)
+    read_only(monkeypatch, tmp_path)
+    monkeypatch.setattr(FileLock, "acquire", lambda self: pytest.fail("locked to read"))
+    assert ensure_world(tmp_path / "synthetic_world", 2, 1, 1) == root
+
+
+def test_run_folder_under_a_file(tmp_path):
+    (tmp_path / "runs").write_text("")
+    result = run_flmm("train", tmp_path, f"output_dir={tmp_path / 'runs' / 'a'}", timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("flmm: error: ")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines == [
+        f"flmm: error: {tmp_path / 'runs'} is a file, not a folder: point output_dir at a folder"
+    ]
+
+
+def test_read_only_run_folder(tmp_path, monkeypatch, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from flmm.runtime import WritableRunFolder
+
+    (tmp_path / "runs").mkdir()
+    read_only(monkeypatch, tmp_path / "runs")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", [f"output_dir={tmp_path}/runs/a"], return_hydra_config=True)
+    err = one_line_error(capsys, WritableRunFolder().on_run_start, config=cfg)
+    assert err.endswith(
+        f"cannot write to {tmp_path / 'runs'} (read-only): set output_dir=... to a writable folder"
+    )
 
 
 # ------------------------------------------------------------------------------- checkpoints
