@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONF, TINY, paths_at, run_flmm
+from conftest import CONF, TINY, paths_at
 from refer_fixtures import _refs, write_refer_fixture
 
 from flmm.data import ReferDataset, load_refer
@@ -330,26 +330,31 @@ def test_a_written_world_is_read_from_a_read_only_home(tmp_path, monkeypatch):
     assert ensure_world(tmp_path / "synthetic_world", 2, 1, 1) == root
 
 
-def test_run_folder_under_a_file(tmp_path):
+def run_start(output_dir: Path, capsys) -> str:
+    """What the callbacks of conf/hydra/default.yaml do when Hydra starts ``flmm evaluate
+    output_dir=...`` (before it makes that folder): the one error line."""
+    import hydra
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", [f"output_dir={output_dir}"], return_hydra_config=True)
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.hydra.callbacks.values()]
+    return one_line_error(capsys, lambda: [c.on_run_start(config=cfg) for c in callbacks])
+
+
+def test_run_folder_under_a_file(tmp_path, capsys):
     (tmp_path / "runs").write_text("")
-    result = run_flmm("train", tmp_path, f"output_dir={tmp_path / 'runs' / 'a'}", timeout=120)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("flmm: error: ")]
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert lines == [
-        f"flmm: error: {tmp_path / 'runs'} is a file, not a folder: point output_dir at a folder"
-    ]
+    err = run_start(tmp_path / "runs" / "a", capsys)
+    assert (
+        err
+        == f"flmm: error: {tmp_path / 'runs'} is a file, not a folder: point output_dir at a folder"
+    )
 
 
 def test_read_only_run_folder(tmp_path, monkeypatch, capsys):
-    from hydra import compose, initialize_config_dir
-
-    from flmm.runtime import WritableRunFolder
-
     (tmp_path / "runs").mkdir()
     read_only(monkeypatch, tmp_path / "runs")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("evaluate", [f"output_dir={tmp_path}/runs/a"], return_hydra_config=True)
-    err = one_line_error(capsys, WritableRunFolder().on_run_start, config=cfg)
+    err = run_start(tmp_path / "runs" / "a", capsys)
     assert err.endswith(
         f"cannot write to {tmp_path / 'runs'} (read-only): set output_dir=... to a writable folder"
     )
