@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +101,14 @@ def test_ref_without_split(refer, capsys):
     assert "ref #3 (ref_id 4) has no 'split'" in err
 
 
+def test_sentence_that_is_not_text(refer, capsys):
+    refs = _refs()
+    refs[0]["sentences"][0]["sent"] = ["the", "left", "box"]
+    write_refs(refer, refs)
+    err = one_line_error(capsys, load_refer, refer)
+    assert "ref #0 (ref_id 1): a sentence's 'sent' is not a string" in err
+
+
 def test_refs_file_holding_a_dict(refer, capsys):
     write_refs(refer, {"refs": _refs()})
     assert "holds a dict, not the list of refs" in one_line_error(capsys, load_refer, refer)
@@ -126,6 +136,86 @@ def test_polygon_with_odd_coordinate_count(refer, capsys):
     assert "annotation 11" in err and "odd number of coordinates (9)" in err
 
 
+# annotation id, damage to its segmentation, what the line says (image 2: 30 x 30, image 1: 40 x 50)
+BROKEN_RLES = {
+    "size_of_another_image": (
+        21,
+        lambda seg: seg.update(size=[20, 30]),
+        "RLE size [20, 30] is not its image's [height, width] [30, 30]",
+    ),
+    "garbage_counts": (
+        21,
+        lambda seg: seg.update(counts="abc!!!"),
+        "RLE counts hold '!', not part of a compressed RLE",
+    ),
+    "counts_that_end_mid_run": (21, lambda seg: seg.update(counts="0i"), "in the middle of a run"),
+    "counts_not_adding_up": (
+        13,
+        lambda seg: seg["counts"].append(5),
+        "RLE counts cover 2005 pixels, not height x width = 2000",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_RLES))
+def test_broken_rle_names_the_file_and_annotation(refer, capsys, kind):
+    ann_id, damage, message = BROKEN_RLES[kind]
+
+    def edit(instances):
+        damage(next(a for a in instances["annotations"] if a["id"] == ann_id)["segmentation"])
+
+    edit_instances(refer, edit)
+    err = one_line_error(capsys, train_set, refer)
+    assert f"{refer / 'refcoco' / 'instances.json'}: annotation {ann_id} " in err
+    assert message in err and "fix or remove that annotation" in err
+
+
+def damaged(data: bytes, seed: int) -> bytes:
+    """``data`` with 1 to 3 of its bytes overwritten, at places and with values drawn from ``seed``."""
+    rng = random.Random(seed)
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        out[rng.randrange(len(out))] = rng.randrange(256)
+    return bytes(out)
+
+
+# (pickle protocol, seed of the damage): what the unpickler raised on them before it was caught
+# (protocol 2 is the refer toolkit's, written by Python 2)
+DAMAGED_REFS = [
+    (2, 1),  # UnpicklingError: pickle data was truncated
+    (2, 40),  # AttributeError: 'dict' object has no attribute 'add'
+    (2, 185),  # AttributeError, though every opcode is whole
+    (2, 284),  # MemoryError: a BINBYTES8 of 7.5e18 bytes
+    (4, 819),  # MemoryError: a BYTEARRAY8 of 2.3e18 bytes
+    (4, 1651),  # OverflowError: FRAME length exceeds system's maximum
+    (4, 2795),  # OverflowError: BINUNICODE exceeds system's maximum size
+]
+
+
+@pytest.mark.parametrize("protocol, seed", DAMAGED_REFS)
+def test_refs_file_with_damaged_bytes_is_one_line(refer, capsys, protocol, seed):
+    path = refer / "refcoco" / "refs(unc).p"
+    path.write_bytes(damaged(pickle.dumps(_refs(), protocol=protocol), seed))
+    tracemalloc.start()
+    try:
+        err = one_line_error(capsys, load_refer, refer)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"{path} is not a readable refs pickle" in err and peak < 2**24, (err, peak)
+
+
+def test_refs_file_storing_at_a_huge_memo_index(refer, capsys):
+    """The C unpickler would grow its memo to 2e15 entries (16 PB) for this one opcode."""
+    good = pickle.dumps(_refs(), protocol=2)
+    assert good[3:5] == b"q\x00"  # BINPUT 0: the list of refs stored at memo index 0
+    path = refer / "refcoco" / "refs(unc).p"
+    path.write_bytes(good[:3] + b"p1000000000000000\n" + good[5:])  # PUT at index 10^15
+    err = one_line_error(capsys, load_refer, refer)
+    assert f"{path} is not a readable refs pickle" in err
+    assert "stores at memo index 1,000,000,000,000,000, beyond a file of" in err
+
+
 def test_ref_pointing_at_another_images_annotation_is_skipped_and_counted(refer):
     refs = _refs()
     refs[0]["ann_id"] = 21  # ref 1 is on image 1; annotation 21 belongs to image 2
@@ -133,6 +223,141 @@ def test_ref_pointing_at_another_images_annotation_is_skipped_and_counted(refer)
     data = train_set(refer)
     assert data.skipped["annotation_of_another_image"] == 1
     assert all(p.ref["ref_id"] != 1 for record in data.records for p in record)
+
+
+# ---------------------------------------------------------------------------- config numbers
+def composed(root: Path, config: str, *overrides: str):
+    """``conf/<config>.yaml`` with ``overrides``, reading and writing under ``root``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config, overrides=[*paths_at(root), *overrides])
+
+
+@pytest.mark.parametrize(
+    "entry, override, message",
+    [
+        ("train", "data.batch_size=-1", "got -1 (set data.batch_size=8)"),
+        ("train", "data.batch_size=0", "got 0 (set data.batch_size=8)"),
+        ("train", "data.batch_size=abc", "got 'abc' (set data.batch_size=8)"),
+        ("evaluate", "data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
+        ("train", "data.num_workers=-2", "data.num_workers must be an integer >= 0, got -2"),
+        ("train", "trainer.max_epochs=many", "trainer.max_epochs must be an integer >= -1"),
+        ("train", "trainer.limit_train_batches=1.5", "or a fraction in [0.0, 1.0], got 1.5"),
+        ("train", "model.lr=-0.001", "model.lr must be a positive number, got -0.001"),
+    ],
+)
+def test_bad_numbers_are_refused_before_anything_is_built(
+    tmp_path, monkeypatch, capsys, entry, override, message
+):
+    import importlib
+
+    import hydra
+
+    run = getattr(importlib.import_module(f"flmm.{entry}"), entry)
+    monkeypatch.setattr(hydra.utils, "instantiate", lambda *a, **k: pytest.fail("built first"))
+    cfg = composed(tmp_path, entry, override, "checkpoint=none.ckpt")
+    err = one_line_error(capsys, run, cfg)
+    assert message in err and err.startswith(f"flmm: error: {override.split('=')[0]} must be ")
+
+
+# ------------------------------------------------------------------- homes and run folders
+def train_at_home(tmp_path: Path, monkeypatch, capsys) -> str:
+    """``flmm train`` (the synthetic world, tiny models: written to flmm's home, $FLMM_HOME) in
+    ``tmp_path``, a small world; the one error line it ends with before any model is built."""
+    import hydra
+    from hydra import compose, initialize_config_dir
+
+    from flmm.train import train
+
+    build = hydra.utils.instantiate
+
+    def data_only(node, *args, **kwargs):
+        assert "n_train" in node, "no error on writing the world: the models were being built"
+        return build(node, *args, **kwargs)
+
+    monkeypatch.setattr(hydra.utils, "instantiate", data_only)
+    run = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}"]
+    run += ["data.n_train=2", "data.n_val=1", "data.n_test=1"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return one_line_error(capsys, train, compose("train", overrides=run))
+
+
+def refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """``folder`` as a read-only folder looks, even to root (who may write anywhere)."""
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and Path(p) != folder)
+
+
+def test_flmm_home_that_is_a_file(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.write_text("")
+    monkeypatch.setenv("FLMM_HOME", str(home))
+    err = train_at_home(tmp_path, monkeypatch, capsys)
+    assert (
+        err == f"flmm: error: FLMM_HOME={home} is a file, not a folder: point FLMM_HOME at a folder"
+    )
+
+
+@pytest.mark.parametrize("refused", ["folder", "lock"])
+def test_read_only_flmm_home(tmp_path, monkeypatch, capsys, refused):
+    from filelock import FileLock
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("FLMM_HOME", str(home))
+    if refused == "folder":
+        read_only(monkeypatch, home)
+    else:  # a folder that looks writable, but its lock file cannot be made (another user's)
+        monkeypatch.setattr(FileLock, "acquire", refuse)
+    where = home if refused == "folder" else home / "synthetic_world.lock"
+    err = train_at_home(tmp_path, monkeypatch, capsys)
+    assert f"cannot write to {where} (read-only): set FLMM_HOME=... to a writable folder" in err
+
+
+def test_a_written_world_is_read_from_a_read_only_home(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    from flmm.data.synthetic import ensure_world
+
+    root = ensure_world(tmp_path / "synthetic_world", 2, 1, 1)
+    read_only(monkeypatch, tmp_path)
+    monkeypatch.setattr(FileLock, "acquire", lambda self: pytest.fail("locked to read"))
+    assert ensure_world(tmp_path / "synthetic_world", 2, 1, 1) == root
+
+
+def run_start(output_dir: Path, capsys) -> str:
+    """What the callbacks of conf/hydra/default.yaml do when Hydra starts ``flmm evaluate
+    output_dir=...`` (before it makes that folder): the one error line."""
+    import hydra
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", [f"output_dir={output_dir}"], return_hydra_config=True)
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.hydra.callbacks.values()]
+    return one_line_error(capsys, lambda: [c.on_run_start(config=cfg) for c in callbacks])
+
+
+def test_run_folder_under_a_file(tmp_path, capsys):
+    (tmp_path / "runs").write_text("")
+    err = run_start(tmp_path / "runs" / "a", capsys)
+    assert (
+        err
+        == f"flmm: error: {tmp_path / 'runs'} is a file, not a folder: point output_dir at a folder"
+    )
+
+
+def test_read_only_run_folder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "runs").mkdir()
+    read_only(monkeypatch, tmp_path / "runs")
+    err = run_start(tmp_path / "runs" / "a", capsys)
+    assert err.endswith(
+        f"cannot write to {tmp_path / 'runs'} (read-only): set output_dir=... to a writable folder"
+    )
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -410,6 +635,37 @@ def test_reasonseg_text_as_one_string_is_one_query(tmp_path, capsys):
     (tmp_path / "a.json").write_text(json.dumps({**anno, "text": [1, 2]}))
     err = one_line_error(capsys, read_item, tmp_path / "a.json")
     assert "'text' must be a query or a list of queries" in err
+
+
+REASONSEG_BREAKS = {  # what is broken -> (image bytes or None: a valid image, shapes, message)
+    "corrupt_image": (b"not a jpeg", [], "a.jpg is not a readable image (cannot identify"),
+    "truncated_image": ("half", [], "a.jpg is not a readable image (Truncated File Read)"),
+    "one_number_point": (None, [{"label": "target", "points": [[1]]}], "('points' [[1]])"),
+    "no_points": (None, [{"label": "target"}], "a.json: shape 0 is not a polygon"),
+    "label_not_text": (None, [{"label": 3, "points": [[1, 1], [4, 4]]}], "a 'label' string"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REASONSEG_BREAKS))
+def test_reasonseg_broken_image_or_polygon_before_the_model_loads(
+    tmp_path, monkeypatch, capsys, kind
+):
+    import io
+
+    from PIL import Image
+
+    from flmm.chat import reasonseg
+
+    image, shapes, message = REASONSEG_BREAKS[kind]
+    jpeg = io.BytesIO()
+    Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(jpeg, "JPEG")
+    good = jpeg.getvalue()
+    (tmp_path / "a.jpg").write_bytes(good[: len(good) // 2] if image == "half" else image or good)
+    anno = {"text": ["what is it?"], "is_sentence": False, "shapes": shapes}
+    (tmp_path / "a.json").write_text(json.dumps(anno))
+    monkeypatch.setattr(reasonseg, "load_chat", lambda args: pytest.fail("models loaded"))
+    err = one_line_error(capsys, reasonseg.main, [str(tmp_path)])
+    assert str(tmp_path) in err and message in err
 
 
 def test_pope_answers_with_a_repeated_question_id(tmp_path, capsys):

@@ -15,6 +15,7 @@ import torch
 from conftest import CONF, compose_cfg, run_flmm
 from omegaconf import OmegaConf
 
+from flmm.config_checks import check_numbers
 from flmm.errors import CheckpointMismatchError
 from flmm.runtime import instantiate_group
 
@@ -33,6 +34,7 @@ def options(group: str) -> list[str]:
 def test_every_experiment_composes(tmp_path, experiment):
     cfg = compose_cfg(tmp_path, [f"experiment={experiment}"])
     assert cfg.model._target_ and cfg.data._target_ and cfg.trainer._target_
+    check_numbers(cfg)
 
 
 def leaves(node, path: tuple = ()) -> list[tuple[tuple, object]]:
@@ -68,6 +70,7 @@ def test_every_group_option_composes(tmp_path, group):
     names an importable callable, and the groups cheap to build build into those classes."""
     for option in options(group):
         cfg = compose_cfg(tmp_path, [f"{group}={option}"])
+        check_numbers(cfg)
         own, is_global = own_settings(group, option)
         node = cfg if is_global else cfg[group]
         composed = OmegaConf.to_container(node, resolve=False)

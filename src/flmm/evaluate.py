@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from flmm.config_checks import check_numbers
 from flmm.data.datamodule import EvalSet
 from flmm.errors import USER_ERRORS, ConfigError, DataError, FlmmUserError, exit_on_user_error
 from flmm.files import write_text_atomic
@@ -319,6 +320,7 @@ def preflight(eval_sets: list[EvalSet]) -> None:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.checkpoint`` on every evaluation set of ``cfg.data``; returns the figures."""
+    check_numbers(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_eval()

@@ -3,15 +3,18 @@ how it reads torch files a user hands in without letting them run code."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
-from flmm.errors import DataError
+from flmm.errors import DataError, FlmmUserError
 
 
 def flmm_home() -> Path:
@@ -20,6 +23,64 @@ def flmm_home() -> Path:
     if os.environ.get("FLMM_HOME"):
         return Path(os.environ["FLMM_HOME"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flmm"
+
+
+def home_or(path: str | Path, option: str) -> str:
+    """What points ``path`` elsewhere: ``FLMM_HOME`` when it lies in :func:`flmm_home`, else
+    the config ``option`` (``paths.world_dir``...)."""
+    return "FLMM_HOME" if Path(path).is_relative_to(flmm_home()) else option
+
+
+def check_writable(path: str | Path, setting: str) -> None:
+    """A :class:`FlmmUserError` naming ``setting`` (what points ``path`` elsewhere) unless
+    ``path``, or the nearest folder above it that exists, is a folder this process may write
+    in. Creates nothing."""
+    path = Path(path).absolute()
+    nearest = next(p for p in (path, *path.parents) if os.path.exists(p))
+    if not nearest.is_dir():
+        raise FlmmUserError(
+            f"{_named(nearest)} is a file, not a folder: point {setting} at a folder"
+        )
+    if not os.access(nearest, os.W_OK):
+        raise not_writable(nearest, setting)
+
+
+def writable_folder(path: str | Path, setting: str) -> Path:
+    """``path``, made if missing, after :func:`check_writable`."""
+    check_writable(path, setting)
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise not_writable(path, setting, err) from None
+    return Path(path)
+
+
+@contextmanager
+def locked(path: str | Path, setting: str) -> Iterator[None]:
+    """Hold the file lock ``<path>.lock`` (processes writing ``path`` take turns), in a
+    :func:`writable_folder`."""
+    writable_folder(Path(path).parent, setting)
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire()
+    except OSError as err:
+        raise not_writable(lock.lock_file, setting, err) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def not_writable(path: str | Path, setting: str, err: OSError | None = None) -> FlmmUserError:
+    """The error for a ``path`` that cannot be written, with ``setting`` as the way out."""
+    read_only = err is None or isinstance(err, PermissionError) or err.errno == errno.EROFS
+    why = "read-only" if read_only else err.strerror
+    return FlmmUserError(f"cannot write to {path} ({why}): set {setting}=... to a writable folder")
+
+
+def _named(path: Path) -> str:
+    home = os.environ.get("FLMM_HOME")
+    return f"FLMM_HOME={path}" if home and Path(home).absolute() == path else str(path)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:

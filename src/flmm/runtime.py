@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
@@ -25,7 +26,7 @@ from rich.table import Table
 
 from flmm.data.distributed import LoaderPosition
 from flmm.errors import ConfigError, FlmmUserError, MissingExtraError, exit_on_user_error
-from flmm.files import flmm_home, write_text_atomic
+from flmm.files import check_writable, flmm_home, write_text_atomic
 from flmm.lmm import get_family, list_lmms
 from flmm.model.checkpoint import AtomicCheckpointIO, check_family, newest_readable, read_checkpoint
 
@@ -97,6 +98,18 @@ def hydra_entry(config_name: str) -> Callable:
         return main
 
     return decorate
+
+
+class WritableRunFolder(Callback):
+    """Hydra callback (conf/hydra/default.yaml): before Hydra makes the run folder, one line and
+    exit code 2 if it cannot be written (a file in its way, a read-only folder), instead of
+    Hydra's traceback from deep in its own code."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        exit_on_user_error(check_writable, config.hydra.run.dir, "output_dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        exit_on_user_error(check_writable, config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
 # config entries whose ``_target_`` needs an optional dependency: (module, extra, what needs it)

@@ -11,6 +11,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from flmm.config_checks import check_numbers
 from flmm.errors import exit_on_user_error
 from flmm.model.pretrained import save_run_head
 from flmm.runtime import (
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test F-LMM as configured; returns the final metrics."""
+    check_numbers(cfg)
     resume = resolve_checkpoint(cfg) if cfg.train else None
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from flmm.chat.conversation import ChatResult, GroundedChat
 from flmm.chat.options import add_model_args, load_chat
-from flmm.errors import FlmmUserError, exit_on_user_error
+from flmm.errors import DataError, FlmmUserError, exit_on_user_error
 from flmm.files import write_text_atomic
 
 IGNORE = 255
@@ -83,10 +84,50 @@ def read_item(json_path: Path) -> ReasonSegItem:
             f"{json_path} is not in the ReasonSeg layout (needs 'text', 'is_sentence', 'shapes'): "
             f"{err!r}"
         ) from err
-    with Image.open(image_path) as img:
-        width, height = img.size
+    check_shapes(shapes, json_path)
+    height, width = image_size(image_path, json_path)
     mask = polygon_mask(shapes, height, width)
     return ReasonSegItem(image_path, queries, bool(anno.get("is_sentence", False)), mask)
+
+
+def check_shapes(shapes, json_path: Path) -> None:
+    """A :class:`DataError` naming the file and the shape unless ``shapes`` is a list of dicts,
+    each with a string ``label`` and (but ``flag`` shapes, which are skipped) ``points`` a list
+    of at least 2 ``[x, y]`` number pairs."""
+    if not isinstance(shapes, list):
+        raise DataError(f"{json_path}: 'shapes' must be a list of polygons, got {str(shapes)[:60]}")
+    for i, shape in enumerate(shapes):
+        shape = shape if isinstance(shape, dict) else {}
+        label, points = shape.get("label", ""), shape.get("points")
+        if isinstance(label, str) and label.lower() == "flag":
+            continue
+        if not isinstance(label, str) or not _polygon(points):
+            raise DataError(
+                f"{json_path}: shape {i} is not a polygon ('points' {str(points)[:60]}); each "
+                "shape needs a 'label' string and 'points' as at least 2 [x, y] number pairs"
+            )
+
+
+def _polygon(points) -> bool:
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    pairs = isinstance(points, list) and all(isinstance(p, list) and len(p) == 2 for p in points)
+    return pairs and len(points) >= 2 and all(number(v) for p in points for v in p)
+
+
+def image_size(image_path: Path, json_path: Path) -> tuple[int, int]:
+    """``(height, width)`` of ``image_path``, decoded once, so that a broken image is reported
+    before any model loads."""
+    try:
+        with Image.open(image_path) as img:
+            img.load()
+            return img.height, img.width
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise DataError(
+            f"{image_path} is not a readable image ({err}); replace it, or remove it and "
+            f"{json_path.name}"
+        ) from None
 
 
 def _queries(text, json_path: Path) -> list[str]:

@@ -23,6 +23,7 @@ def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> d
             return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
         return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        check_rle(segmentation, height, width)
         if isinstance(segmentation["counts"], list):
             return mask_utils.frPyObjects(segmentation, height, width)
         return {"size": list(segmentation["size"]), "counts": segmentation["counts"]}
@@ -44,6 +45,62 @@ def check_polygons(polygons: list) -> None:
                 f"polygon {i} has an odd number of coordinates ({len(polygon)}); "
                 "polygons are x, y pairs"
             )
+
+
+def check_rle(rle: dict, height: int, width: int) -> None:
+    """``ValueError`` (``TypeError`` for counts of another type) unless ``rle`` is a COCO RLE of
+    an ``height x width`` image: its ``size`` is ``[height, width]`` and its run lengths (a list,
+    or a compressed string) are whole numbers >= 0 adding up to ``height * width`` (pycocotools
+    trusts both, and decodes a wrong one into a mask of another shape, or refuses it only when a
+    sample is read)."""
+    size = list(rle["size"]) if isinstance(rle["size"], (list, tuple)) else rle["size"]
+    if size != [height, width]:
+        raise ValueError(f"RLE size {size} is not its image's [height, width] [{height}, {width}]")
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        if not all(_run_length(c) for c in counts):
+            raise ValueError("RLE counts must be whole numbers >= 0")
+    elif isinstance(counts, (str, bytes)):
+        counts = compressed_counts(counts.encode() if isinstance(counts, str) else counts)
+    else:
+        raise TypeError(f"RLE counts is a {type(counts).__name__}, not a list or a string")
+    if sum(counts) != height * width:
+        raise ValueError(
+            f"RLE counts cover {sum(counts)} pixels, not height x width = {height * width}"
+        )
+
+
+def _run_length(c) -> bool:
+    whole = isinstance(c, int) and not isinstance(c, bool)
+    return (whole or isinstance(c, float) and c.is_integer()) and c >= 0
+
+
+def compressed_counts(counts: bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string, decoded as pycocotools' ``rleFrString``
+    does (5 bits per character from ``'0'``, a continuation bit, runs after the second stored
+    as differences); ``ValueError`` for a string that is not one."""
+    runs: list[int] = []
+    value = shift = 0
+    for char in counts:
+        c = char - 48
+        if not 0 <= c < 64:
+            raise ValueError(f"RLE counts hold {chr(char)!r}, not part of a compressed RLE")
+        value |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            if shift > 60:
+                raise ValueError("RLE counts hold a run length longer than 64 bits")
+            continue
+        if c & 0x10:
+            value -= 1 << shift  # sign-extend
+        value += runs[-2] if len(runs) > 2 else 0
+        if value < 0:
+            raise ValueError("RLE counts decode to a negative run length")
+        runs.append(value)
+        value = shift = 0
+    if shift:
+        raise ValueError("RLE counts end in the middle of a run length")
+    return runs
 
 
 def rle_area(rle: dict) -> int:

@@ -176,6 +176,7 @@ class ReferDataset(Dataset):
         if protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.image_dir = Path(image_dir)
+        self.instances_path = Path(root) / dataset / "instances.json"
         self.split, self.protocol = split, protocol
         self.ann = annotations if annotations is not None else load_refer(root, dataset, split_by)
         self.skipped: Counter[str] = Counter()
@@ -241,8 +242,8 @@ class ReferDataset(Dataset):
                 self._rles[ann_id] = segmentation_to_rle(ann["segmentation"], height, width)
             except (ValueError, TypeError) as err:
                 raise DataError(
-                    f"instances.json: annotation {ann_id} (image_id {ann['image_id']}) has an "
-                    f"unusable segmentation: {err}"
+                    f"{self.instances_path}: annotation {ann_id} (image_id {ann['image_id']}) has "
+                    f"an unusable segmentation: {err}; fix or remove that annotation"
                 ) from None
         return self._rles[ann_id]
 

@@ -4,18 +4,26 @@ The refer toolkit ships its refs as pickles, and ``pickle.load`` runs whatever a
 names (``__reduce__`` payloads). :func:`load_refs` unpickles with :class:`PlainUnpickler`, which
 builds dicts, lists, tuples, strings, bytes, numbers, booleans and ``None`` (pickle opcodes, no
 class lookup) and refuses every class lookup except ``set`` and ``frozenset``; it then checks
-that each ref has the fields a reader needs.
+that each ref has the fields a reader needs. Damaged bytes are one :class:`DataError`, whatever
+the unpickler raised on them; an opcode scan before it (:func:`check_memo`, about 2 s for a
+40 MB file of refs) keeps a damaged index from allocating gigabytes.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 from pathlib import Path
 
 from flmm.errors import DataError
 
 # the only globals a file of plain values needs (old protocols pickle sets through a class lookup)
 ALLOWED_GLOBALS = {(m, n) for m in ("builtins", "__builtin__") for n in ("set", "frozenset")}
+# what the unpickler (or the opcode scan) raises on damaged bytes, besides UnpicklingError / EOF
+BROKEN = (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError, MemoryError)
+MEMO_STORES = {"PUT", "BINPUT", "LONG_BINPUT"}
+SENTENCE_TEXTS = ("sent", "raw")
 REF_FIELDS = {"ref_id": int, "ann_id": int, "image_id": int, "split": str, "sentences": list}
 
 
@@ -37,18 +45,33 @@ class PlainUnpickler(pickle.Unpickler):
 
 
 def load_plain_pickle(path: str | Path):
-    """Unpickle ``path`` with :class:`PlainUnpickler`; a file that is not a pickle is a DataError."""
+    """Unpickle ``path`` with :class:`PlainUnpickler`; a file that is not a pickle, or whose bytes
+    were damaged, is a DataError (:func:`check_memo`: a damaged one builds nothing huge)."""
     path = Path(path)
-    with open(path, "rb") as f:
-        try:
-            return PlainUnpickler(f, path).load()
-        except DataError:
-            raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as err:
-            raise DataError(
-                f"{path} is not a readable refs pickle ({type(err).__name__}: {err}); "
-                "the file may be truncated or of another format: download it again"
-            ) from None
+    data = path.read_bytes()
+    try:
+        check_memo(data)
+        return PlainUnpickler(io.BytesIO(data), path).load()
+    except DataError:
+        raise
+    except (pickle.UnpicklingError, EOFError, *BROKEN) as err:
+        raise DataError(
+            f"{path} is not a readable refs pickle ({type(err).__name__}: {err}); "
+            "the file may be truncated, damaged or of another format: download it again"
+        ) from None
+
+
+def check_memo(data: bytes) -> None:
+    """``ValueError`` unless every opcode of the pickle ``data`` is whole and stores at a memo
+    index below its length. The C unpickler grows its memo to twice the largest index it is
+    given and clears it, so a damaged 4-byte index would take up to 64 GB; in a real pickle
+    each store is an opcode of its own, so indices stay below the file's length."""
+    for opcode, arg, pos in pickletools.genops(data):
+        if opcode.name in MEMO_STORES and arg >= len(data):
+            raise ValueError(
+                f"{opcode.name} at byte {pos} stores at memo index {arg:,}, beyond a file of "
+                f"{len(data):,} bytes"
+            )
 
 
 def load_refs(path: str | Path) -> list[dict]:
@@ -73,5 +96,11 @@ def check_ref(ref, index: int, path: str | Path) -> None:
             raise DataError(
                 f"{where}: {field!r} is {type(ref[field]).__name__}, expected {kind.__name__}"
             )
-    if not all(isinstance(s, dict) for s in ref["sentences"]):
-        raise DataError(f"{where}: 'sentences' must be a list of dicts (raw, sent, tokens, ...)")
+    for sentence in ref["sentences"]:
+        if not isinstance(sentence, dict):
+            raise DataError(
+                f"{where}: 'sentences' must be a list of dicts (raw, sent, tokens, ...)"
+            )
+        wrong = [k for k in SENTENCE_TEXTS if not isinstance(sentence.get(k, ""), str)]
+        if wrong:
+            raise DataError(f"{where}: a sentence's {wrong[0]!r} is not a string")

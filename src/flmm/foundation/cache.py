@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 
 from flmm.data.synthetic.corpus import (
     INSTRUCT_STREAM,
@@ -27,6 +26,7 @@ from flmm.data.synthetic.corpus import (
 )
 from flmm.data.synthetic.world import sample_scene
 from flmm.errors import ConfigError
+from flmm.files import home_or, locked
 from flmm.foundation.pretrain_lmm import pretrain_tiny_llava, pretrain_vision_tower
 from flmm.foundation.pretrain_sam import pretrain_tiny_sam
 from flmm.foundation.tiny_llava import build_tiny_llava
@@ -320,8 +320,7 @@ def _record_previous_stage(previous: Path, model_dir: Path) -> None:
 def _build_once(out: Path, build) -> str:
     if out.exists():
         return str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
+    with locked(out, home_or(out, "paths.foundation_dir")):
         if not out.exists():
             tmp = out.parent / f".{out.name}.partial"
             _remove(tmp)

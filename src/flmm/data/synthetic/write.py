@@ -21,7 +21,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 from PIL import Image
 
 from flmm.data.datamodule import ReferDataModule
@@ -33,6 +32,7 @@ from flmm.data.synthetic.expressions import Expression, sample_expressions
 from flmm.data.synthetic.narratives import PNG_DIR, ensure_png_layout, write_png_layout
 from flmm.data.synthetic.pope import write_pope
 from flmm.data.synthetic.world import SHAPES, Scene, sample_scene
+from flmm.files import home_or, locked
 from flmm.types import GroundingSample
 
 DATASET, SPLIT_BY = "synthetic", "unc"
@@ -165,13 +165,14 @@ def ensure_world(
 ) -> Path:
     """Write the world at ``root`` unless the same world (same parameters) is already there."""
     root = Path(root)
-    manifest_path = root / DATASET / "world.json"
     wanted = world_spec(n_train, n_val, n_test, seed, image_size)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{root}.lock"):  # concurrent jobs (ranks, sweep points) write it once
+    if _manifest(root) == wanted and (root / PNG_DIR).is_dir():
+        return root  # written whole (renamed into place): reading it needs no lock, nor a write
+    # concurrent jobs (ranks, sweep points) write it once
+    with locked(root, home_or(root, "paths.world_dir")):
         if not root.exists():
             return write_world(root, n_train, n_val, n_test, seed, image_size)
-        found = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        found = _manifest(root)
         if found != wanted:
             raise FileExistsError(
                 f"{root} holds a different synthetic world ({found}) than asked for ({wanted}); "
@@ -179,6 +180,12 @@ def ensure_world(
             )
         ensure_png_layout(root)  # worlds written before the PNG layout existed gain it here
     return root
+
+
+def _manifest(root: Path) -> dict | None:
+    """The parameters of the world written at ``root`` (None if there is none)."""
+    path = root / DATASET / "world.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def attribute_oracle_masks(
