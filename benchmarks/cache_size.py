@@ -63,7 +63,7 @@ HEADLINE = {
     "deepseek_vl_hybrid": Shape("deepseek-community/deepseek-vl-7b-chat", 30, 32, 4096, 24),
     "deepseek_vl": Shape("deepseek-community/deepseek-vl-1.3b-chat", 24, 16, 2048, 24),
     "qwen2_5_vl": Shape("Qwen/Qwen2.5-VL-7B-Instruct", 28, 28, 3584, 32),
-    "internvl": Shape("OpenGVLab/InternVL3-8B-hf", 28, 28, 3584, 16),
+    "internvl": Shape("OpenGVLab/InternVL3-8B-hf", 28, 28, 3584, 32, 2),
     "llava_onevision": Shape("llava-hf/llava-onevision-qwen2-7b-ov-hf", 28, 28, 3584, 54, 2),
 }
 
