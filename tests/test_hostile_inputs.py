@@ -225,6 +225,26 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, mask):
+    """A head folder is shared: its files are 0644 (under umask 022), as ``open()`` makes them,
+    even when the writer creates its file private (as ``mkstemp`` does: 0600)."""
+    from flmm.files import write_atomic, write_text_atomic
+
+    def private(tmp: Path) -> None:
+        os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+
+    previous = os.umask(mask)
+    try:
+        write_atomic(tmp_path / "model.safetensors", private)
+        write_text_atomic(tmp_path / "config.json", "{}")
+        (tmp_path / "plain.txt").write_text("")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["model.safetensors", "config.json", "plain.txt"], 0o666 & ~mask)
+
+
 def test_temporaries_of_killed_writers_are_removed(tmp_path):
     import os
     import subprocess
