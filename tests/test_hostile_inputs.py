@@ -203,7 +203,51 @@ def test_truncated_last_ckpt_names_the_previous_good_one(tiny_run, tmp_path, cap
     (folder / "last.ckpt").write_bytes(good[:1000])
     cfg = OmegaConf.create({"checkpoint": "last", "paths": {"output_dir": str(tmp_path / "run")}})
     err = one_line_error(capsys, resolve_checkpoint, cfg)
-    assert "last.ckpt" in err and f"resume from checkpoint={folder / 'epoch_000.ckpt'}" in err
+    assert "last.ckpt" in err and f"use checkpoint={folder / 'epoch_000.ckpt'}" in err
+
+
+def test_checkpoint_last_is_the_newest_runs_last_ckpt_not_a_hub_id(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    """``--checkpoint last`` (ground, predict, reasonseg, web) and ``checkpoint=last``
+    (evaluate) name the newest run's ``last.ckpt`` under ``./logs``, through one function."""
+    from omegaconf import OmegaConf
+
+    from flmm.chat import options
+    from flmm.evaluate import resolve_last
+
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, options.chosen_checkpoint, "last")
+    assert f"--checkpoint last: no training run under {tmp_path / 'logs'} has written" in err
+    good = tiny_checkpoint(tiny_run).read_bytes()
+    for name, mtime in (("new", 2), ("old", 1)):
+        last = tmp_path / "logs" / "train" / "runs" / name / "checkpoints" / "last.ckpt"
+        last.parent.mkdir(parents=True)
+        last.write_bytes(good)
+        os.utime(last, (mtime, mtime))
+    newest = Path("logs/train/runs/new/checkpoints/last.ckpt")
+    loaded = []
+    stub = type("Chat", (), {"from_checkpoint": lambda *a, **k: loaded.append(a[1])})
+    monkeypatch.setattr(options, "GroundedChat", stub)  # no from_pretrained: no hub lookup
+    options.load_chat(options_parser().parse_args(["--checkpoint", "last"]))
+    assert loaded == [str(newest)]
+    cfg = OmegaConf.create({"checkpoint": "last", "paths": {"log_dir": "logs"}})
+    resolve_last(cfg)
+    assert cfg.checkpoint == str(newest)
+    (newest.parent / "epoch_000.ckpt").write_bytes(good)
+    newest.write_bytes(good[:1000])  # killed while saving
+    err = one_line_error(capsys, options.chosen_checkpoint, "last")
+    assert f"use --checkpoint {newest.parent / 'epoch_000.ckpt'}" in err
+
+
+def options_parser():
+    import argparse
+
+    from flmm.chat.options import add_model_args
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    return parser
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
