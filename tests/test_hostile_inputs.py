@@ -535,13 +535,82 @@ def test_web_refuses_a_non_loopback_bind_without_auth(monkeypatch, capsys, argv,
 
 
 def test_web_login_comes_from_the_environment_or_a_file(monkeypatch, tmp_path):
-    from flmm.chat.web import AUTH_ENV, serving_auth
+    from flmm.chat.web_access import AUTH_ENV, serving_auth
 
     monkeypatch.setenv(AUTH_ENV, "ada:s3cret:with:colons")
     assert serving_auth("0.0.0.0", True, None) == [("ada", "s3cret:with:colons")]
     assert serving_auth("127.0.0.1", False, None) == [("ada", "s3cret:with:colons")]
     (tmp_path / "users").write_text("ada:one\nbob:two\n")
     assert serving_auth("::", True, str(tmp_path / "users")) == [("ada", "one"), ("bob", "two")]
+
+
+def serve(monkeypatch, argv: list[str]) -> dict:
+    """``flmm web argv`` with the models and the server stubbed; what ``launch`` was given."""
+    from flmm.chat import web
+
+    launched = {}
+    monkeypatch.setattr(web, "load_chat", lambda args: None)
+    monkeypatch.setattr(web, "build_app", lambda chat, limits: "app")
+    monkeypatch.setattr(web, "launch", lambda *a, **k: launched.update(k))
+    web.main(argv)
+    return launched
+
+
+def test_web_serves_https_with_a_certificate_and_warns_of_a_login_over_http(
+    monkeypatch, tmp_path, capsys
+):
+    from flmm.chat import web
+    from flmm.chat.web_access import AUTH_ENV
+
+    launch = web.launch  # serve() stubs it
+    monkeypatch.setenv(AUTH_ENV, "ada:s3cret")
+    remote = ["--host", "0.0.0.0", "--allow-remote"]
+    assert serve(monkeypatch, remote)["tls"] == {}
+    out, err = capsys.readouterr()
+    warning = [line for line in err.splitlines() if line.startswith("WARNING: ")]
+    assert len(warning) == 1 and "plain HTTP" in warning[0] and "--ssl-certfile" in warning[0]
+    assert "on http://0.0.0.0:7860" in out
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("-----BEGIN PEM-----")
+    tls = ["--ssl-certfile", str(tmp_path / "cert.pem"), "--ssl-keyfile", str(tmp_path / "key.pem")]
+    launched = serve(monkeypatch, [*remote, *tls])
+    assert launched["tls"] == {
+        "ssl_certfile": str(tmp_path / "cert.pem"),
+        "ssl_keyfile": str(tmp_path / "key.pem"),
+        "ssl_verify": False,
+    }
+    out, err = capsys.readouterr()
+    assert "WARNING" not in err and "on https://0.0.0.0:7860" in out
+    gradio = type("Blocks", (), {"launch": lambda self, **kwargs: kwargs})()
+    assert launched["tls"].items() <= launch(gradio, web.Limits(), tls=launched["tls"]).items()
+    serve(monkeypatch, [])  # this machine only: nothing crosses the network
+    assert "WARNING" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ssl-certfile", "{d}/cert.pem"], "--ssl-certfile and --ssl-keyfile go together"),
+        (
+            ["--ssl-certfile", "{d}/absent.pem", "--ssl-keyfile", "{d}/key.pem"],
+            "--ssl-certfile {d}/absent.pem does not exist",
+        ),
+        (
+            ["--ssl-certfile", "{d}/cert.pem", "--ssl-keyfile", "{d}"],
+            "--ssl-keyfile {d} cannot be read (Is a directory)",
+        ),
+    ],
+)
+def test_web_certificate_files_are_checked_before_the_models_load(
+    monkeypatch, tmp_path, capsys, argv, message
+):
+    from flmm.chat import web
+
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("-----BEGIN PEM-----")
+    monkeypatch.setattr(web, "load_chat", lambda args: pytest.fail("models loaded"))
+    argv = [a.format(d=tmp_path) for a in argv]
+    assert message.format(d=tmp_path) in one_line_error(capsys, web.main, argv)
 
 
 def test_web_clients_see_no_server_paths_or_raw_exceptions(tmp_path, caplog):
