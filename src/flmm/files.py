@@ -53,11 +53,12 @@ def remove_orphans(folder: Path) -> None:
     ``folder`` (their process is gone, so nothing removed them); live writers' stay."""
     for tmp in Path(folder).glob(".*.tmp"):
         parts = tmp.name.rsplit(".", 3)  # ".<name>", pid, random hex, "tmp"
-        if len(parts) == 4 and parts[1].isdigit() and not _alive(int(parts[1])):
+        if len(parts) == 4 and parts[1].isdigit() and not alive(int(parts[1])):
             tmp.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
