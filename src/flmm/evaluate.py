@@ -45,6 +45,7 @@ from flmm.model.pretrained import WEIGHTS, FLMMHead, add_scores
 from flmm.overlay import overlay_panel
 from flmm.runtime import build_trainer, hydra_entry, write_metrics
 from flmm.training.callbacks import log_overlays, sample_masks, wandb_logger
+from flmm.training.stopping import sigterm_exit_status
 from flmm.types import GroundingBatch
 
 log = logging.getLogger(__name__)
@@ -390,7 +391,8 @@ def score_set(cfg, trainer: L.Trainer, model: FLMM, datamodule, es: EvalSet, fin
 
 @hydra_entry("evaluate")
 def main(cfg: DictConfig) -> None:
-    exit_on_user_error(evaluate, cfg)
+    with sigterm_exit_status(f"output_dir={cfg.paths.output_dir} (the sets scored are kept)"):
+        exit_on_user_error(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from flmm.model.checkpoint import (
     read_checkpoint,
     resumable_last,
 )
+from flmm.training.stopping import CheckpointOnSigterm
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def group_sweep_runs(cfg: DictConfig) -> None:
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """Instantiate ``cfg.trainer`` with the configured callbacks and loggers."""
     group_sweep_runs(cfg)
-    callbacks = [*instantiate_group(cfg.get("callbacks")), LoaderPosition()]
+    callbacks = [*instantiate_group(cfg.get("callbacks")), LoaderPosition(), CheckpointOnSigterm()]
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning raises)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
