@@ -428,7 +428,51 @@ def test_truncated_last_ckpt_names_the_previous_good_one(tiny_run, tmp_path, cap
     (folder / "last.ckpt").write_bytes(good[:1000])
     cfg = OmegaConf.create({"checkpoint": "last", "paths": {"output_dir": str(tmp_path / "run")}})
     err = one_line_error(capsys, resolve_checkpoint, cfg)
-    assert "last.ckpt" in err and f"resume from checkpoint={folder / 'epoch_000.ckpt'}" in err
+    assert "last.ckpt" in err and f"use checkpoint={folder / 'epoch_000.ckpt'}" in err
+
+
+def test_checkpoint_last_is_the_newest_runs_last_ckpt_not_a_hub_id(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    """``--checkpoint last`` (ground, predict, reasonseg, web) and ``checkpoint=last``
+    (evaluate) name the newest run's ``last.ckpt`` under ``./logs``, through one function."""
+    from omegaconf import OmegaConf
+
+    from flmm.chat import options
+    from flmm.evaluate import resolve_last
+
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, options.chosen_checkpoint, "last")
+    assert f"--checkpoint last: no training run under {tmp_path / 'logs'} has written" in err
+    good = tiny_checkpoint(tiny_run).read_bytes()
+    for name, mtime in (("new", 2), ("old", 1)):
+        last = tmp_path / "logs" / "train" / "runs" / name / "checkpoints" / "last.ckpt"
+        last.parent.mkdir(parents=True)
+        last.write_bytes(good)
+        os.utime(last, (mtime, mtime))
+    newest = Path("logs/train/runs/new/checkpoints/last.ckpt")
+    loaded = []
+    stub = type("Chat", (), {"from_checkpoint": lambda *a, **k: loaded.append(a[1])})
+    monkeypatch.setattr(options, "GroundedChat", stub)  # no from_pretrained: no hub lookup
+    options.load_chat(options_parser().parse_args(["--checkpoint", "last"]))
+    assert loaded == [str(newest)]
+    cfg = OmegaConf.create({"checkpoint": "last", "paths": {"log_dir": "logs"}})
+    resolve_last(cfg)
+    assert cfg.checkpoint == str(newest)
+    (newest.parent / "epoch_000.ckpt").write_bytes(good)
+    newest.write_bytes(good[:1000])  # killed while saving
+    err = one_line_error(capsys, options.chosen_checkpoint, "last")
+    assert f"use --checkpoint {newest.parent / 'epoch_000.ckpt'}" in err
+
+
+def options_parser():
+    import argparse
+
+    from flmm.chat.options import add_model_args
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    return parser
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
@@ -448,6 +492,26 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["state_dict"]["w"].tolist() == [1.0, 1.0]
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path, mask):
+    """A head folder is shared: its files are 0644 (under umask 022), as ``open()`` makes them,
+    even when the writer creates its file private (as ``mkstemp`` does: 0600)."""
+    from flmm.files import write_atomic, write_text_atomic
+
+    def private(tmp: Path) -> None:
+        os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+
+    previous = os.umask(mask)
+    try:
+        write_atomic(tmp_path / "model.safetensors", private)
+        write_text_atomic(tmp_path / "config.json", "{}")
+        (tmp_path / "plain.txt").write_text("")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["model.safetensors", "config.json", "plain.txt"], 0o666 & ~mask)
 
 
 def test_temporaries_of_killed_writers_are_removed(tmp_path):
@@ -758,13 +822,82 @@ def test_web_refuses_a_non_loopback_bind_without_auth(monkeypatch, capsys, argv,
 
 
 def test_web_login_comes_from_the_environment_or_a_file(monkeypatch, tmp_path):
-    from flmm.chat.web import AUTH_ENV, serving_auth
+    from flmm.chat.web_access import AUTH_ENV, serving_auth
 
     monkeypatch.setenv(AUTH_ENV, "ada:s3cret:with:colons")
     assert serving_auth("0.0.0.0", True, None) == [("ada", "s3cret:with:colons")]
     assert serving_auth("127.0.0.1", False, None) == [("ada", "s3cret:with:colons")]
     (tmp_path / "users").write_text("ada:one\nbob:two\n")
     assert serving_auth("::", True, str(tmp_path / "users")) == [("ada", "one"), ("bob", "two")]
+
+
+def serve(monkeypatch, argv: list[str]) -> dict:
+    """``flmm web argv`` with the models and the server stubbed; what ``launch`` was given."""
+    from flmm.chat import web
+
+    launched = {}
+    monkeypatch.setattr(web, "load_chat", lambda args: None)
+    monkeypatch.setattr(web, "build_app", lambda chat, limits: "app")
+    monkeypatch.setattr(web, "launch", lambda *a, **k: launched.update(k))
+    web.main(argv)
+    return launched
+
+
+def test_web_serves_https_with_a_certificate_and_warns_of_a_login_over_http(
+    monkeypatch, tmp_path, capsys
+):
+    from flmm.chat import web
+    from flmm.chat.web_access import AUTH_ENV
+
+    launch = web.launch  # serve() stubs it
+    monkeypatch.setenv(AUTH_ENV, "ada:s3cret")
+    remote = ["--host", "0.0.0.0", "--allow-remote"]
+    assert serve(monkeypatch, remote)["tls"] == {}
+    out, err = capsys.readouterr()
+    warning = [line for line in err.splitlines() if line.startswith("WARNING: ")]
+    assert len(warning) == 1 and "plain HTTP" in warning[0] and "--ssl-certfile" in warning[0]
+    assert "on http://0.0.0.0:7860" in out
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("-----BEGIN PEM-----")
+    tls = ["--ssl-certfile", str(tmp_path / "cert.pem"), "--ssl-keyfile", str(tmp_path / "key.pem")]
+    launched = serve(monkeypatch, [*remote, *tls])
+    assert launched["tls"] == {
+        "ssl_certfile": str(tmp_path / "cert.pem"),
+        "ssl_keyfile": str(tmp_path / "key.pem"),
+        "ssl_verify": False,
+    }
+    out, err = capsys.readouterr()
+    assert "WARNING" not in err and "on https://0.0.0.0:7860" in out
+    gradio = type("Blocks", (), {"launch": lambda self, **kwargs: kwargs})()
+    assert launched["tls"].items() <= launch(gradio, web.Limits(), tls=launched["tls"]).items()
+    serve(monkeypatch, [])  # this machine only: nothing crosses the network
+    assert "WARNING" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ssl-certfile", "{d}/cert.pem"], "--ssl-certfile and --ssl-keyfile go together"),
+        (
+            ["--ssl-certfile", "{d}/absent.pem", "--ssl-keyfile", "{d}/key.pem"],
+            "--ssl-certfile {d}/absent.pem does not exist",
+        ),
+        (
+            ["--ssl-certfile", "{d}/cert.pem", "--ssl-keyfile", "{d}"],
+            "--ssl-keyfile {d} cannot be read (Is a directory)",
+        ),
+    ],
+)
+def test_web_certificate_files_are_checked_before_the_models_load(
+    monkeypatch, tmp_path, capsys, argv, message
+):
+    from flmm.chat import web
+
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("-----BEGIN PEM-----")
+    monkeypatch.setattr(web, "load_chat", lambda args: pytest.fail("models loaded"))
+    argv = [a.format(d=tmp_path) for a in argv]
+    assert message.format(d=tmp_path) in one_line_error(capsys, web.main, argv)
 
 
 def test_web_clients_see_no_server_paths_or_raw_exceptions(tmp_path, caplog):

@@ -139,7 +139,8 @@ def test_unreadable_images_are_skipped_with_a_warning(saved, images, tmp_path, c
     assert stop.value.code == 1
     err = capsys.readouterr().err
     assert f"flmm: warning: skipping {images / 'notes.png'}: cannot read" in err
-    assert f"skipped 1 unreadable images: {images / 'notes.png'}" in err
+    assert "1 of 4 images failed and were skipped (exit status 1; the reasons" in err
+    assert err.rstrip().endswith(f"are above): {images / 'notes.png'}")
     assert len(list(out.glob("*.json"))) == 3
 
 
@@ -252,3 +253,74 @@ def test_missing_selector_stops_before_any_image(saved, images, tmp_path, capsys
     assert stop.value.code == 2
     assert "flmm: error: no keyword selector is loaded" in capsys.readouterr().err
     assert not list(out.glob("*"))
+
+
+def records(tmp_path: Path, images: Path, texts: list[str]) -> str:
+    """A JSONL file of one record per image of ``images``, with ``texts`` and 'red circle'."""
+    lines = [
+        json.dumps({"image": str(path), "text": text, "phrases": ["red circle"]})
+        for path, text in zip(sorted(images.iterdir()), texts)
+    ]
+    (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "requests.jsonl")
+
+
+def test_an_over_long_record_is_skipped_and_named_and_its_batch_goes_on(
+    saved, images, tmp_path, capsys
+):
+    long = "the red circle " + "and more " * 2500  # 5,000+ words, 2,048 positions
+    jsonl = records(tmp_path, images, ["a red circle", long, "the red circle"])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main([jsonl, "--output-dir", str(out), "--batch-size", "3", "--no-overlay", *saved])
+    assert stop.value.code == 1
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"flmm: warning: skipping {jsonl} line 2: "
+    )
+    assert "more than the 2048 positions" in warnings[0] and "shorten it" in warnings[0]
+    assert "predicted 2 images (2 phrases)" in captured.out
+    assert "1 of 3 images failed and were skipped (exit status 1" in captured.err
+    first, _, third = sorted(images.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == [f"{first.stem}.json", f"{third.stem}.json"]
+
+
+def test_a_records_json_is_written_after_its_pngs_and_atomically(
+    saved, images, tmp_path, capsys, monkeypatch
+):
+    """A failure while writing (here: the disk fills) leaves no JSON for the image it hit, whole
+    or half, so a rerun recomputes it; the images finished before it stay and are skipped."""
+    from flmm.chat import predict
+
+    jsonl = records(tmp_path, images, ["a red circle"] * 3)
+    args = [jsonl, "--output-dir", str(tmp_path / "out"), "--batch-size", "3", *saved]
+    out, stems = tmp_path / "out", [p.stem for p in sorted(images.iterdir())]
+    write_png, write_text = predict.save_png_atomic, Path.write_text
+
+    def full_at_second_png(path: Path, array) -> None:
+        if path.name.startswith(stems[1]):
+            raise OSError(28, "No space left on device")
+        write_png(path, array)
+
+    def full_halfway_through_second_json(path: Path, text: str, *a, **k) -> int:
+        if path.name.lstrip(".").startswith(f"{stems[1]}.json"):  # the file or its temporary
+            write_text(path, text[: len(text) // 2])
+            raise OSError(28, "No space left on device")
+        return write_text(path, text, *a, **k)
+
+    for name, target, fake in (
+        ("save_png_atomic", predict, full_at_second_png),
+        ("write_text", Path, full_halfway_through_second_json),
+    ):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, name, fake)
+            with pytest.raises(OSError, match="No space left"):
+                main(args)
+        names = {p.name for p in out.iterdir()}  # the second image's PNG, if written, stays
+        assert {f"{stems[0]}.json", f"{stems[0]}_overlay.png"} <= names
+        assert not {f"{stems[1]}.json", f"{stems[2]}.json"} & names
+        assert not [n for n in names if n.endswith(".tmp")]
+    main(args)
+    assert "skipping 1 of 3 images: their JSON is in" in capsys.readouterr().out
+    assert all(json.loads((out / f"{stem}.json").read_text())["phrases"] for stem in stems)

@@ -1,16 +1,24 @@
-"""A run killed mid-epoch resumes from its last checkpoint and ends as the uninterrupted run."""
+"""A run killed mid-epoch resumes from its last checkpoint and ends as the uninterrupted run; a
+run stopped by SIGTERM saves its state first and exits 143."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, run_flmm
+from conftest import TINY, paths_at, run_flmm
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from flmm.training.stopping import CheckpointOnSigterm, sigterm_exit_status
 
 TESTS = Path(__file__).resolve().parent
 # 2 epochs x 3 steps, a checkpoint after every step; the kill comes at step 4 (epoch 1, batch 1)
@@ -34,6 +42,25 @@ class KillAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os._exit(137)
+
+
+class SigtermAtStep(L.Callback):
+    """When training reaches ``step``: sends this process SIGTERM, or with ``marker`` writes that
+    file and waits (up to a minute) for a SIGTERM from outside."""
+
+    def __init__(self, step: int, marker: str | None = None) -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        if self.marker is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        Path(self.marker).touch()
+        deadline = time.monotonic() + 60
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 class CountSteps(L.Callback):
@@ -116,3 +143,58 @@ def test_a_new_run_stops_before_an_earlier_runs_checkpoints(tmp_path):
     assert "Traceback" not in result.stderr
     assert (folder / "last.ckpt").read_bytes() == b"an earlier run"
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+
+
+def test_sigterm_saves_the_run_then_exits_143_and_the_run_resumes_after_that_step(tmp_path):
+    """The mechanism, on Lightning's BoringModel (32 batches an epoch: SIGTERM comes mid-epoch)."""
+
+    def fit(*callbacks: L.Callback, resume: Path | None = None) -> None:
+        checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        trainer = L.Trainer(
+            max_steps=6,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            callbacks=[checkpoints, CheckpointOnSigterm(), *callbacks],
+        )
+        trainer.fit(BoringModel(), ckpt_path=resume)
+
+    with pytest.raises(SystemExit) as stop, sigterm_exit_status("checkpoint=last"):
+        fit(SigtermAtStep(2))
+    assert stop.value.code == 128 + signal.SIGTERM
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3  # the step under way when the signal came was finished
+    steps = tmp_path / "steps.txt"
+    fit(CountSteps(str(steps)), resume=tmp_path / "last.ckpt")
+    assert steps.read_text().split() == ["4", "5", "6"]
+
+
+def test_flmm_train_stopped_by_sigterm_saves_its_state_and_exits_143(tiny_run, tmp_path):
+    root, run = tiny_run[0], tmp_path / "run"
+    marker = tmp_path / "at_step_1"
+    stop = [f"+callbacks.stop._target_={__name__}.SigtermAtStep", "+callbacks.stop.step=1"]
+    stop += [f"+callbacks.stop.marker={marker}"]
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    run_args = [o for o in RUN if "every_n_train_steps" not in o]  # last.ckpt at epoch ends only
+    cmd = [
+        sys.executable,
+        "-m",
+        "flmm.train",
+        *paths_at(root),
+        *run_args,
+        f"output_dir={run}",
+        *stop,
+    ]
+    process = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0].decode()
+    assert process.returncode == 143, output[-3000:]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2 and saved["epoch"] == 0  # mid-epoch: 3 steps an epoch
+    assert f"the run's state at step 2 is in {run / 'checkpoints' / 'last.ckpt'}" in output
+    assert "stopped by SIGTERM (exit status 143); to go on, rerun with checkpoint=last" in output
+    assert not (run / "metrics.json").exists() and not (run / "run.lock").exists()

@@ -30,7 +30,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from rich.console import Console
 from rich.progress import track
@@ -40,12 +40,13 @@ from flmm.config_checks import check_numbers
 from flmm.data.datamodule import EvalSet
 from flmm.errors import USER_ERRORS, ConfigError, DataError, FlmmUserError, exit_on_user_error
 from flmm.files import write_text_atomic
-from flmm.model.checkpoint import check_family, read_checkpoint
+from flmm.model.checkpoint import check_family, newest_last, read_checkpoint
 from flmm.model.module import FLMM
 from flmm.model.pretrained import WEIGHTS, FLMMHead, add_scores
 from flmm.overlay import overlay_panel
 from flmm.runtime import build_trainer, hydra_entry, write_metrics
 from flmm.training.callbacks import log_overlays, sample_masks, wandb_logger
+from flmm.training.stopping import sigterm_exit_status
 from flmm.types import GroundingBatch
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,21 @@ def load_model(cfg: DictConfig) -> FLMM:
     return FLMM.from_checkpoint(str(cfg.checkpoint), lmm, sam)
 
 
+def resolve_last(cfg: DictConfig) -> None:
+    """``checkpoint=last``: the ``last.ckpt`` written most recently under ``paths.log_dir`` (the
+    newest training run's), put in the config so that the results record the file."""
+    if cfg.get("checkpoint") == "last":
+        with open_dict(cfg):
+            cfg.checkpoint = str(newest_last(Path(cfg.paths.log_dir)))
+        log.info("checkpoint=last: %s", cfg.checkpoint)
+
+
 def check_checkpoint(cfg: DictConfig) -> None:
     """A clear error when ``cfg.checkpoint`` is unset or names no file."""
     if not cfg.get("checkpoint"):
         raise FlmmUserError(
             "no checkpoint to evaluate: pass checkpoint=<run>/checkpoints/<name>.ckpt "
-            "(written by `flmm train`)"
+            "(written by `flmm train`), or checkpoint=last (the newest run's last.ckpt)"
         )
     if not Path(cfg.checkpoint).exists():
         raise FileNotFoundError(
@@ -325,6 +335,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_eval()
     eval_sets = select_eval_sets(datamodule, list(cfg.protocols))
+    resolve_last(cfg)
     check_checkpoint(cfg)
     finished = FinishedSets(Path(cfg.paths.output_dir), settings_fingerprint(cfg))
     done = {set_key(es): finished.load(es) for es in eval_sets}
@@ -383,7 +394,8 @@ def score_set(cfg, trainer: L.Trainer, model: FLMM, datamodule, es: EvalSet, fin
 
 @hydra_entry("evaluate")
 def main(cfg: DictConfig) -> None:
-    exit_on_user_error(evaluate, cfg)
+    with sigterm_exit_status(f"output_dir={cfg.paths.output_dir} (the sets scored are kept)"):
+        exit_on_user_error(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -86,15 +86,33 @@ def _named(path: Path) -> str:
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place: a crash,
     or another process writing the same file, leaves the old file or a whole new one, never half
-    of one (the temporary file is removed if ``write`` fails)."""
+    of one (the temporary file is removed if ``write`` fails). The file gets the mode a plain
+    ``open()`` gives (0644 under the usual umask), whatever mode ``write`` created it with, so
+    that a shared folder stays readable to its group and others."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def umask() -> int:
+    """This process's umask, read from ``/proc/self/status`` where there is one: setting it to
+    read it (``os.umask``) would give files other threads create meanwhile the mode 0666."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def remove_orphans(folder: Path) -> None:
@@ -102,11 +120,12 @@ def remove_orphans(folder: Path) -> None:
     ``folder`` (their process is gone, so nothing removed them); live writers' stay."""
     for tmp in Path(folder).glob(".*.tmp"):
         parts = tmp.name.rsplit(".", 3)  # ".<name>", pid, random hex, "tmp"
-        if len(parts) == 4 and parts[1].isdigit() and not _alive(int(parts[1])):
+        if len(parts) == 4 and parts[1].isdigit() and not alive(int(parts[1])):
             tmp.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

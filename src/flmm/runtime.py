@@ -25,10 +25,17 @@ from rich.console import Console
 from rich.table import Table
 
 from flmm.data.distributed import LoaderPosition
-from flmm.errors import ConfigError, FlmmUserError, MissingExtraError, exit_on_user_error
+from flmm.errors import ConfigError, MissingExtraError, exit_on_user_error
 from flmm.files import check_writable, flmm_home, write_text_atomic
 from flmm.lmm import get_family, list_lmms
-from flmm.model.checkpoint import AtomicCheckpointIO, check_family, newest_readable, read_checkpoint
+from flmm.model.checkpoint import (
+    LAST,
+    AtomicCheckpointIO,
+    check_family,
+    read_checkpoint,
+    resumable_last,
+)
+from flmm.training.stopping import CheckpointOnSigterm
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +172,7 @@ def group_sweep_runs(cfg: DictConfig) -> None:
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     """Instantiate ``cfg.trainer`` with the configured callbacks and loggers."""
     group_sweep_runs(cfg)
-    callbacks = [*instantiate_group(cfg.get("callbacks")), LoaderPosition()]
+    callbacks = [*instantiate_group(cfg.get("callbacks")), LoaderPosition(), CheckpointOnSigterm()]
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning raises)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -271,11 +278,11 @@ def resolve_checkpoint(cfg: DictConfig) -> str | None:
         check_fresh_folder(cfg)
         return None
     if checkpoint == "last":
-        last = checkpoint_folder(cfg) / "last.ckpt"
-        if not last.is_file():
-            log.info("checkpoint=last: no %s yet, training from the start", last)
+        folder = checkpoint_folder(cfg)
+        last = resumable_last(folder)
+        if last is None:
+            log.info("checkpoint=last: no %s yet, training from the start", folder / LAST)
             return None
-        check_resumable(last)
         log.info("resuming from %s", last)
         checkpoint = str(last)
     elif not Path(checkpoint).is_file():
@@ -288,19 +295,6 @@ def resolve_checkpoint(cfg: DictConfig) -> str | None:
         read_checkpoint(checkpoint).get("flmm"), lmm.family, lmm.get("grid_size"), checkpoint
     )
     return str(checkpoint)
-
-
-def check_resumable(last: Path) -> None:
-    """A ``last.ckpt`` that does not load (a crash while saving) is reported, naming the newest
-    checkpoint of its folder that does, instead of crashing Lightning's resume."""
-    try:
-        read_checkpoint(last)
-    except FlmmUserError as err:
-        previous = newest_readable(last.parent, skip=last)
-        fix = (
-            f"resume from checkpoint={previous}" if previous else "no other checkpoint there loads"
-        )
-        raise FlmmUserError(f"checkpoint=last: {err}; {fix}") from None
 
 
 def gather_records(records: list) -> list:

@@ -25,6 +25,7 @@ from flmm.runtime import (
     write_records,
 )
 from flmm.training.feature_cache import attach
+from flmm.training.stopping import sigterm_exit_status
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra_entry("train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = exit_on_user_error(train, cfg)
+    with sigterm_exit_status(f"checkpoint=last output_dir={cfg.paths.output_dir}"):
+        metrics = exit_on_user_error(train, cfg)
     # what a sweeper (hparams_search=...) optimises; NaN if the run logged no such metric
     return metrics.get(cfg.get("optimized_metric") or "val/giou", float("nan"))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flmm.chat.conversation import GroundedChat
 from flmm.errors import FlmmUserError
-from flmm.model.checkpoint import check_family, read_checkpoint
+from flmm.model.checkpoint import check_family, newest_last, read_checkpoint
 
 
 def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
@@ -20,8 +20,9 @@ def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
     commands), and ``--max-new-tokens`` for those that generate (``generates``)."""
     p.add_argument(
         "--checkpoint",
-        help="F-LMM .ckpt, or a head folder (<run>/model, save_pretrained) or its hub id "
-        "(default: the newest run's model folder, or .ckpt, under ./logs/)",
+        help="F-LMM .ckpt, or a head folder (<run>/model, save_pretrained) or its hub id, or "
+        "'last': the last.ckpt written most recently under ./logs/ (default: the newest run's "
+        "model folder, or .ckpt, under ./logs/)",
     )
     p.add_argument("--lmm", help="frozen LMM id or folder (default: the checkpoint's)")
     p.add_argument("--dtype", default="float32", help="the frozen LMM's dtype (bfloat16 on GPUs)")
@@ -64,7 +65,7 @@ def load_chat(args: argparse.Namespace) -> GroundedChat:
 
 
 def _load_chat(args: argparse.Namespace) -> GroundedChat:
-    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    checkpoint = chosen_checkpoint(args.checkpoint)
     print(f"F-LMM checkpoint: {checkpoint}", file=sys.stderr)
     if checkpoint.suffix != ".ckpt" and not checkpoint.is_file():  # a head folder or hub id
         return GroundedChat.from_pretrained(
@@ -89,6 +90,15 @@ def _load_chat(args: argparse.Namespace) -> GroundedChat:
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
     )
+
+
+def chosen_checkpoint(given: str | None) -> Path:
+    """The checkpoint ``--checkpoint`` names: ``last`` means the newest run's ``last.ckpt``
+    under ``logs/`` (as ``checkpoint=last`` does for ``flmm evaluate``), never a hub id; none
+    given, :func:`default_checkpoint`."""
+    if given == "last":
+        return newest_last(Path("logs"), option="--checkpoint ")
+    return Path(given) if given else default_checkpoint()
 
 
 def default_checkpoint() -> Path:

@@ -10,7 +10,13 @@ span, score = mean refined probability inside the refined mask, box ``[x, y, w, 
 that mask, and the refined and coarse masks as COCO RLE), ``<stem>_overlay.png`` unless
 ``--no-overlay``, ``<stem>_mask<k>.png`` per phrase with ``--save-masks``. Every file is written
 under a temporary name and renamed, the JSON last: a rerun skips the images whose JSON exists.
-Unreadable images are skipped with a warning, listed at the end, and make the exit status 1.
+An image that fails (a file that cannot be read, a record the model refuses, such as a text
+longer than the LMM's context) is skipped with a warning line naming it (the JSONL file and line)
+and why; the others, the rest of its batch included, are written. The failed ones are counted and
+listed at the end.
+
+Exit status: 0 every image written; 1 some images failed and were skipped, the others written
+(a rerun retries only those); 2 a bad argument or input file stopped the run before any image.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from flmm.files import remove_orphans, write_atomic, write_text_atomic
 from flmm.model.module import Grounding, phrase_spans
 from flmm.overlay import render_overlay
 
+# exit status when some images were skipped (unreadable, or refused by the model) and the others
+# written; 2 is a user error that stopped the run before any image (exit_on_user_error)
+SKIPPED = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 RECORD = '{"image": "a.png", "text": "a red circle", "phrases": ["red circle"]}'
 
@@ -219,27 +228,62 @@ def predict(
     chat: GroundedChat, items: list[Item], out: Path, batch_size: int, masks: bool, overlay: bool
 ) -> tuple[int, list[str]]:
     """Ground and write every item, ``batch_size`` images at a time; the number of phrases
-    written and the images that could not be read (skipped)."""
+    written and where the skipped items were listed (each named with its reason in a warning
+    line as it happens: an image that cannot be read, a record the model refuses)."""
     out.mkdir(parents=True, exist_ok=True)
     remove_orphans(out)  # a run killed outright left them
-    count, unreadable = 0, []
+    count, skipped = 0, []
     with tqdm(total=len(items), unit="img", desc="predict", file=sys.stderr) as bar:
         for start in range(0, len(items), batch_size):
-            loaded = []
-            for item in items[start : start + batch_size]:
-                try:
-                    loaded.append((item, load_image(item.image)))
-                except (FlmmUserError, FileNotFoundError) as err:
-                    tqdm.write(f"flmm: warning: skipping {item.where}: {err}", file=sys.stderr)
-                    unreadable.append(item.where)
-            batch_items = [item for item, _ in loaded]
-            images = [image for _, image in loaded]
-            for item, image, grounding in zip(
-                batch_items, images, ground_images(chat, batch_items, images)
-            ):
+            batch = items[start : start + batch_size]
+            for item, image, grounding in grounded(chat, load_images(batch, skipped), skipped):
                 count += write_outputs(out, item, image, grounding, masks, overlay)
-            bar.update(min(batch_size, len(items) - start))
-    return count, unreadable
+            bar.update(len(batch))
+    return count, skipped
+
+
+def skip(item: Item, err: Exception, skipped: list[str]) -> None:
+    """Say on one line which item is skipped and why; note it in ``skipped``."""
+    tqdm.write(f"flmm: warning: skipping {item.where}: {err}", file=sys.stderr)
+    skipped.append(item.where)
+
+
+def load_images(items: list[Item], skipped: list[str]) -> list[tuple[Item, np.ndarray]]:
+    """The items whose image reads, with the image; the others skipped."""
+    loaded = []
+    for item in items:
+        try:
+            loaded.append((item, load_image(item.image)))
+        except (FlmmUserError, FileNotFoundError) as err:
+            skip(item, err, skipped)
+    return loaded
+
+
+def grounded(
+    chat: GroundedChat, loaded: list[tuple[Item, np.ndarray]], skipped: list[str]
+) -> list[tuple[Item, np.ndarray, Grounding | None]]:
+    """Each loaded item with its grounding, in one batch; when the batch fails on a record (a
+    text longer than the LMM's context), each item alone, skipping those that fail alone."""
+    try:
+        return ground_loaded(chat, loaded)
+    except FlmmUserError as err:
+        if len(loaded) == 1:
+            skip(loaded[0][0], err, skipped)
+            return []
+    done = []
+    for one in loaded:
+        try:
+            done += ground_loaded(chat, [one])
+        except FlmmUserError as err:
+            skip(one[0], err, skipped)
+    return done
+
+
+def ground_loaded(
+    chat: GroundedChat, loaded: list[tuple[Item, np.ndarray]]
+) -> list[tuple[Item, np.ndarray, Grounding | None]]:
+    items, images = [item for item, _ in loaded], [image for _, image in loaded]
+    return list(zip(items, images, ground_images(chat, items, images)))
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -247,7 +291,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flmm predict",
         description=__doc__.split("\n")[0],
-        epilog="Each output JSON is described in docs/predict.md.",
+        epilog="Each output JSON is described in docs/predict.md. Exit status: 0 every image "
+        "written; 1 some failed and were skipped (each named above), the others written; 2 a bad "
+        "argument or input file, nothing done.",
         allow_abbrev=False,
     )
     p.add_argument("source", help="a folder of images, or a JSONL file of " + RECORD)
@@ -262,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The command's work; its exit status (1 when some images could not be read)."""
+    """The command's work; its exit status (:data:`SKIPPED`: some images were skipped)."""
     if args.batch_size < 1:
         raise FlmmUserError(f"--batch-size must be at least 1, got {args.batch_size}")
     items = read_items(Path(args.source), args.text, args.phrases)
@@ -278,18 +324,20 @@ def run(args: argparse.Namespace) -> int:
         chat.require_selector()
     loaded = time.perf_counter()
     options = (args.save_masks, not args.no_overlay)
-    phrases, unreadable = predict(chat, todo, out, args.batch_size, *options)
+    phrases, skipped = predict(chat, todo, out, args.batch_size, *options)
     took = time.perf_counter() - loaded
-    done = len(todo) - len(unreadable)
+    done = len(todo) - len(skipped)
     print(
         f"predicted {done} images ({phrases} phrases) in {took:.1f} s = {done / took:.2f} images/s "
         f"(batch size {args.batch_size}; models loaded in {loaded - started:.1f} s); output: {out}"
     )
-    if unreadable:
+    if skipped:
         print(
-            f"skipped {len(unreadable)} unreadable images: {', '.join(unreadable)}", file=sys.stderr
+            f"flmm: {len(skipped)} of {len(todo)} images failed and were skipped (exit status "
+            f"{SKIPPED}; the reasons are above): {', '.join(skipped)}",
+            file=sys.stderr,
         )
-    return 1 if unreadable else 0
+    return SKIPPED if skipped else 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,8 +10,8 @@ every text field and the answer tokens. Model options as in `python -m flmm.chat
 the synthetic world's models and the newest F-LMM checkpoint under ``logs/``).
 
 Serving beyond this machine (``--host`` other than a loopback address) needs ``--allow-remote``
-and a login, read from ``$FLMM_WEB_AUTH`` (``user:password``) or ``--auth-file`` (one
-``user:password`` a line), never from the command line. Clients see only the one-line message
+and a login, and should be HTTPS (``--ssl-certfile``, ``--ssl-keyfile``): see
+:mod:`flmm.chat.web_access`. Clients see only the one-line message
 of a bad request, with file names but no server paths; anything else is logged on the server
 and the client told "internal error". Uploads and mask files are deleted ``--keep-files-s`` after
 they were written.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import ipaddress
 import json
 import logging
 import os
@@ -36,12 +35,18 @@ import numpy as np
 from flmm.chat.conversation import ChatResult, GroundedChat
 from flmm.chat.ground import MODES, load_image, resolve_mode, run
 from flmm.chat.options import add_model_args, load_chat
+from flmm.chat.web_access import (
+    AUTH_ENV,
+    is_loopback,
+    serving_auth,
+    serving_tls,
+    warn_plain_http,
+)
 from flmm.data.masks import phrase_record
 from flmm.errors import USER_ERRORS, FlmmUserError, MissingExtraError, exit_on_user_error
 from flmm.overlay import phrase_colour
 
 log = logging.getLogger(__name__)
-AUTH_ENV = "FLMM_WEB_AUTH"
 EXAMPLES_DIR = Path(__file__).with_name("examples")
 DESCRIBE = "please give me a description of the image."
 # test-split scenes of the synthetic world (seed 0), shipped so that they exist before the world
@@ -258,8 +263,10 @@ def launch(
     port: int = 7860,
     block: bool = True,
     auth: list[tuple[str, str]] | None = None,
+    tls: dict | None = None,
 ):
-    """Serve ``app`` on ``host:port`` with the upload size limit (and a login if ``auth``)."""
+    """Serve ``app`` on ``host:port`` with the upload size limit (and a login if ``auth``, HTTPS
+    with ``tls``: :func:`~flmm.chat.web_access.serving_tls`)."""
     return app.launch(
         server_name=host,
         server_port=port,
@@ -269,55 +276,13 @@ def launch(
         auth=auth,
         quiet=True,
         css=CSS,
+        **(tls or {}),
     )
 
 
 def require_gradio() -> None:
     if gr is None:
         raise MissingExtraError("gradio", "web", "the web page")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def read_credentials(auth_file: str | None) -> list[tuple[str, str]]:
-    """``(user, password)`` pairs from ``auth_file`` (one ``user:password`` a line) or else from
-    ``$FLMM_WEB_AUTH``; empty if neither is given."""
-    if auth_file:
-        if not Path(auth_file).is_file():
-            raise FileNotFoundError(f"--auth-file {auth_file} does not exist")
-        lines = Path(auth_file).read_text().splitlines()
-    else:
-        lines = [os.environ.get(AUTH_ENV, "")]
-    pairs = [tuple(line.strip().split(":", 1)) for line in lines if line.strip()]
-    if any(len(p) != 2 or not all(p) for p in pairs):
-        raise FlmmUserError(f"credentials must be user:password (from --auth-file or ${AUTH_ENV})")
-    return pairs
-
-
-def serving_auth(host: str, allow_remote: bool, auth_file: str | None) -> list | None:
-    """The login to require; a :class:`FlmmUserError` for a non-loopback ``host`` without
-    ``allow_remote`` or without credentials."""
-    pairs = read_credentials(auth_file)
-    if is_loopback(host):
-        return pairs or None
-    if not allow_remote:
-        raise FlmmUserError(
-            f"--host {host} makes the page reachable from other machines; bind to 127.0.0.1, or "
-            f"pass --allow-remote with a login in ${AUTH_ENV} (user:password) or --auth-file"
-        )
-    if not pairs:
-        raise FlmmUserError(
-            f"--allow-remote needs a login: set ${AUTH_ENV}=user:password or pass --auth-file "
-            "FILE (one user:password a line); never put passwords on the command line"
-        )
-    return pairs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -332,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep-files-s", type=int, default=Limits.keep_files_s)
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
     p.add_argument("--auth-file", help=f"user:password lines (else ${AUTH_ENV})")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     add_model_args(p)
     args = p.parse_args(argv)
     exit_on_user_error(require_gradio)
@@ -343,11 +310,13 @@ def main(argv: list[str] | None = None) -> None:
         keep_files_s=args.keep_files_s,
     )
     auth = exit_on_user_error(serving_auth, args.host, args.allow_remote, args.auth_file)
+    tls = exit_on_user_error(serving_tls, args.ssl_certfile, args.ssl_keyfile)
+    warn_plain_http(args.host, auth, tls)
     chat = exit_on_user_error(load_chat, args)
     if not is_loopback(args.host):
         print(f"warning: serving on {args.host}, reachable from other machines; login required")
-    print(f"flmm web page on http://{args.host}:{args.port}")
-    launch(build_app(chat, limits), limits, args.host, args.port, auth=auth)
+    print(f"flmm web page on {'https' if tls else 'http'}://{args.host}:{args.port}")
+    launch(build_app(chat, limits), limits, args.host, args.port, auth=auth, tls=tls)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 import flmm
-from flmm.errors import CheckpointMismatchError, DataError
+from flmm.errors import CheckpointMismatchError, DataError, FlmmUserError
 from flmm.files import flmm_home, load_torch_file, write_atomic
 
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(flmm.__file__).resolve().parent
+LAST = "last.ckpt"  # the checkpoint a training run writes last, what ``last`` names
 
 # Metadata fields that must match exactly: a head trained on other attention maps is meaningless.
 SHAPE_KEYS = ("family", "channels", "grid", "hidden_size", "num_text_layers", "sam_prompt_dim")
@@ -157,6 +158,36 @@ def newest_readable(folder: Path, skip: Path) -> Path | None:
             continue
         return path
     return None
+
+
+def resumable_last(folder: Path, option: str = "checkpoint=") -> Path | None:
+    """``folder/last.ckpt``, checked to load; None if no run wrote one there yet. One that does
+    not load (a crash while saving) is a :class:`FlmmUserError` naming the newest checkpoint of
+    the folder that does, spelled as the command's ``option`` (``checkpoint=``, ``--checkpoint ``)."""
+    last = Path(folder) / LAST
+    if not last.is_file():
+        return None
+    try:
+        read_checkpoint(last)
+    except FlmmUserError as err:
+        previous = newest_readable(last.parent, skip=last)
+        fix = f"use {option}{previous}" if previous else "no other checkpoint there loads"
+        raise FlmmUserError(f"{option}last: {err}; {fix}") from None
+    return last
+
+
+def newest_last(logs: Path, option: str = "checkpoint=") -> Path:
+    """What ``last`` names where no run folder is given (``flmm evaluate``, ``flmm ground``...):
+    the ``last.ckpt`` written most recently under ``logs``, checked by :func:`resumable_last`;
+    a :class:`FileNotFoundError` when no run there wrote one."""
+    found = sorted(Path(logs).glob(f"**/{LAST}"), key=lambda p: p.stat().st_mtime)
+    last = resumable_last(found[-1].parent, option) if found else None
+    if last is None:
+        raise FileNotFoundError(
+            f"{option}last: no training run under {Path(logs).resolve()} has written a {LAST}; "
+            "train one with `flmm train` in this folder, or name the checkpoint file"
+        )
+    return last
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
