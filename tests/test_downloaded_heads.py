@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from test_hostile_inputs import one_line_error
 from flmm.chat.conversation import GroundedChat
 from flmm.chat.options import load_chat
 from flmm.errors import FlmmUserError
+from flmm.files import umask
 from flmm.foundation.cache import SHIPPED
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
@@ -177,3 +179,10 @@ def test_a_checkpoint_holding_objects_is_refused_without_torchs_advice(tmp_path,
     err = one_line_error(capsys, read_checkpoint, path)
     assert "argparse.Namespace" in err and "never unpickles" in err
     assert "weights_only" not in err and "trust" not in err, err
+
+
+def test_a_head_folder_is_readable_to_colleagues(trained):
+    """Head folders are shared: every file gets a plain open()'s mode, not safetensors' 0600."""
+    expected = 0o666 & ~umask()
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in trained[0].iterdir()}
+    assert modes == dict.fromkeys(["README.md", "config.json", "model.safetensors"], expected)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flmm.errors import CheckpointMismatchError, DataError, FlmmUserError
-from flmm.files import write_text_atomic
+from flmm.files import write_atomic, write_text_atomic
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
 from flmm.lmm.adapter import DTYPES, HUB_ID
@@ -112,7 +112,11 @@ class FLMMHead(
         state = {
             k: v.detach().cpu().contiguous() for k, v in self.model.trainable_state_dict().items()
         }
-        save_file(state, str(save_directory / WEIGHTS), metadata={"format": "pt"})
+        # atomically, and readable to colleagues (safetensors alone writes 0600)
+        write_atomic(
+            save_directory / WEIGHTS,
+            lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}),
+        )
         write_folder_text(save_directory, self.config)
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
