@@ -23,6 +23,16 @@ from flmm.foundation.cache import ensure_tiny_llava, llava_recipe
 from flmm.runtime import hydra_entry
 
 log = logging.getLogger(__name__)
+# the frozen LMM's loading options a model.lmm config passes on (FrozenLMM.from_pretrained)
+LOADING = (
+    "dtype",
+    "device_map",
+    "attn_implementation",
+    "cache_dir",
+    "local_files_only",
+    "quantization",
+    "trust_remote_code",
+)
 # the `_target_` of a tiny LLaVA config node (conf/model/lmm/tiny.yaml)
 TINY_LLAVA = f"{ensure_tiny_llava.__module__}.{ensure_tiny_llava.__qualname__}"
 
@@ -46,7 +56,8 @@ def build_chat(cfg: DictConfig) -> GroundedChat:
         family=cfg.model.lmm.family,
         sam_variant=cfg.model.sam.variant,
         device=cfg.device,
-        dtype=cfg.model.lmm.dtype,
+        lmm_revision=cfg.model.lmm.get("revision"),
+        **{k: cfg.model.lmm[k] for k in LOADING if k in cfg.model.lmm},
     )
     chat.cot_in_turn = cfg.cot_in_turn
     return chat

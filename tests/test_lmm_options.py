@@ -1,0 +1,116 @@
+"""Loading the frozen LMM as HF users do: dtype, device_map, attention, hub revision and cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flmm.errors import ConfigError, ModelLoadError
+from flmm.lmm import FrozenLMM
+from flmm.lmm.loading import placed_dtype, resolve_dtype
+
+REPO = "flmm-test/tiny-llava"
+MAIN, V2 = "1" * 40, "2" * 40
+PROBE = "model.language_model.layers.0.self_attn.q_proj.weight"
+STORED = "language_model.model.layers.0.self_attn.q_proj.weight"  # PROBE as the file names it
+
+
+def hub_cache(root: Path, lmm_dir: Path) -> Path:
+    """A HF hub cache holding ``REPO`` at two commits: ``main`` (the tiny LLaVA) and tag ``v2``
+    (the same with one weight matrix doubled), as ``from_pretrained`` would have downloaded it."""
+    repo = root / f"models--{REPO.replace('/', '--')}"
+    for commit, ref in ((MAIN, "main"), (V2, "v2")):
+        snapshot = shutil.copytree(lmm_dir, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    weights = repo / "snapshots" / V2 / "model.safetensors"
+    state = load_file(weights)
+    state[STORED] = state[STORED] * 2
+    save_file(state, weights, metadata={"format": "pt"})
+    return root
+
+
+def probe(lmm: FrozenLMM) -> torch.Tensor:
+    return lmm.model.get_parameter(PROBE).detach()
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_lmm_runs_on_cuda(monkeypatch):
+    assert resolve_dtype("auto") == torch.float32
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda:1") == resolve_dtype("auto", {"": 0}) == torch.bfloat16
+    assert resolve_dtype("auto", None, "4bit") == torch.bfloat16  # bitsandbytes runs on CUDA
+    assert resolve_dtype("float16", "cuda") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_dtype("auto", "auto") == torch.float32  # accelerate falls back to the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_dtype("auto", "auto") == torch.bfloat16
+    # loaded on the CPU, then moved: "auto" follows where it goes
+    assert placed_dtype("auto", None, "cuda") == "bfloat16"
+    assert placed_dtype("auto", None, "cpu") == "float32"
+    assert placed_dtype("auto", "cuda", "cpu") == placed_dtype("auto", None, None) == "auto"
+    assert placed_dtype("float32", None, "cuda") == "float32"
+    with pytest.raises(ConfigError, match="model.lmm.dtype must be 'auto' or one of"):
+        resolve_dtype("half")
+
+
+def test_hub_options_reach_the_model_the_processor_and_the_config_check(tiny_llava_dir, tmp_path):
+    """revision / cache_dir / local_files_only select one snapshot for every file, and the
+    commit it came from is recorded."""
+    cache = hub_cache(tmp_path, tiny_llava_dir)
+    hub = {"cache_dir": str(cache), "local_files_only": True}
+    main = FrozenLMM.from_pretrained(REPO, **hub)
+    tagged = FrozenLMM.from_pretrained(REPO, revision="v2", **hub)
+    pinned = FrozenLMM.from_pretrained(REPO, revision=MAIN, **hub)
+    assert (main.revision, tagged.revision, pinned.revision) == (MAIN, V2, MAIN)
+    assert torch.equal(probe(tagged), 2 * probe(main)) and torch.equal(probe(pinned), probe(main))
+    assert main.model_id == REPO and main.processor.image_token_id == main.image_token_id
+    with pytest.raises(ModelLoadError, match="could not load") as info:
+        FrozenLMM.from_pretrained(REPO, revision="v3", **hub)
+    assert "\n" not in str(info.value)
+
+
+def test_a_local_folder_records_no_revision(tiny_llava_dir):
+    assert FrozenLMM.from_pretrained(tiny_llava_dir).revision is None
+
+
+def test_attn_implementation_is_the_vision_towers_and_capture_still_runs(
+    tiny_llava_dir, ragged_batch
+):
+    plain = FrozenLMM.from_pretrained(tiny_llava_dir)
+    eager = FrozenLMM.from_pretrained(tiny_llava_dir, attn_implementation="eager")
+    config = eager.model.config
+    assert config.vision_config._attn_implementation == "eager"
+    assert config.text_config._attn_implementation == "flmm_capture"
+    first, second = plain(ragged_batch), eager(ragged_batch)
+    assert torch.allclose(first.maps, second.maps, atol=1e-6)
+    assert torch.allclose(first.hidden, second.hidden, atol=1e-5)
+
+
+def test_unavailable_attention_is_one_line(tiny_llava_dir):
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ModelLoadError, match="FlashAttention2.*attn_implementation") as info:
+        FrozenLMM.from_pretrained(tiny_llava_dir, attn_implementation="flash_attention_2")
+    assert "\n" not in str(info.value)
+
+
+def test_a_placed_lmm_stays_where_device_map_put_it(tiny_llava_dir):
+    """Moves and casts of the module holding it (FLMM.to, Lightning) skip an LMM that a
+    device_map placed; an LMM loaded without one follows them."""
+    placed = FrozenLMM.from_pretrained(tiny_llava_dir, device_map="cpu")
+    loose = FrozenLMM.from_pretrained(tiny_llava_dir)
+    assert placed.placed and not loose.placed
+    holder = torch.nn.ModuleDict({"placed": placed, "loose": loose}).to(torch.float64)
+    assert holder["placed"].model.dtype == torch.float32
+    assert holder["loose"].model.dtype == torch.float64
+
+
+def test_a_cuda_device_map_without_cuda_is_one_line(tiny_llava_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device_map='cuda:0'.*no CUDA GPU is visible"):
+        FrozenLMM.from_pretrained(tiny_llava_dir, device_map="cuda:0")
