@@ -45,6 +45,10 @@ def test_fingerprint_sees_any_weight_change():
     with torch.no_grad():
         layer.weight[0, 0] += 1e-6
     assert fingerprint(layer) != before
+    layer.register_buffer("scale", torch.tensor(0.5))  # 0-d, as quantized layers keep scales
+    before = fingerprint(layer)
+    layer.scale.fill_(0.25)
+    assert fingerprint(layer) != before
 
 
 def test_label_map_gives_each_pixel_its_smallest_mask():

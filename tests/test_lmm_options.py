@@ -25,7 +25,7 @@ def hub_cache(root: Path, lmm_dir: Path) -> Path:
     (the same with one weight matrix doubled), as ``from_pretrained`` would have downloaded it."""
     repo = root / f"models--{REPO.replace('/', '--')}"
     for commit, ref in ((MAIN, "main"), (V2, "v2")):
-        snapshot = shutil.copytree(lmm_dir, repo / "snapshots" / commit)
+        shutil.copytree(lmm_dir, repo / "snapshots" / commit)
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(commit)
     weights = repo / "snapshots" / V2 / "model.safetensors"
