@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
+import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from flmm.chat.conversation import GroundedChat
+from flmm.chat.options import add_model_args, load_chat
 from flmm.errors import ConfigError, ModelLoadError
+from flmm.foundation.cache import SHIPPED
+from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
 from flmm.lmm.loading import placed_dtype, resolve_dtype
+from flmm.model.checkpoint import read_checkpoint
+from flmm.model.module import FLMM
+from flmm.model.pretrained import FLMMHead, head_config
 
-REPO = "flmm-test/tiny-llava"
+REPO, OTHER = "flmm-test/tiny-llava", "flmm-test/other-llava"
 MAIN, V2 = "1" * 40, "2" * 40
 PROBE = "model.language_model.layers.0.self_attn.q_proj.weight"
 STORED = "language_model.model.layers.0.self_attn.q_proj.weight"  # PROBE as the file names it
@@ -114,3 +125,91 @@ def test_a_cuda_device_map_without_cuda_is_one_line(tiny_llava_dir, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="device_map='cuda:0'.*no CUDA GPU is visible"):
         FrozenLMM.from_pretrained(tiny_llava_dir, device_map="cuda:0")
+
+
+# ---------------------------------------------------- heads and checkpoints of a hub LMM
+@pytest.fixture(scope="module")
+def hub(tiny_llava_dir, tmp_path_factory) -> dict:
+    """Hub options that load ``REPO`` (and ``OTHER``, at ``main`` only) from a local cache,
+    offline."""
+    cache = hub_cache(tmp_path_factory.mktemp("hub"), tiny_llava_dir)
+    other = cache / f"models--{OTHER.replace('/', '--')}"
+    shutil.copytree(tiny_llava_dir, other / "snapshots" / MAIN)
+    (other / "refs").mkdir()
+    (other / "refs" / "main").write_text(MAIN)
+    return {"cache_dir": str(cache), "local_files_only": True}
+
+
+@pytest.fixture(scope="module")
+def tagged(hub, tmp_path_factory) -> tuple[Path, Path]:
+    """A head folder and a ``.ckpt`` made for ``REPO`` at tag ``v2``, loaded with int8 weights."""
+    lmm = FrozenLMM.from_pretrained(REPO, revision="v2", quantization="int8", **hub)
+    model = FLMM.build(lmm, build_sam("tiny", SHIPPED["tiny_sam"]), base_channels=8)
+    root = tmp_path_factory.mktemp("heads")
+    FLMMHead(model, head_config(model)).save_pretrained(root / "head")
+    ckpt: dict = {"hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(ckpt)
+    torch.save(ckpt, root / "head.ckpt")
+    return root / "head", root / "head.ckpt"
+
+
+def test_heads_and_checkpoints_record_the_lmm_commit_and_quantization(tagged):
+    config = json.loads((tagged[0] / "config.json").read_text())
+    assert (config["lmm"]["revision"], config["lmm"]["quantization"]) == (V2, "int8")
+    metadata = config["metadata"], read_checkpoint(tagged[1])["flmm"]
+    for saved in metadata:
+        assert (saved["lmm_revision"], saved["lmm_quantization"]) == (V2, "int8")
+
+
+def test_loading_a_head_uses_the_recorded_commit_unless_told(tagged, hub, caplog):
+    recorded = FLMMHead.from_pretrained(tagged[0], **hub).model.lmm
+    # the quantization is the loader's choice: recorded for the reader, not applied
+    assert (recorded.revision, recorded.quantization) == (V2, None)
+    with caplog.at_level(logging.WARNING, logger="flmm.model.checkpoint"):
+        told = FLMMHead.from_pretrained(tagged[0], lmm_revision="main", **hub).model.lmm
+    assert told.revision == MAIN and torch.equal(2 * probe(told), probe(recorded))
+    # another LMM than the recorded one loads its own default branch
+    assert FLMMHead.from_pretrained(tagged[0], lmm=OTHER, **hub).model.lmm.revision == MAIN
+    lines = [r.getMessage() for r in caplog.records if "revision" in r.getMessage()]
+    assert len(lines) == 1 and V2 in lines[0] and MAIN in lines[0] and "\n" not in lines[0]
+
+
+def test_the_chat_api_takes_the_lmm_options_apart_from_the_heads(tagged, hub):
+    chat = GroundedChat.from_pretrained(
+        str(tagged[0]),
+        dtype="bfloat16",
+        quantization="int8",
+        attn_implementation="eager",
+        device_map="cpu",
+        **hub,
+    )
+    lmm = chat.lmm
+    assert (lmm.revision, lmm.quantization, lmm.placed) == (V2, "int8", True)
+    assert lmm.model.dtype == torch.bfloat16
+    assert lmm.model.config.vision_config._attn_implementation == "eager"
+    from_checkpoint = GroundedChat.from_checkpoint(REPO, str(tagged[1]), **hub).lmm
+    assert from_checkpoint.revision == V2 and from_checkpoint.model.dtype == torch.float32
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    assert chat.ground(image, "red circle", ["red circle"]).masks.shape == (1, 32, 32)
+
+
+def test_the_command_line_options_reach_the_lmm(tagged, monkeypatch):
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    argv = ["--checkpoint", str(tagged[0]), "--lmm-revision", "main", "--quantization", "int8"]
+    argv += ["--dtype", "bfloat16", "--device-map", "auto", "--attn-implementation", "eager"]
+    received = {}
+    monkeypatch.setattr(
+        GroundedChat, "from_pretrained", classmethod(lambda cls, *a, **kw: received.update(kw))
+    )
+    load_chat(parser.parse_args(argv))
+    assert received == {
+        "selector": None,
+        "lmm_revision": "main",
+        "quantization": "int8",
+        "dtype": "bfloat16",
+        "device_map": "auto",
+        "attn_implementation": "eager",
+        "device": None,
+        "trust_remote_code": False,
+    }
