@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONF
+from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
 from flmm.chat.conversation import GroundedChat
 from flmm.chat.options import add_model_args, load_chat
 from flmm.errors import ConfigError, ModelLoadError
+from flmm.evaluate import load_model
 from flmm.foundation.cache import SHIPPED
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
@@ -213,3 +216,12 @@ def test_the_command_line_options_reach_the_lmm(tagged, monkeypatch):
         "device": None,
         "trust_remote_code": False,
     }
+
+
+def test_flmm_evaluate_loads_a_head_folder_as_model_lmm_says(tagged, hub):
+    overrides = [f"checkpoint={tagged[0]}", "model.lmm.quantization=int8"]
+    overrides += [f"model.lmm.cache_dir={hub['cache_dir']}", "model.lmm.local_files_only=true"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=overrides)
+    lmm = load_model(cfg).lmm
+    assert (lmm.revision, lmm.quantization) == (V2, "int8")

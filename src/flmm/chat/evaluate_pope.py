@@ -20,19 +20,10 @@ from flmm.chat.pope import check_modes, check_settings, evaluate, format_table, 
 from flmm.data.synthetic.pope import ensure_pope
 from flmm.errors import exit_on_user_error
 from flmm.foundation.cache import ensure_tiny_llava, llava_recipe
+from flmm.lmm.loading import HOW
 from flmm.runtime import hydra_entry
 
 log = logging.getLogger(__name__)
-# the frozen LMM's loading options a model.lmm config passes on (FrozenLMM.from_pretrained)
-LOADING = (
-    "dtype",
-    "device_map",
-    "attn_implementation",
-    "cache_dir",
-    "local_files_only",
-    "quantization",
-    "trust_remote_code",
-)
 # the `_target_` of a tiny LLaVA config node (conf/model/lmm/tiny.yaml)
 TINY_LLAVA = f"{ensure_tiny_llava.__module__}.{ensure_tiny_llava.__qualname__}"
 
@@ -57,7 +48,7 @@ def build_chat(cfg: DictConfig) -> GroundedChat:
         sam_variant=cfg.model.sam.variant,
         device=cfg.device,
         lmm_revision=cfg.model.lmm.get("revision"),
-        **{k: cfg.model.lmm[k] for k in LOADING if k in cfg.model.lmm},
+        **{k: cfg.model.lmm[k] for k in ("dtype", *HOW) if k in cfg.model.lmm},
     )
     chat.cot_in_turn = cfg.cot_in_turn
     return chat

@@ -38,6 +38,15 @@ QUANTIZATIONS = {
     "8bit": ("bitsandbytes", "quant-cuda", "bitsandbytes LLM.int8"),
     "4bit": ("bitsandbytes", "quant-cuda", "bitsandbytes 4-bit NF4"),
 }
+# options of a ``model.lmm`` config that say how to load an LMM, not which one or its grid
+HOW = (
+    "device_map",
+    "attn_implementation",
+    "cache_dir",
+    "local_files_only",
+    "quantization",
+    "trust_remote_code",
+)
 # device_map strings that let accelerate spread the model over the visible GPUs
 SPREAD = ("auto", "balanced", "balanced_low_0", "sequential")
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
