@@ -156,14 +156,14 @@ def row(name: str, values: list, fmt: str = "{:.4f}") -> str:
     return f"{name:<32}" + "".join(f"{fmt.format(v):>14}" for v in values)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--head", help="a trained head folder (default: the newest under ./logs)")
     p.add_argument("--capture-samples", type=int, default=400, help="test samples to compare")
     p.add_argument("--answers", type=int, default=50, help="test images to answer about")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("overrides", nargs="*", help="flmm train overrides picking the data")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     head = Path(args.head) if args.head else default_checkpoint()
     torch.manual_seed(0)
     data = test_data(args.overrides)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import TINY, load_script, paths_at
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,15 @@ def test_subprocess_per_case(bench, tmp_path):
     (report,) = bench.main(["--preset", "tiny", "--cases", "flmm", "floor"])
     assert report["isolated_processes"]
     assert report["rows"]["flmm"]["peak_mib"] > report["rows"]["flmm"]["step_mib"] > 0
+
+
+def test_quantization_benchmark_runs_end_to_end(tiny_run, capsys):
+    """int8 vs float32 side by side on the tiny run's head and world: every figure printed."""
+    root, _, _ = tiny_run
+    bench = load_script("benchmarks/quantization.py")
+    argv = ["--head", str(root / "run" / "model"), "--capture-samples", "4", "--answers", "1"]
+    bench.main([*argv, "--max-new-tokens", "4", *paths_at(root), *TINY])
+    out = capsys.readouterr().out
+    for line in ("test giou (x100)", "maps correlation", "hidden relative L2 diff", "identical: "):
+        assert line in out
+    assert "/ 2 (" in out  # two questions about one image
