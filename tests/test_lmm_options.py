@@ -59,6 +59,7 @@ def test_auto_dtype_is_bfloat16_only_where_the_lmm_runs_on_cuda(monkeypatch):
     assert resolve_dtype("auto", "cuda:1") == resolve_dtype("auto", {"": 0}) == torch.bfloat16
     assert resolve_dtype("auto", None, "4bit") == torch.bfloat16  # bitsandbytes runs on CUDA
     assert resolve_dtype("float16", "cuda") == torch.float16
+    assert resolve_dtype(torch.bfloat16) == torch.bfloat16  # as transformers takes it too
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_dtype("auto", "auto") == torch.float32  # accelerate falls back to the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

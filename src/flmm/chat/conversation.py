@@ -125,12 +125,9 @@ class GroundedChat:
                 beside the run's checkpoints (``<run>/checkpoints``) for a run's model folder.
             device: where the head goes (and the LMM, unless ``device_map`` places it); None:
                 where the LMM was loaded (the CPU unless ``device_map`` or bitsandbytes put it).
-            kw: the options of :meth:`FLMMHead.from_pretrained`. The head's hub files:
-                ``revision``, ``force_download``; the LMM: ``lmm_revision`` (default: the
-                recorded one), ``dtype``, ``device_map``, ``quantization``,
-                ``attn_implementation``, ``trust_remote_code`` and other settings of
-                :meth:`FrozenLMM.from_pretrained`; both: ``cache_dir``, ``local_files_only``,
-                ``token``.
+            kw: :meth:`FLMMHead.from_pretrained`'s: the head's files (``revision``...), the
+                LMM's (``lmm_revision``, ``dtype``, ``device_map``, ``quantization``,
+                ``attn_implementation``, ``trust_remote_code``...), both (``cache_dir``...).
         """
         model = FLMMHead.from_pretrained(head, lmm=lmm, sam=sam, device=device, **kw).model
         beside = [Path(head) / SELECTOR_FILE, Path(head).parent / "checkpoints" / SELECTOR_FILE]
@@ -157,24 +154,19 @@ class GroundedChat:
             sam_variant: ``vit_b|vit_l|vit_h|tiny``; None = recorded, or read from the file name.
             selector: keyword selector file; None = ``selector.pt`` beside the checkpoint if any.
             device: as in :meth:`from_pretrained`.
-            lmm_revision: the LMM's hub revision; None = the one the checkpoint records when
-                ``lmm`` is the LMM it records.
-            kw: passed to :meth:`FrozenLMM.from_pretrained` (``dtype``: ``"auto"`` by default,
-                resolved for ``device``; ``device_map``, ``quantization``,
-                ``attn_implementation``, ``cache_dir``, ``local_files_only``, ``text_layers``...).
+            lmm_revision: the LMM's hub revision; None = the one the checkpoint records.
+            kw: :meth:`FrozenLMM.from_pretrained`'s (``dtype``: ``"auto"`` for ``device``,
+                ``device_map``, ``quantization``, ``cache_dir``, ``text_layers``...).
         """
         saved = read_checkpoint(checkpoint).get("flmm") or {}
         if sam is None:
             sam, sam_variant = recorded_sam(saved, checkpoint, sam_variant)
         family = family or saved.get("family", "llava")
-        revision = lmm_revision or (
-            saved.get("lmm_revision") if lmm == saved.get("lmm_id") else None
-        )
+        recorded = saved.get("lmm_revision") if lmm == saved.get("lmm_id") else None
         kw["dtype"] = placed_dtype(kw.get("dtype", "auto"), kw.get("device_map"), device)
-        frozen = FrozenLMM.from_pretrained(lmm, family=family, revision=revision, **kw)
+        frozen = FrozenLMM.from_pretrained(lmm, family, revision=lmm_revision or recorded, **kw)
         sam_model = build_sam(sam_variant or sam_variant_of(sam), sam)
-        model = FLMM.from_checkpoint(checkpoint, frozen, sam_model)
-        model = model.to(head_device(device, frozen))
+        model = FLMM.from_checkpoint(checkpoint, frozen, sam_model).to(head_device(device, frozen))
         beside = [Path(checkpoint).with_name(SELECTOR_FILE)]
         return cls(model, load_selector(selector, beside, model, model.device))
 

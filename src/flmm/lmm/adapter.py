@@ -83,7 +83,7 @@ class FrozenLMM(nn.Module):
         name_or_path: str,
         family: str = "llava",
         *,
-        dtype: str = "auto",
+        dtype: str | torch.dtype = "auto",
         device_map=None,
         attn_implementation: str | dict | None = None,
         revision: str | None = None,
@@ -101,7 +101,8 @@ class FrozenLMM(nn.Module):
 
         Args:
             dtype: ``"auto"`` (bfloat16 where ``device_map`` or a bitsandbytes quantization puts
-                the model on CUDA, float32 elsewhere), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+                the model on CUDA, float32 elsewhere), ``"float32"``, ``"bfloat16"``, ``"float16"``
+                (or the torch dtype).
             device_map: transformers' placement (``"auto"``, ``"cuda:0"``, a dict...); None loads
                 on the CPU. A placed LMM stays where it was put when the module holding it moves.
             attn_implementation: for the vision tower (``"sdpa"``, ``"eager"``,

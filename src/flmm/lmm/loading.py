@@ -6,8 +6,8 @@
 transformers' own defaults, each chosen for a frozen feature extractor:
 
 - ``dtype="auto"`` is bfloat16 where the model is placed on CUDA (``device_map``, or a
-  bitsandbytes quantization) and float32 elsewhere, not the checkpoint's stored dtype (often
-  float16, which overflows in some LMMs);
+  bitsandbytes quantization) and float32 elsewhere, not the checkpoint's stored dtype (float16
+  for the llava-hf checkpoints);
 - ``quantization`` names one of :data:`QUANTIZATIONS` instead of taking a config object:
   ``"int8"`` is torchao's weight-only int8 (CPU and CUDA), ``"8bit"`` / ``"4bit"`` bitsandbytes'
   LLM.int8 and 4-bit NF4 with bfloat16 compute (CUDA only). The LMM only runs forward, frozen,
@@ -94,10 +94,13 @@ def on_cuda(device_map) -> bool:
     return False
 
 
-def resolve_dtype(dtype: str, device_map=None, quantization: str | None = None) -> torch.dtype:
-    """The torch dtype of ``dtype``: a name of :data:`DTYPES`, or ``"auto"`` (bfloat16 where
-    the model is placed on CUDA, by ``device_map`` or a bitsandbytes ``quantization``; float32
-    elsewhere)."""
+def resolve_dtype(
+    dtype: str | torch.dtype, device_map=None, quantization: str | None = None
+) -> torch.dtype:
+    """The torch dtype of ``dtype``: one of :data:`DTYPES` (by name or as a torch dtype), or
+    ``"auto"`` (bfloat16 where the model is placed on CUDA, by ``device_map`` or a bitsandbytes
+    ``quantization``; float32 elsewhere)."""
+    dtype = next((k for k, v in DTYPES.items() if v == dtype), dtype)
     if dtype == "auto":
         cuda = on_cuda(device_map) or quantization in ("8bit", "4bit")
         return torch.bfloat16 if cuda else torch.float32
