@@ -1,18 +1,18 @@
 """What int8 weights do to grounding: the shipped tiny LLaVA in float32 vs torchao int8, on the CPU.
 
 Side by side, in one run, on the synthetic world's test split (the world and the shipped tiny
-LLaVA the default run uses):
+LLaVA the default run uses), with bfloat16 as a yardstick (the dtype real runs use on GPUs):
 
   capture    the frozen LMM's phrase-to-image attention maps (max and mean absolute difference
              over real phrases, Pearson correlation of all their values) and the phrase hidden
-             states (relative L2 difference), int8 vs float32 on the same batches;
+             states (relative L2 difference), int8 (and bfloat16) vs float32 on the same batches;
   grounding  test gIoU / cIoU, refined (SAM) and coarse (mask head), of ONE trained head (a
-             training run's model folder) evaluated with the frozen LMM in float32 and in int8;
-  chat       the share of greedy answers that are identical, over N test images and the
-             frozen-LMM check's questions;
-  memory     bytes the LMM's weights are stored in, and load / capture time.
+             training run's model folder) evaluated with each frozen LMM;
+  chat       how many greedy answers equal float32's, over N test images and the frozen-LMM
+             check's two questions;
+  memory     bytes the LMM's weights are stored in; load and capture time.
 
-    python benchmarks/quantization.py --head logs/train/runs/<time>/model   # ~10 min, 2 cores
+    python benchmarks/quantization.py --head logs/train/runs/<time>/model   # ~4 min, 2 cores
     python benchmarks/quantization.py --head ... --capture-samples 32 --answers 8  # a try-out
 """
 
@@ -32,7 +32,10 @@ from flmm.model.pretrained import FLMMHead
 from flmm.runtime import CONFIG_PATH
 from flmm.types import GroundingBatch
 
-KINDS = ("float32", "int8")
+# the frozen LMM's loading options per column: float32 the reference, bfloat16 a yardstick (the
+# dtype real runs use on GPUs) for how far int8 moves things
+KINDS = {"float32": {}, "int8": {"quantization": "int8"}, "bfloat16": {"dtype": "bfloat16"}}
+OTHERS = ("int8", "bfloat16")
 # the frozen-LMM check's questions (conf/callbacks/default.yaml)
 QUESTIONS = (
     "please give me a description of the image.",
@@ -63,21 +66,19 @@ def stored_bytes(module: torch.nn.Module) -> int:
     return sum(size(t) for t in [*module.parameters(), *module.buffers()])
 
 
-def load_lmms(head: Path) -> tuple[dict[str, FLMMHead], dict[str, float]]:
-    """The trained head with its recorded LMM in float32 and in int8, and the load times."""
+def load_heads(head: Path) -> tuple[dict[str, FLMMHead], dict[str, float]]:
+    """The trained head with its recorded LMM loaded as each of :data:`KINDS`, and load times."""
     heads, seconds = {}, {}
-    for kind in KINDS:
+    for kind, options in KINDS.items():
         start = time.perf_counter()
-        heads[kind] = FLMMHead.from_pretrained(
-            head, quantization=None if kind == "float32" else kind
-        )
+        heads[kind] = FLMMHead.from_pretrained(head, **options)
         seconds[kind] = time.perf_counter() - start
     return heads, seconds
 
 
 class CaptureDiff:
-    """Running statistics of int8 vs float32 captures: map differences and correlation over
-    real phrases, relative hidden-state difference over phrase rows."""
+    """Running statistics of one kind's captures vs float32's: map differences and correlation
+    over real phrases, relative hidden-state difference over phrase rows."""
 
     def __init__(self) -> None:
         self.max, self.abs_sum, self.count = 0.0, 0.0, 0
@@ -106,8 +107,9 @@ class CaptureDiff:
 
 
 def compare_captures(heads: dict, data, samples: int) -> tuple[dict, dict]:
-    """Capture differences over the first ``samples`` test samples, and seconds per kind."""
-    diff, seconds = CaptureDiff(), dict.fromkeys(KINDS, 0.0)
+    """Per kind of :data:`OTHERS`, capture differences from float32 over the first ``samples``
+    test samples; seconds of capture per kind."""
+    diffs, seconds = {k: CaptureDiff() for k in OTHERS}, dict.fromkeys(KINDS, 0.0)
     seen = 0
     for batch in data.test_dataloader():
         outputs = {}
@@ -115,15 +117,16 @@ def compare_captures(heads: dict, data, samples: int) -> tuple[dict, dict]:
             start = time.perf_counter()
             outputs[kind] = heads[kind].model.lmm(batch)
             seconds[kind] += time.perf_counter() - start
-        diff.add(outputs["float32"], outputs["int8"])
+        for kind in OTHERS:
+            diffs[kind].add(outputs["float32"], outputs[kind])
         seen += len(batch)
         if seen >= samples:
             break
-    return diff.result(), seconds
+    return {k: d.result() for k, d in diffs.items()}, seconds
 
 
 def test_scores(model, data) -> dict[str, float]:
-    """``trainer.test`` of ``model`` on the test split: gIoU / cIoU x 100, refined and coarse."""
+    """``trainer.test`` of ``model`` on the test split: gIoU / cIoU (x 100), refined and coarse."""
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -133,27 +136,29 @@ def test_scores(model, data) -> dict[str, float]:
         enable_model_summary=False,
     )
     metrics = trainer.test(model, datamodule=data, verbose=False)[0]
-    return {k: 100 * float(metrics[f"test/{k}"]) for k in METRICS}
+    return {k: float(metrics[f"test/{k}"]) for k in METRICS}
 
 
-def same_answers(heads: dict, data, images: int, max_new_tokens: int) -> tuple[int, int]:
-    """How many greedy answers of the int8 LMM equal the float32 LMM's, of how many."""
+def same_answers(heads: dict, data, images: int, max_new_tokens: int) -> dict[str, int]:
+    """Per kind of :data:`OTHERS`, how many of its greedy answers equal float32's, of
+    ``images x len(QUESTIONS)``."""
     batch = GroundingBatch.collate([data.test_sets[0][i] for i in range(images)])
-    same = total = 0
+    same = dict.fromkeys(OTHERS, 0)
     for image in batch.images:
         for question in QUESTIONS:
-            answers = [
-                heads[k].model.lmm.generate(
+            answers = {
+                k: heads[k].model.lmm.generate(
                     [image.numpy()], question, max_new_tokens=max_new_tokens, do_sample=False
                 )
                 for k in KINDS
-            ]
-            same, total = same + (answers[0] == answers[1]), total + 1
-    return same, total
+            }
+            for kind in OTHERS:
+                same[kind] += answers[kind] == answers["float32"]
+    return same
 
 
 def row(name: str, values: list, fmt: str = "{:.4f}") -> str:
-    return f"{name:<32}" + "".join(f"{fmt.format(v):>14}" for v in values)
+    return f"{name:<32}" + "".join(f"{fmt.format(v):>16}" for v in values)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,27 +172,30 @@ def main(argv: list[str] | None = None) -> None:
     head = Path(args.head) if args.head else default_checkpoint()
     torch.manual_seed(0)
     data = test_data(args.overrides)
-    heads, load_seconds = load_lmms(head)
+    heads, load_seconds = load_heads(head)
     capture, capture_seconds = compare_captures(heads, data, args.capture_samples)
     scores = {k: test_scores(heads[k].model, data) for k in KINDS}
-    same, total = same_answers(heads, data, args.answers, args.max_new_tokens)
+    same = same_answers(heads, data, args.answers, args.max_new_tokens)
     print(f"head: {head}\nLMM: {heads['float32'].model.lmm.model_id}\n")
-    print(row("", list(KINDS) + ["int8 - fp32"], "{}"))
+    print(row("", [*KINDS, *(f"{k} - fp32" for k in OTHERS)], "{}"))
     for key in METRICS:
-        a, b = scores["float32"][key], scores["int8"][key]
-        print(row(f"test {key} (x100)", [a, b, b - a], "{:.2f}"))
+        values = [scores[k][key] for k in KINDS]
+        print(row(f"test {key}", [*values, *(v - values[0] for v in values[1:])], "{:.2f}"))
     sizes = [stored_bytes(heads[k].model.lmm) / 2**20 for k in KINDS]
-    print(row("LMM weights stored (MiB)", [*sizes, sizes[1] - sizes[0]], "{:.2f}"))
-    print(row("load (s)", [load_seconds[k] for k in KINDS], "{:.1f}"))
+    print(row("LMM weights stored (MiB)", sizes, "{:.2f}"))
+    print(row("load head + LMM + SAM (s)", list(load_seconds.values()), "{:.1f}"))
     print(
         row(
             f"capture, {args.capture_samples} samples (s)", list(capture_seconds.values()), "{:.1f}"
         )
     )
-    print(f"\ncapture, int8 vs float32 on {args.capture_samples} test samples:")
-    for key, value in capture.items():
-        print(row(f"  {key}", [value], "{:.6f}"))
-    print(f"\ngreedy answers identical: {same} / {total} ({100 * same / total:.1f}%)")
+    print(f"\ncapture vs float32 on {args.capture_samples} test samples:")
+    print(row("", list(OTHERS), "{}"))
+    for key in capture["int8"]:
+        print(row(f"  {key}", [capture[k][key] for k in OTHERS], "{:.6f}"))
+    total = args.answers * len(QUESTIONS)
+    print(f"\ngreedy answers identical to float32's, of {total}:")
+    print(row("", [f"{same[k]} ({100 * same[k] / total:.0f}%)" for k in OTHERS], "{}"))
 
 
 if __name__ == "__main__":

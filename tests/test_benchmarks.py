@@ -71,6 +71,5 @@ def test_quantization_benchmark_runs_end_to_end(tiny_run, capsys):
     argv = ["--head", str(root / "run" / "model"), "--capture-samples", "4", "--answers", "1"]
     bench.main([*argv, "--max-new-tokens", "4", *paths_at(root), *TINY])
     out = capsys.readouterr().out
-    for line in ("test giou (x100)", "maps correlation", "hidden relative L2 diff", "identical: "):
-        assert line in out
-    assert "/ 2 (" in out  # two questions about one image
+    for line in ("test giou", "maps correlation", "hidden relative L2 diff", "of 2:"):
+        assert line in out  # two questions about one image
