@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import TINY, load_script, paths_at
 
 from flmm.heads import MaskHead
 from flmm.lmm import FrozenLMM
@@ -172,3 +172,14 @@ def test_cache_size_has_every_family_s_headline_checkpoint():
     for family, shape in sizes.HEADLINE.items():
         assert shape.checkpoint in FAMILIES[family].checkpoints
         assert shape.parts == PARTS[FAMILIES[family].grid]
+
+
+def test_quantization_benchmark_runs_end_to_end(tiny_run, capsys):
+    """int8 vs float32 side by side on the tiny run's head and world: every figure printed."""
+    root, _, _ = tiny_run
+    bench = load_script("benchmarks/quantization.py")
+    argv = ["--head", str(root / "run" / "model"), "--capture-samples", "4", "--answers", "1"]
+    bench.main([*argv, "--max-new-tokens", "4", *paths_at(root), *TINY])
+    out = capsys.readouterr().out
+    for line in ("test giou", "maps correlation", "hidden relative L2 diff", "of 2:"):
+        assert line in out  # two questions about one image

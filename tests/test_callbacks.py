@@ -46,6 +46,10 @@ def test_fingerprint_sees_any_weight_change():
     with torch.no_grad():
         layer.weight[0, 0] += 1e-6
     assert fingerprint(layer) != before
+    layer.register_buffer("scale", torch.tensor(0.5))  # 0-d, as quantized layers keep scales
+    before = fingerprint(layer)
+    layer.scale.fill_(0.25)
+    assert fingerprint(layer) != before
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from test_hostile_inputs import one_line_error
 from transformers import LlavaForConditionalGeneration
 
 from flmm.chat.conversation import (
@@ -219,3 +221,27 @@ def test_bad_image_is_a_clear_error(chat):
         chat.answer(np.zeros((8, 8), dtype=np.uint8), QUESTION)
     with pytest.raises(FlmmUserError, match="uint8"):
         chat.answer(np.zeros((8, 8, 3), dtype=np.float32), QUESTION)
+
+
+def test_images_may_be_arrays_pil_images_or_paths(chat, image, tmp_path):
+    path = tmp_path / "image.png"
+    Image.fromarray(image).save(path)
+    expected = chat.answer(image, QUESTION, max_new_tokens=6)
+    for same in (Image.fromarray(image).convert("RGBA"), str(path), path):
+        assert chat.answer(same, QUESTION, max_new_tokens=6) == expected
+    assert "".join(chat.stream(path, QUESTION, max_new_tokens=6)).strip() == expected.strip()
+    masks = chat.ground(image, "red circle", ["red circle"]).refined
+    assert torch.equal(chat.ground(str(path), "red circle", ["red circle"]).refined, masks)
+    result = chat.chat(Image.fromarray(image), QUESTION, phrases=[], max_new_tokens=6)
+    assert result.answer == expected and result.masks.shape == (0, 48, 48)
+    assert chat.relevant_object(path, QUESTION, max_new_tokens=6).answer
+    assert chat.visual_cot(path, QUESTION, max_new_tokens=6).question == QUESTION
+
+
+def test_a_missing_or_unreadable_image_path_is_one_line(chat, tmp_path, capsys):
+    missing = tmp_path / "nowhere.png"
+    assert f"image not found: {missing}" in one_line_error(capsys, chat.answer, missing, QUESTION)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image")
+    line = one_line_error(capsys, chat.chat, str(corrupt), QUESTION)
+    assert f"cannot read {corrupt} as an image" in line

@@ -109,6 +109,21 @@ def test_keys_depend_on_the_lmm_id_dtype_and_weight_files(
     assert weights.stat().st_size == size and key_now(lmm) != before
 
 
+@pytest.mark.parametrize("attribute, value", [("revision", "a" * 40), ("quantization", "int8")])
+def test_lmm_key_changes_with_revision_and_quantization(model, tmp_path, attribute, value):
+    """Captures of another hub commit or of a quantized LMM are other features."""
+    plain = FeatureCache(tmp_path, model.lmm, model.refiner)
+    saved = getattr(model.lmm, attribute)
+    setattr(model.lmm, attribute, value)
+    try:
+        other = FeatureCache(tmp_path, model.lmm, model.refiner)
+    finally:
+        setattr(model.lmm, attribute, saved)
+    assert other.lmm_id != plain.lmm_id and other.sam_id == plain.sam_id
+    identity = json.loads((other.lmm_store.folder / "identity.json").read_text())
+    assert identity[attribute] == value
+
+
 def test_interrupted_write_leaves_no_entry_and_is_redone(
     model, ragged_batch, tmp_path, monkeypatch
 ):

@@ -24,6 +24,8 @@ OPTIONAL_IMPORTS = {
     "gradio": ("web", {"web.py"}),
     # only with logger=wandb, which runtime.require_extras checks first
     "wandb": ("wandb", {"callbacks.py"}),
+    # only with quantization="int8", which lmm.loading.quantization_config checks first
+    "torchao": ("quant", {"loading.py"}),
 }
 
 

@@ -40,6 +40,7 @@ from flmm.config_checks import check_numbers
 from flmm.data.datamodule import EvalSet
 from flmm.errors import USER_ERRORS, ConfigError, DataError, FlmmUserError, exit_on_user_error
 from flmm.files import write_text_atomic
+from flmm.lmm.loading import HOW
 from flmm.model.checkpoint import check_family, newest_last, read_checkpoint
 from flmm.model.module import FLMM
 from flmm.model.pretrained import WEIGHTS, FLMMHead, add_scores
@@ -63,8 +64,9 @@ def load_model(cfg: DictConfig) -> FLMM:
     check_checkpoint(cfg)
     if Path(cfg.checkpoint).is_dir():
         log.info("checkpoint is a head folder: LMM and SAM from its config.json, not model=...")
-        trust = bool(cfg.model.lmm.get("trust_remote_code", False))  # the user's config only
-        return FLMMHead.from_pretrained(cfg.checkpoint, trust_remote_code=trust).model
+        # how to load it (quantization, placement; trust_remote_code) from the user's config only
+        options = {k: cfg.model.lmm[k] for k in HOW if cfg.model.lmm.get(k) is not None}
+        return FLMMHead.from_pretrained(cfg.checkpoint, **options).model
     saved = read_checkpoint(cfg.checkpoint).get("flmm")
     check_family(saved, cfg.model.lmm.family, cfg.model.lmm.get("grid_size"), cfg.checkpoint)
     sam = hydra.utils.instantiate(cfg.model.sam)

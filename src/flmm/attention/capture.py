@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -49,6 +49,14 @@ class Capture:
         phrases = torch.arange(self.num_phrases, device=self.row_phrase.device)
         self.member = self.row_phrase[:, None, :] == phrases[None, :, None]  # B x K x R
         self.counts = self.member.sum(-1)  # B x K
+
+    def on(self, device: torch.device) -> Capture:
+        """This capture's index tensors on ``device`` (a layer that ``device_map`` put on another
+        device than the inputs); it shares ``maps``."""
+        if self.rows.device == device:
+            return self
+        moved = {k: getattr(self, k).to(device) for k in ("rows", "row_phrase", "image_cols")}
+        return replace(self, **moved, maps=self.maps)
 
     def stacked(self) -> torch.Tensor:
         """``B x K x L x H x P``, the captured layers in layer order."""
@@ -177,8 +185,9 @@ def capture_attention_forward(
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        merged = phrase_image_attention(query, key, attention_mask, scaling, is_causal, state)
-        state.maps[module.layer_idx] = merged
+        here = state.on(query.device)
+        merged = phrase_image_attention(query, key, attention_mask, scaling, is_causal, here)
+        state.maps[module.layer_idx] = merged.to(state.rows.device)
     return output, None
 
 

@@ -19,15 +19,17 @@ import numpy as np
 import torch
 from transformers import TextIteratorStreamer, TextStreamer
 
+from flmm.chat.images import ImageLike, as_image
 from flmm.chat.selector import SELECTOR_FILE, KeywordSelector
 from flmm.data.masks import expand_box, largest_region, mask_box
 from flmm.errors import FlmmUserError
 from flmm.foundation.cache import shipped_tiny_sam
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
+from flmm.lmm.loading import placed_dtype
 from flmm.model.checkpoint import read_checkpoint, resolve
 from flmm.model.module import FLMM, Grounding
-from flmm.model.pretrained import FLMMHead
+from flmm.model.pretrained import FLMMHead, head_device
 
 COT_QUESTION = "{question} What is the object most relevant to the question?"
 COT_PREFIX = "The object most relevant to the question is"
@@ -111,7 +113,7 @@ class GroundedChat:
         lmm: str | None = None,
         sam: str | None = None,
         selector: str | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         **kw,
     ) -> GroundedChat:
         """Load a head folder (``save_pretrained``, or ``<run>/model`` of training) or hub id,
@@ -121,11 +123,15 @@ class GroundedChat:
             lmm, sam: replace the recorded LMM (hub id or folder) and SAM checkpoint.
             selector: keyword selector file; None = ``selector.pt`` in the folder if any, else
                 beside the run's checkpoints (``<run>/checkpoints``) for a run's model folder.
-            kw: replace recorded LMM settings (``dtype``...), see :meth:`FrozenLMM.from_pretrained`.
+            device: where the head goes (and the LMM, unless ``device_map`` places it); None:
+                where the LMM was loaded (the CPU unless ``device_map`` or bitsandbytes put it).
+            kw: :meth:`FLMMHead.from_pretrained`'s: the head's files (``revision``...), the
+                LMM's (``lmm_revision``, ``dtype``, ``device_map``, ``quantization``,
+                ``attn_implementation``, ``trust_remote_code``...), both (``cache_dir``...).
         """
         model = FLMMHead.from_pretrained(head, lmm=lmm, sam=sam, device=device, **kw).model
         beside = [Path(head) / SELECTOR_FILE, Path(head).parent / "checkpoints" / SELECTOR_FILE]
-        return cls(model, load_selector(selector, beside, model, device))
+        return cls(model, load_selector(selector, beside, model, model.device))
 
     @classmethod
     def from_checkpoint(
@@ -136,7 +142,8 @@ class GroundedChat:
         family: str | None = None,
         sam_variant: str | None = None,
         selector: str | None = None,
-        device: str = "cpu",
+        device: str | None = None,
+        lmm_revision: str | None = None,
         **kw,
     ) -> GroundedChat:
         """Load the frozen LMM (``lmm``: hub id or folder), SAM and an F-LMM ``checkpoint``.
@@ -146,24 +153,27 @@ class GroundedChat:
             family: the LMM family; None = the one the checkpoint records.
             sam_variant: ``vit_b|vit_l|vit_h|tiny``; None = recorded, or read from the file name.
             selector: keyword selector file; None = ``selector.pt`` beside the checkpoint if any.
-            kw: passed to :meth:`FrozenLMM.from_pretrained` (``dtype``, ``text_layers``...).
+            device: as in :meth:`from_pretrained`.
+            lmm_revision: the LMM's hub revision; None = the one the checkpoint records.
+            kw: :meth:`FrozenLMM.from_pretrained`'s (``dtype``: ``"auto"`` for ``device``,
+                ``device_map``, ``quantization``, ``cache_dir``, ``text_layers``...).
         """
         saved = read_checkpoint(checkpoint).get("flmm") or {}
         if sam is None:
             sam, sam_variant = recorded_sam(saved, checkpoint, sam_variant)
         family = family or saved.get("family", "llava")
-        model = FLMM.from_checkpoint(
-            checkpoint,
-            FrozenLMM.from_pretrained(lmm, family=family, **kw),
-            build_sam(sam_variant or sam_variant_of(sam), sam),
-        ).to(device)
+        recorded = saved.get("lmm_revision") if lmm == saved.get("lmm_id") else None
+        kw["dtype"] = placed_dtype(kw.get("dtype", "auto"), kw.get("device_map"), device)
+        frozen = FrozenLMM.from_pretrained(lmm, family, revision=lmm_revision or recorded, **kw)
+        sam_model = build_sam(sam_variant or sam_variant_of(sam), sam)
+        model = FLMM.from_checkpoint(checkpoint, frozen, sam_model).to(head_device(device, frozen))
         beside = [Path(checkpoint).with_name(SELECTOR_FILE)]
-        return cls(model, load_selector(selector, beside, model, device))
+        return cls(model, load_selector(selector, beside, model, model.device))
 
     # ---------------------------------------------------------------------------- answering
     def answer(
         self,
-        image: np.ndarray,
+        image: ImageLike,
         question: str,
         max_new_tokens: int = 32,
         do_sample: bool = False,
@@ -175,14 +185,14 @@ class GroundedChat:
 
     def stream(
         self,
-        image: np.ndarray,
+        image: ImageLike,
         question: str,
         max_new_tokens: int = 32,
         do_sample: bool = False,
         **gen,
     ) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated (same text as ``answer``)."""
-        check_image(image)
+        image = as_image(image)
         streamer = TextIteratorStreamer(
             self.lmm.processor.tokenizer, skip_prompt=True, skip_special_tokens=True
         )
@@ -211,14 +221,14 @@ class GroundedChat:
 
     def _generate(
         self,
-        images: list[np.ndarray],
+        images: list[ImageLike],
         question: str,
         max_new_tokens: int,
         do_sample: bool,
         seed: int | None = None,
         **gen,
     ) -> str:
-        check_image(images[0])
+        images = [as_image(image) for image in images]
         if seed is not None:
             torch.manual_seed(seed)
         return self.lmm.generate(
@@ -227,33 +237,33 @@ class GroundedChat:
 
     # ---------------------------------------------------------------------------- grounding
     def ground(
-        self, image: np.ndarray, text: str, phrases: list[str], question: str | None = None
+        self, image: ImageLike, text: str, phrases: list[str], question: str | None = None
     ) -> Grounding:
         """Masks for ``phrases`` of ``text``; with ``question``, ``text`` is its answer turn."""
-        check_image(image)
+        image = as_image(image)
         if question is None:
             return self.model.ground(image, text, phrases)
         with self.lmm.user_turn(question):
             return self.model.ground(image, text, phrases)
 
     def ground_batch(
-        self, images: list[np.ndarray], texts: list[str], phrases: list[list[str]]
+        self, images: list[ImageLike], texts: list[str], phrases: list[list[str]]
     ) -> list[Grounding]:
         """:meth:`ground` (no question) for several images in one batched model pass."""
-        for image in images:
-            check_image(image)
+        images = [as_image(image) for image in images]
         return self.model.ground_batch(images, texts, phrases)
 
-    def keywords(self, image: np.ndarray, question: str | None, answer: str) -> list[str]:
+    def keywords(self, image: ImageLike, question: str | None, answer: str) -> list[str]:
         """The key phrases of ``answer`` that the keyword selector picks (in order); with
         ``question`` None, ``answer`` follows the grounding instruction (as in :meth:`ground`)."""
         return self.keywords_batch([image], question, [answer])[0]
 
     def keywords_batch(
-        self, images: list[np.ndarray], question: str | None, answers: list[str]
+        self, images: list[ImageLike], question: str | None, answers: list[str]
     ) -> list[list[str]]:
         """:meth:`keywords` for several images and answers, in one LMM forward."""
         selector = self.require_selector()
+        images = [as_image(image) for image in images]
         with self.lmm.user_turn(question) if question is not None else nullcontext():
             spans = selector.select_many(self.lmm, images, answers)
         return [[a[s:e] for s, e in found] for a, found in zip(answers, spans)]
@@ -270,7 +280,7 @@ class GroundedChat:
 
     def chat(
         self,
-        image: np.ndarray,
+        image: ImageLike,
         question: str,
         phrases: list[str] | None = None,
         max_new_tokens: int = 32,
@@ -283,13 +293,14 @@ class GroundedChat:
         ``on_text`` receives the answer's text pieces while it is generated; ``seed=`` fixes the
         sampling; other ``gen`` settings go to HF ``generate``.
         """
+        image = as_image(image)
         if on_text is not None:
             gen["streamer"] = _CallbackStreamer(self.lmm.processor.tokenizer, on_text)
         text = self.answer(image, question, max_new_tokens, do_sample, **gen)
         return self.grounded(image, question, text, *self.pick(image, question, text, phrases))
 
     def pick(
-        self, image: np.ndarray, question: str, answer: str, phrases: list[str] | None
+        self, image: ImageLike, question: str, answer: str, phrases: list[str] | None
     ) -> tuple[list[str], list[str]]:
         """The ``phrases`` found in ``answer`` (in its order; the selector's if None) and those
         missing from it."""
@@ -299,9 +310,10 @@ class GroundedChat:
         return found, [p for p in phrases if p not in found]
 
     def grounded(
-        self, image: np.ndarray, question: str, answer: str, phrases: list[str], missing=()
+        self, image: ImageLike, question: str, answer: str, phrases: list[str], missing=()
     ) -> ChatResult:
         """A :class:`ChatResult` grounding ``phrases`` of ``answer``, given in their order there."""
+        image = as_image(image)
         if not phrases:
             empty = np.zeros((0, *image.shape[:2]), dtype=bool)
             return ChatResult(question, answer, [], [], empty, list(missing))
@@ -311,13 +323,13 @@ class GroundedChat:
 
     # --------------------------------------------------------------- visual chain of thought
     def relevant_object(
-        self, image: np.ndarray, question: str, max_new_tokens: int = 32
+        self, image: ImageLike, question: str, max_new_tokens: int = 32
     ) -> ChatResult:
         """The visual chain of thought's first step: the LMM completes "The object most relevant
         to the question is ..." (greedy) and the object it names is grounded as F-LMM grounds a
         referring expression, the phrase alone as the answer to its training instruction (with
         :attr:`cot_in_turn`: inside the chain-of-thought turn, where it was said)."""
-        check_image(image)
+        image = as_image(image)
         ask = COT_QUESTION.format(question=question)
         completion = self.lmm.generate(
             [image], ask, answer_prefix=COT_PREFIX, max_new_tokens=max_new_tokens, do_sample=False
@@ -329,9 +341,10 @@ class GroundedChat:
         masks = self.ground(image, phrase, [phrase]).masks.numpy()
         return ChatResult(ask, object_text, [phrase], [span], masks)
 
-    def visual_cot(self, image: np.ndarray, question: str, max_new_tokens: int = 32) -> VisualCoT:
+    def visual_cot(self, image: ImageLike, question: str, max_new_tokens: int = 32) -> VisualCoT:
         """Ask for the most relevant object, ground it, crop the box of its mask's largest region
         (specks elsewhere would widen the crop to other objects), ask again with the crop."""
+        image = as_image(image)
         step = self.relevant_object(image, question, max_new_tokens)
         mask = step.masks[0] if len(step.masks) and step.masks[0].any() else None
         box = None if mask is None else expand_box(mask_box(largest_region(mask)), image.shape[:2])
@@ -375,17 +388,6 @@ def object_span(object_text: str) -> tuple[str, tuple[int, int]]:
     phrase = object_phrase(object_text)
     start = object_text.index(phrase, len(COT_PREFIX))
     return phrase, (start, start + len(phrase))
-
-
-def check_image(image) -> None:
-    """Raise a :class:`FlmmUserError` unless ``image`` is an ``H x W x 3`` uint8 array."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", type(image).__name__)
-        raise FlmmUserError(f"expected an H x W x 3 RGB image array, got {shape}")
-    if image.dtype != np.uint8 or min(image.shape[:2]) < 2:
-        raise FlmmUserError(
-            f"expected a uint8 RGB image of at least 2 x 2 pixels, got {image.dtype} {image.shape}"
-        )
 
 
 def sam_variant_of(path: str) -> str:

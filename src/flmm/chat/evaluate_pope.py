@@ -20,6 +20,7 @@ from flmm.chat.pope import check_modes, check_settings, evaluate, format_table, 
 from flmm.data.synthetic.pope import ensure_pope
 from flmm.errors import exit_on_user_error
 from flmm.foundation.cache import ensure_tiny_llava, llava_recipe
+from flmm.lmm.loading import HOW
 from flmm.runtime import hydra_entry
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def build_chat(cfg: DictConfig) -> GroundedChat:
         family=cfg.model.lmm.family,
         sam_variant=cfg.model.sam.variant,
         device=cfg.device,
-        dtype=cfg.model.lmm.dtype,
+        lmm_revision=cfg.model.lmm.get("revision"),
+        **{k: cfg.model.lmm[k] for k in ("dtype", *HOW) if k in cfg.model.lmm},
     )
     chat.cot_in_turn = cfg.cot_in_turn
     return chat

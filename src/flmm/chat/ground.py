@@ -15,9 +15,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from flmm.chat.conversation import ChatResult, GroundedChat, VisualCoT, object_span
+from flmm.chat.images import load_image
 from flmm.chat.options import add_model_args, load_chat
 from flmm.chat.reasonseg import reason
 from flmm.errors import FlmmUserError, exit_on_user_error
@@ -25,31 +26,6 @@ from flmm.model.module import phrase_spans
 from flmm.overlay import phrase_colour, render_overlay
 
 MODES = ("auto", "chat", "ground", "cot", "reason")
-MAX_PIXELS = 4096 * 4096
-
-
-def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """``H x W x 3`` uint8 RGB from an image file; a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            if img.width * img.height > max_pixels:
-                raise FlmmUserError(
-                    f"image {path} has {img.width} x {img.height} pixels, more than the limit of "
-                    f"{max_pixels:,}; resize it first"
-                )
-            return np.array(img.convert("RGB"))
-    except Image.DecompressionBombError as err:
-        raise FlmmUserError(
-            f"image {path} is too large to open safely ({err}); resize it to at most "
-            f"{max_pixels:,} pixels"
-        ) from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise FlmmUserError(
-            f"cannot read {path} as an image ({err}); pass a PNG, JPEG or other PIL-readable file"
-        ) from err
 
 
 def marked(result: ChatResult) -> str:

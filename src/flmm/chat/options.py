@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flmm.chat.conversation import GroundedChat
 from flmm.errors import FlmmUserError
+from flmm.lmm.loading import DTYPES, QUANTIZATIONS
 from flmm.model.checkpoint import check_family, newest_last, read_checkpoint
 
 
@@ -25,7 +26,31 @@ def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
         "model folder, or .ckpt, under ./logs/)",
     )
     p.add_argument("--lmm", help="frozen LMM id or folder (default: the checkpoint's)")
-    p.add_argument("--dtype", default="float32", help="the frozen LMM's dtype (bfloat16 on GPUs)")
+    p.add_argument(
+        "--lmm-revision",
+        help="the LMM's hub revision (branch, tag or commit; default: the recorded one)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        help="the frozen LMM's dtype (default: a head folder's recorded one, else auto: "
+        "bfloat16 on CUDA, float32 on the CPU)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=tuple(QUANTIZATIONS),
+        help="load the frozen LMM quantized: int8 (torchao, CPU or CUDA), 8bit or 4bit "
+        "(bitsandbytes, CUDA)",
+    )
+    p.add_argument(
+        "--device-map",
+        help="place the frozen LMM as transformers does (auto, cuda:0, cpu); default: --device",
+    )
+    p.add_argument(
+        "--attn-implementation",
+        help="the LMM vision tower's attention (sdpa, eager, flash_attention_2); the text "
+        "decoder always runs flmm's capture",
+    )
     p.add_argument("--family", help="LMM family (default: the one the checkpoint records)")
     p.add_argument(
         "--trust-remote-code",
@@ -47,7 +72,10 @@ def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
             help="HF generate's repetition_penalty for answers, e.g. 1.2 (default: the LMM's own "
             "decoding); the visual chain of thought keeps the LMM's own",
         )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:1, ... (default: where --device-map puts the LMM, else cpu)",
+    )
 
 
 def load_chat(args: argparse.Namespace) -> GroundedChat:
@@ -67,14 +95,10 @@ def load_chat(args: argparse.Namespace) -> GroundedChat:
 def _load_chat(args: argparse.Namespace) -> GroundedChat:
     checkpoint = chosen_checkpoint(args.checkpoint)
     print(f"F-LMM checkpoint: {checkpoint}", file=sys.stderr)
+    options = lmm_options(args)
     if checkpoint.suffix != ".ckpt" and not checkpoint.is_file():  # a head folder or hub id
         return GroundedChat.from_pretrained(
-            str(checkpoint),
-            args.lmm,
-            args.sam,
-            selector=args.selector,
-            device=args.device,
-            trust_remote_code=args.trust_remote_code,
+            str(checkpoint), args.lmm, args.sam, selector=args.selector, **options
         )
     saved = read_checkpoint(checkpoint).get("flmm")
     if args.family:
@@ -86,9 +110,7 @@ def _load_chat(args: argparse.Namespace) -> GroundedChat:
         family=args.family,
         sam_variant=args.sam_variant,
         selector=args.selector,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
+        **options,
     )
 
 
@@ -99,6 +121,20 @@ def chosen_checkpoint(given: str | None) -> Path:
     if given == "last":
         return newest_last(Path("logs"), option="--checkpoint ")
     return Path(given) if given else default_checkpoint()
+
+
+def lmm_options(args: argparse.Namespace) -> dict:
+    """The device and the frozen LMM's loading options the command line gives (options left out
+    keep their defaults: a head folder's recorded dtype and revision)."""
+    given = {
+        "dtype": getattr(args, "dtype", None),
+        "quantization": getattr(args, "quantization", None),
+        "device_map": getattr(args, "device_map", None),
+        "attn_implementation": getattr(args, "attn_implementation", None),
+        "lmm_revision": getattr(args, "lmm_revision", None),
+    }
+    options = {k: v for k, v in given.items() if v is not None}
+    return options | {"device": args.device, "trust_remote_code": args.trust_remote_code}
 
 
 def default_checkpoint() -> Path:

@@ -8,54 +8,21 @@ phrase-to-image attention of every layer and the phrase tokens' hidden states of
 from __future__ import annotations
 
 import operator
-import re
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from torch import nn
 
 from flmm import frame
 from flmm.attention.capture import MERGES, capture, phrase_rows, use_capture
-from flmm.errors import ConfigError, DataError, ModelLoadError
-from flmm.lmm import grids
-from flmm.lmm.families import Family, family_of_model_type, get_family, list_lmms
+from flmm.errors import ConfigError, DataError
+from flmm.lmm import grids, loading
+from flmm.lmm.families import Family, get_family
 from flmm.lmm.processing import process
 from flmm.types import CaptureOutput, GroundingBatch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _SENTINEL = "\x00"
-
-
-def _check_source(name_or_path: str) -> None:
-    """Raise a ``FileNotFoundError`` for a local path that does not exist (hub ids pass)."""
-    path = Path(name_or_path).expanduser()
-    looks_local = name_or_path.startswith(("/", ".", "~")) or not HUB_ID.match(name_or_path)
-    if looks_local and not path.exists():
-        raise FileNotFoundError(
-            f"LMM path {str(path)!r} does not exist. Point model.lmm.name_or_path=... at a "
-            "directory saved with save_pretrained (or a HF hub id such as "
-            "'llava-hf/llava-1.5-7b-hf'); a tiny local one of any family can be built with "
-            "flmm.foundation.tiny_models.build_tiny_lmm(out_dir, family)."
-        )
-
-
-def _check_model_type(name_or_path: str, family: Family, trust_remote_code: bool) -> None:
-    """Raise :class:`ModelLoadError` when the checkpoint is not a model of ``family``."""
-    config = transformers.AutoConfig.from_pretrained(
-        name_or_path, trust_remote_code=trust_remote_code
-    )
-    expected = getattr(transformers, family.model_class).config_class.model_type
-    if config.model_type != expected:
-        match = family_of_model_type(config.model_type)
-        fix = f"model.lmm.family={match}" if match else f"one of: {', '.join(list_lmms())}"
-        raise ModelLoadError(
-            f"{name_or_path!r} holds a {config.model_type!r} model, but the {family.name!r} family "
-            f"loads {expected!r} models; set {fix}"
-        )
 
 
 class FrozenLMM(nn.Module):
@@ -87,8 +54,11 @@ class FrozenLMM(nn.Module):
         self.model, self.processor, self.family, self._model_id = model, processor, family, model_id
         self.merge = merge
         self.instruction = instruction or family.instruction
-        # whether from_pretrained could run the checkpoint's code (a head folder records it)
-        self.trust_remote_code = False
+        # how from_pretrained loaded it (head folders and checkpoints record them): whether it
+        # could run the checkpoint's code, the hub commit, the quantization, whether a
+        # device_map placed it
+        self.trust_remote_code, self.revision, self.quantization = False, None, None
+        self.placed = False
         self.layers = operator.attrgetter(family.decoder_layers)(model)
         self.final_norm = operator.attrgetter(family.final_norm)(model)
         self.text_config = getattr(model.config, family.text_config)
@@ -113,47 +83,70 @@ class FrozenLMM(nn.Module):
         cls,
         name_or_path: str,
         family: str = "llava",
-        dtype: str = "float32",
+        *,
+        dtype: str | torch.dtype = "auto",
+        device_map=None,
+        attn_implementation: str | dict | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        quantization: str | None = None,
+        trust_remote_code: bool = False,
         text_layers: int | None = None,
         merge: str = "mean",
         instruction: str | None = None,
-        trust_remote_code: bool = False,
         grid_size: int | None = None,
     ) -> FrozenLMM:
-        """Load model and processor with ``from_pretrained`` (a local dir or a hub id).
+        """Load model and processor with transformers' ``from_pretrained`` (a local dir or hub id).
 
-        Remote code shipped with a checkpoint runs only with ``trust_remote_code=True``.
+        Args:
+            dtype: ``"auto"`` (bfloat16 where ``device_map`` or a bitsandbytes quantization puts
+                the model on CUDA, float32 elsewhere), ``"float32"``, ``"bfloat16"``, ``"float16"``
+                (or the torch dtype).
+            device_map: transformers' placement (``"auto"``, ``"cuda:0"``, a dict...); None loads
+                on the CPU. A placed LMM stays where it was put when the module holding it moves.
+            attn_implementation: for the vision tower (``"sdpa"``, ``"eager"``,
+                ``"flash_attention_2"``, or a per-sub-config dict); the text decoder always runs
+                ``"flmm_capture"`` (sdpa plus the capture), whatever is asked for it.
+            revision, cache_dir, local_files_only, token: hub options of the model, the
+                processor and the config check alike.
+            quantization: None, ``"int8"`` (torchao weight-only, CPU or CUDA), ``"8bit"`` or
+                ``"4bit"`` (bitsandbytes, CUDA only): :mod:`flmm.lmm.loading`.
+            trust_remote_code: run code shipped with the checkpoint (only the caller decides).
+            text_layers, merge, instruction, grid_size: see :class:`FrozenLMM`.
         """
-        name_or_path = str(name_or_path)
-        fam = get_family(family)
-        if dtype not in DTYPES:
-            raise ConfigError(f"model.lmm.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        _check_source(name_or_path)
-        try:
-            _check_model_type(name_or_path, fam, trust_remote_code)
-            model = getattr(transformers, fam.model_class).from_pretrained(
-                name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-            )
-            processor = getattr(transformers, fam.processor_class).from_pretrained(
-                name_or_path, trust_remote_code=trust_remote_code
-            )
-        except (OSError, ValueError, KeyError) as err:
-            where = (
-                "local directory" if Path(name_or_path).exists() else "hub id (no such local path)"
-            )
-            raise ModelLoadError(
-                f"could not load a {fam.model_class} / {fam.processor_class} ({family!r} family) "
-                f"from {where} {name_or_path!r}: {err}\n"
-                "Check model.lmm.name_or_path=... and model.lmm.family=...; code shipped with a "
-                "checkpoint runs only with model.lmm.trust_remote_code=true"
-            ) from err
+        name_or_path, fam = str(name_or_path), get_family(family)
+        hub = {
+            "revision": revision,
+            "cache_dir": cache_dir,
+            "local_files_only": local_files_only,
+            "token": token,
+            "trust_remote_code": trust_remote_code,
+        }
+        model, processor = loading.load(
+            name_or_path,
+            fam,
+            dtype=dtype,
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            quantization=quantization,
+            hub=hub,
+        )
         lmm = cls(model, processor, fam, name_or_path, text_layers, merge, instruction, grid_size)
-        lmm.trust_remote_code = trust_remote_code
+        lmm.trust_remote_code, lmm.quantization = trust_remote_code, quantization
+        lmm.revision = loading.hub_commit(name_or_path, revision, cache_dir)
+        lmm.placed = device_map is not None
         return lmm
 
     def train(self, mode: bool = True) -> FrozenLMM:
         """Always stays in eval mode: the LMM is frozen."""
         return super().train(False)
+
+    def _apply(self, fn, recurse: bool = True) -> FrozenLMM:
+        """Device moves and casts of the module holding the LMM (``FLMM.to(device)``, Lightning)
+        reach the LMM unless ``device_map`` placed it: then it stays where transformers put it."""
+        return self if self.placed else super()._apply(fn, recurse)
 
     @property
     def num_layers(self) -> int:
@@ -380,7 +373,8 @@ class FrozenLMM(nn.Module):
 
         def hook(module, args, output):
             states = output[0] if isinstance(output, tuple) else output
-            store.append(states.gather(1, rows[..., None].expand(-1, -1, states.shape[-1])))
+            index = rows.to(states.device)[..., None].expand(-1, -1, states.shape[-1])
+            store.append(states.gather(1, index).to(rows.device))
 
         return hook
 

@@ -35,9 +35,12 @@ def flmm_version() -> str:
 
 
 def checkpoint_metadata(lmm, sam: nn.Module) -> dict:
-    """What a checkpoint was made for: the LMM (id and attention shapes) and SAM's prompt width."""
+    """What a checkpoint was made for: the LMM (id, hub commit, quantization and attention
+    shapes) and SAM's prompt width."""
     return {
         "lmm_id": lmm.model_id,
+        "lmm_revision": getattr(lmm, "revision", None),
+        "lmm_quantization": getattr(lmm, "quantization", None),
         "family": lmm.family.name,
         "channels": int(lmm.channels),
         "grid": list(lmm.grid),
@@ -92,6 +95,15 @@ def check_metadata(saved: dict | None, current: dict) -> None:
             "checkpoint was made for LMM %r, configured LMM is %r; their shapes match, so loading goes on",
             saved.get("lmm_id"),
             current["lmm_id"],
+        )
+    elif "lmm_revision" in saved and saved["lmm_revision"] != current.get("lmm_revision"):
+        log.warning(
+            "checkpoint was made for revision %r of LMM %r, loaded revision is %r; its attention "
+            "may differ (pass lmm_revision / --lmm-revision / model.lmm.revision=%s to match)",
+            saved["lmm_revision"],
+            current["lmm_id"],
+            current.get("lmm_revision"),
+            saved["lmm_revision"],
         )
 
 

@@ -23,7 +23,7 @@ from flmm.errors import CheckpointMismatchError, DataError, FlmmUserError
 from flmm.files import write_atomic, write_text_atomic
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
-from flmm.lmm.adapter import DTYPES, HUB_ID
+from flmm.lmm.loading import DTYPES, HUB_ID, placed_dtype
 from flmm.model.card import render_card
 from flmm.model.checkpoint import (
     check_metadata,
@@ -43,8 +43,17 @@ FORMAT = 1  # bump when config.json changes meaning
 TEST_METRICS = ("giou", "ciou", "coarse_giou", "coarse_ciou", "loss")
 REQUIRED = ("lmm", "sam", "mask_head", "hyper_parameters", "metadata")  # config.json's sections
 DAMAGED = "the head folder is damaged: copy it again, or write it anew with save_pretrained"
-# the LMM settings a head folder's config.json may pass to FrozenLMM.from_pretrained
-RECORDED_SETTINGS = ("family", "dtype", "grid_size", "text_layers", "merge", "instruction")
+# the LMM settings a head folder's config.json may pass to FrozenLMM.from_pretrained (its
+# "revision" only to the LMM it records)
+RECORDED_SETTINGS = (
+    "family",
+    "dtype",
+    "grid_size",
+    "text_layers",
+    "merge",
+    "instruction",
+    "revision",
+)
 
 
 def head_config(model: FLMM, training: dict | None = None, scores: dict | None = None) -> dict:
@@ -56,14 +65,17 @@ def head_config(model: FLMM, training: dict | None = None, scores: dict | None =
         "flmm_version": flmm_version(),
         "lmm": {
             "id": portable(lmm.model_id),
+            # the hub commit it was loaded from (None: a local folder); loading uses it
+            "revision": lmm.revision,
             "family": lmm.family.name,
             "dtype": next(k for k, v in DTYPES.items() if v == lmm.model.dtype),
             "grid_size": lmm.grid[0],
             "text_layers": lmm.num_text_layers,
             "merge": lmm.merge,
             "instruction": lmm.instruction,
-            # a fact for the reader and the loader's message; loading never trusts it
+            # facts for the reader and the loader's message; loading never applies them
             "remote_code": lmm.trust_remote_code,
+            "quantization": lmm.quantization,
         },
         "sam": {
             "variant": source["variant"],
@@ -99,10 +111,7 @@ class FLMMHead(
     """A trained F-LMM (``model``) and its folder's ``config`` (see :func:`head_config`).
 
     ``FLMMHead(model, head_config(model)).save_pretrained(dir)`` writes a folder;
-    ``FLMMHead.from_pretrained(dir_or_hub_id, lmm=None, sam=None, device="cpu", **lmm_kwargs)``
-    loads one: ``lmm`` / ``sam`` replace the recorded LMM (a :class:`FrozenLMM`, a hub id or a
-    folder) and SAM (a SAM module or a checkpoint file); ``lmm_kwargs`` replace recorded LMM
-    settings (``dtype``...).
+    :meth:`from_pretrained` loads one with the LMM and SAM its config names.
     """
 
     def __init__(self, model: FLMM, config: dict) -> None:
@@ -129,34 +138,64 @@ class FLMMHead(
         *,
         lmm: FrozenLMM | str | None = None,
         sam: nn.Module | str | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         revision: str | None = None,
         cache_dir: str | None = None,
         force_download: bool = False,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        lmm_revision: str | None = None,
         **lmm_kwargs,
     ) -> FLMMHead:
-        """Load a head folder or hub id (``revision``... select the head's files on the hub)."""
+        """Load a head folder or hub id with the LMM and SAM its ``config.json`` names.
+
+        Args:
+            lmm, sam: replace the recorded LMM (a :class:`FrozenLMM`, a hub id or a folder) and
+                SAM (a SAM module or a checkpoint file).
+            device: where the head (and an LMM loaded without ``device_map``) goes; None: where
+                the LMM was loaded (the CPU unless ``device_map`` or bitsandbytes placed it).
+            revision, force_download: select the HEAD's files on the hub.
+            cache_dir, local_files_only, token: apply to the head's files and the LMM's alike.
+            lmm_revision: the LMM's hub revision; None: the one the folder records (for the LMM
+                it records; another ``lmm`` loads its default branch).
+            lmm_kwargs: replace recorded LMM settings or add loading options of
+                :meth:`FrozenLMM.from_pretrained` (``dtype``, ``device_map``, ``quantization``,
+                ``attn_implementation``, ``trust_remote_code``...).
+        """
+        shared = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
         folder = head_folder(
             str(pretrained_model_name_or_path),
             revision=revision,
-            cache_dir=cache_dir,
             force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
+            **shared,
         )
         config = read_config(folder)
         sam = sam if isinstance(sam, nn.Module) else load_sam(config["sam"], sam)
         if not isinstance(lmm, FrozenLMM):
-            lmm = load_lmm(config["lmm"], lmm, **lmm_kwargs)
+            options = lmm_options(lmm_kwargs, shared, lmm_revision, device)
+            lmm = load_lmm(config["lmm"], lmm, **options)
         try:
             check_metadata(config["metadata"], portable_metadata(lmm, sam))
         except CheckpointMismatchError as err:
             raise CheckpointMismatchError(f"head folder {folder}: {err}") from None
         model = FLMM.build(lmm, sam, **config["mask_head"], **config["hyper_parameters"])
         model.load_state_dict(read_weights(folder / WEIGHTS))
-        return cls(model.eval().to(device), config)
+        return cls(model.eval().to(head_device(device, lmm)), config)
+
+
+def lmm_options(options: dict, shared: dict, revision: str | None, device: str | None) -> dict:
+    """The LMM's loading ``options`` with the hub options it ``shared`` with the head, its own
+    ``revision`` if given, and a ``"auto"`` dtype resolved for ``device``."""
+    options = shared | ({"revision": revision} if revision is not None else {}) | options
+    if "dtype" in options:
+        options["dtype"] = placed_dtype(options["dtype"], options.get("device_map"), device)
+    return options
+
+
+def head_device(device: str | None, lmm: FrozenLMM) -> str:
+    """``device``, or (None) where the LMM was loaded: the CPU, or where ``device_map`` or a
+    bitsandbytes quantization put it."""
+    return device or str(lmm.device)
 
 
 def head_folder(where: str, **hub) -> Path:
@@ -222,7 +261,8 @@ def load_sam(recorded: dict, checkpoint: str | None):
 def load_lmm(
     recorded: dict, name_or_path: str | None, trust_remote_code: bool = False, **overrides
 ) -> FrozenLMM:
-    """The recorded LMM (or ``name_or_path``) with the recorded settings, ``overrides`` applied.
+    """The recorded LMM (or ``name_or_path``) with the recorded settings, ``overrides`` applied
+    (loading options of :meth:`FrozenLMM.from_pretrained` among them).
 
     Only :data:`RECORDED_SETTINGS` are read from the folder: whether the LMM's own code may run
     comes from the caller's ``trust_remote_code`` alone, never from a downloaded file.
@@ -234,7 +274,10 @@ def load_lmm(
             "runs no code because a downloaded file asks: read that code, then pass "
             "trust_remote_code=True (--trust-remote-code, model.lmm.trust_remote_code=true)"
         )
-    settings = {k: v for k, v in recorded.items() if k in RECORDED_SETTINGS} | overrides
+    settings = {k: v for k, v in recorded.items() if k in RECORDED_SETTINGS}
+    if name_or_path and name_or_path != resolve(recorded["id"]):
+        settings.pop("revision", None)  # a revision of the recorded LMM's repository only
+    settings |= overrides
     return FrozenLMM.from_pretrained(source, trust_remote_code=trust_remote_code, **settings)
 
 

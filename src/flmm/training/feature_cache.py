@@ -12,10 +12,11 @@ Layout (one small file per entry, loaded memory-mapped)::
     DIR/sam-<identity hash>/ab/<image key>.pt    embedding, input_size
 
 Every key hashes ``FORMAT_VERSION``, and an entry holding other fields than its format's is
-recomputed (with a warning). An LMM entry's key hashes the LMM identity (model id, family, dtype,
-layer/merge/instruction settings, the sizes and dates of its local weight files) with the image
-bytes, the text and the phrase spans; a SAM entry's key hashes the image encoder's weights with the image bytes, so images
-shared by several samples are embedded once. Floating tensors are stored as fp16 (float32 where a
+recomputed (with a warning). An LMM entry's key hashes the LMM identity (model id, hub
+revision, quantization, family, dtype, layer/merge/instruction settings, the sizes and dates of
+its local weight files) with the image bytes, the text and the phrase spans; a SAM entry's key
+hashes the image encoder's weights with the image bytes, so images shared by several samples are
+embedded once. Floating tensors are stored as fp16 (float32 where a
 value would overflow fp16). Entries are written to a temporary file and renamed into place, so
 concurrent ranks writing the same entry, or a caching pass killed half-way, never leave a partial
 entry: a rerun computes only what is missing.
@@ -78,6 +79,8 @@ def lmm_identity(lmm) -> dict:
     return {
         "format": FORMAT_VERSION,
         "model_id": lmm.model_id,
+        "revision": lmm.revision,
+        "quantization": lmm.quantization,
         "family": lmm.family.name,
         "dtype": str(next(lmm.parameters()).dtype),
         "text_layers": lmm.num_text_layers,

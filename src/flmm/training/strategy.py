@@ -9,6 +9,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from flmm.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -30,6 +32,12 @@ class ShardedLMMStrategy(DDPStrategy):
     def model_to_device(self) -> None:
         """Shard the frozen LMM (once), then move the rest of the module to the device."""
         module = self.lightning_module
+        if module.lmm.quantization or module.lmm.placed:
+            raise ConfigError(
+                "trainer=fsdp shards the frozen LMM's full-precision layers itself; it cannot "
+                "shard a quantized LMM or one placed by device_map: set model.lmm.quantization="
+                "null and model.lmm.device_map=null, or train the quantized LMM on one device (trainer=gpu)"
+            )
         lmm = module.lmm.model
         if not getattr(lmm, "_flmm_sharded", False):
             mesh = init_device_mesh(self.root_device.type, (self.world_size,))
