@@ -14,6 +14,8 @@ import pytest
 import torch
 import transformers
 from conftest import CONF, TINY, compose_cfg, make_sample
+from eager_reference import eager_maps
+from grid_checks import GRID_CHECKS
 from omegaconf import OmegaConf
 
 from flmm import frame
@@ -155,92 +157,13 @@ def test_registry_extreme_aspect_ratios(family, tiny_lmms):
 SLIVERS = [(8, 100), (100, 8), (500, 20), (1, 1)]
 
 
-def _square_check(lmm, enc, cols, counts, layouts):
-    for (grid, index), count in zip([lay[0] for lay in layouts], counts):
-        assert grid.height * grid.width == count and (grid.height, grid.width) == lmm.grid
-
-
-def _anyres_check(lmm, enc, cols, counts, layouts):
-    """Newline embeddings sit exactly at the image tokens that no grid covers."""
-    seen: list[torch.Tensor] = []
-
-    def keep_input(module, args, kwargs):
-        seen.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
-
-    hook = lmm.layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            lmm.model(**{k: v for k, v in enc.items() if k not in ("token_phrase", "region")})
-    finally:
-        hook.remove()
-    newline = lmm.model.model.image_newline
-    for b, (layout, count) in enumerate(zip(layouts, counts)):
-        embeds = seen[0][b, cols[b, :count]]
-        is_newline = torch.isclose(embeds, newline.to(embeds)).all(-1)
-        off_grid = torch.ones(count, dtype=torch.bool)
-        off_grid[torch.cat([index for _, index in layout])] = False
-        assert torch.equal(is_newline, off_grid) and int(off_grid.sum()) == layout[1][0].height
-        base = layout[0][0]
-        assert (
-            base.height * base.width
-            == (
-                lmm.model.config.vision_config.image_size
-                // lmm.model.config.vision_config.patch_size
-            )
-            ** 2
-        )
-
-
-def _thw_check(lmm, enc, cols, counts, layouts):
-    """The grid rows/cols equal the model's own 2-D rope positions of the image tokens."""
-    positions, _ = lmm.model.model.get_rope_index(
-        enc["input_ids"],
-        enc["mm_token_type_ids"],
-        enc["image_grid_thw"],
-        attention_mask=enc["attention_mask"],
-    )
-    merge = lmm.processor.image_processor.merge_size
-    for b, (layout, count) in enumerate(zip(layouts, counts)):
-        ((grid, index),) = layout
-        assert [grid.height * merge, grid.width * merge] == enc["image_grid_thw"][b, 1:].tolist()
-        rows = positions[1, b, cols[b, :count]][index]
-        cols_ = positions[2, b, cols[b, :count]][index]
-        assert torch.equal(
-            (rows - rows.min()).view(grid.height, grid.width),
-            torch.arange(grid.height)[:, None].expand(-1, grid.width),
-        )
-        assert torch.equal(
-            (cols_ - cols_.min()).view(grid.height, grid.width),
-            torch.arange(grid.width)[None].expand(grid.height, -1),
-        )
-
-
-GRID_CHECKS = {"square": _square_check, "anyres": _anyres_check, "thw": _thw_check}
-
-
-def eager_raw(path, family: str, lmm: FrozenLMM, inputs: dict, token_phrase, cols, num_phrases):
-    """Reference: eager ``output_attentions=True``, phrase rows x image columns, mean per phrase."""
-    model_class = getattr(transformers, get_family(family).model_class)
-    eager = model_class.from_pretrained(path, attn_implementation="eager").eval()
-    with torch.no_grad():
-        weights = torch.stack(eager(**inputs, output_attentions=True).attentions, 1)
-    batch, layers, heads = weights.shape[:3]
-    out = torch.zeros(batch, num_phrases, layers, heads, cols.shape[1])
-    for b in range(batch):
-        for k in range(num_phrases):
-            rows = (token_phrase[b] == k).nonzero()[:, 0]
-            if len(rows):
-                out[b, k] = weights[b][:, :, rows][..., cols[b]].mean(2)
-    return out
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_registry_capture_matches_eager(family, tiny_dirs, tiny_lmms, ragged_batch):
+def test_registry_capture_matches_eager(family, tiny_lmms, ragged_batch):
     lmm = tiny_lmms(family)
     inputs = lmm.encode(ragged_batch)
     token_phrase, region = inputs.pop("token_phrase"), inputs.pop("region")
     cols, counts = lmm.image_columns(inputs["input_ids"])
-    raw = eager_raw(tiny_dirs(family), family, lmm, inputs, token_phrase, cols, 3)
+    raw = eager_maps(lmm, inputs, token_phrase, cols, 3)
     expected = lmm.to_grid(raw, lmm.layouts(inputs, counts), region)
     maps = lmm(ragged_batch).maps
     assert maps.shape == expected.shape

@@ -1,0 +1,97 @@
+"""Checks of the grids flmm derives (flmm.lmm.grids) against the model's own placement of image
+features, one per grid rule; shared by the tiny-model and the real-shape tests.
+
+Each check takes ``(lmm, enc, cols, counts, layouts)``: the encoded batch (``FrozenLMM.encode``),
+the image-token columns and counts (``FrozenLMM.image_columns``) and ``FrozenLMM.layouts``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Placed(Exception):
+    """Raised by the first decoder layer's pre-hook: the decoder itself need not run."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__("image features placed")
+        self.hidden = hidden
+
+
+def decoder_input(lmm, enc: dict) -> torch.Tensor:
+    """``B x N x D``: what the model hands its first decoder layer, i.e. the token embeddings with
+    the image features placed by the model's own code (which checks their count), without running
+    the decoder."""
+
+    def stop(module, args, kwargs):
+        raise _Placed(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    hook = lmm.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    inputs = {k: v for k, v in enc.items() if k not in ("token_phrase", "region")}
+    try:
+        with torch.no_grad():
+            lmm.model(**inputs)
+    except _Placed as placed:
+        return placed.hidden
+    finally:
+        hook.remove()
+    raise RuntimeError("the first decoder layer never ran")
+
+
+def square(lmm, enc, cols, counts, layouts) -> None:
+    """One ``S x S`` grid of all the image tokens, the frame's side; the model places as many
+    features as there are image tokens."""
+    decoder_input(lmm, enc)
+    for (grid, index), count in zip([lay[0] for lay in layouts], counts):
+        assert grid.height * grid.width == count and (grid.height, grid.width) == lmm.grid
+
+
+def anyres(lmm, enc, cols, counts, layouts) -> None:
+    """Newline embeddings sit exactly at the image tokens that no grid covers, one per high-res
+    row; the base grid is the vision tower's tile grid."""
+    placed = decoder_input(lmm, enc)
+    newline = lmm.model.model.image_newline
+    vision = lmm.model.config.vision_config
+    for b, (layout, count) in enumerate(zip(layouts, counts)):
+        embeds = placed[b, cols[b, :count]]
+        is_newline = torch.isclose(embeds, newline.to(embeds)).all(-1)
+        off_grid = torch.ones(count, dtype=torch.bool)
+        off_grid[torch.cat([index for _, index in layout])] = False
+        assert torch.equal(is_newline, off_grid) and int(off_grid.sum()) == layout[1][0].height
+        base = layout[0][0]
+        assert base.height == base.width == vision.image_size // vision.patch_size
+
+
+def thw(lmm, enc, cols, counts, layouts) -> None:
+    """The grid rows/cols equal the model's own 2-D rope positions of the image tokens."""
+    positions, _ = lmm.model.model.get_rope_index(
+        enc["input_ids"],
+        enc["mm_token_type_ids"],
+        enc["image_grid_thw"],
+        attention_mask=enc["attention_mask"],
+    )
+    merge = lmm.processor.image_processor.merge_size
+    for b, (layout, count) in enumerate(zip(layouts, counts)):
+        ((grid, index),) = layout
+        assert [grid.height * merge, grid.width * merge] == enc["image_grid_thw"][b, 1:].tolist()
+        rows = positions[1, b, cols[b, :count]][index]
+        cols_ = positions[2, b, cols[b, :count]][index]
+        assert torch.equal(
+            (rows - rows.min()).view(grid.height, grid.width),
+            torch.arange(grid.height)[:, None].expand(-1, grid.width),
+        )
+        assert torch.equal(
+            (cols_ - cols_.min()).view(grid.height, grid.width),
+            torch.arange(grid.width)[None].expand(grid.height, -1),
+        )
+
+
+GRID_CHECKS = {"square": square, "anyres": anyres, "thw": thw}
+
+
+def check_grids(lmm, enc: dict) -> list:
+    """Run the family's grid check on an encoded batch; its layouts."""
+    cols, counts = lmm.image_columns(enc["input_ids"])
+    layouts = lmm.layouts(enc, counts)
+    GRID_CHECKS[lmm.family.grid](lmm, enc, cols, counts, layouts)
+    return layouts
