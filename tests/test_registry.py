@@ -139,6 +139,19 @@ def test_registry_chat_still_answers(family, tiny_lmms, ragged_batch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_registry_runs_in_bfloat16(family, tiny_dirs, tiny_lmms, ragged_batch):
+    """The real configs load every family in bfloat16: every float input (DeepSeek-VL 7B's
+    ``high_res_pixel_values`` too) reaches the model in its dtype; the maps stay float32, near
+    the float32 model's."""
+    lmm = FrozenLMM.from_pretrained(tiny_dirs(family), family=family, dtype="bfloat16")
+    maps = lmm(ragged_batch).maps
+    reference = tiny_lmms(family)(ragged_batch).maps
+    assert maps.dtype == torch.float32 and maps.isfinite().all()
+    assert torch.cosine_similarity(maps.flatten(), reference.flatten(), dim=0) > 0.99
+    assert lmm.answer(ragged_batch.images[0], "what is in the image?", max_new_tokens=2).strip()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_registry_extreme_aspect_ratios(family, tiny_lmms):
     """Slivers and a 1-pixel image: grids still agree with the processor and the model."""
     batch = GroundingBatch.collate(
