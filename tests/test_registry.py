@@ -139,6 +139,21 @@ def test_registry_chat_still_answers(family, tiny_lmms, ragged_batch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_registry_chat_and_grounding_see_the_same_image_tokens(family, tiny_lmms):
+    """Generation (``chat_inputs``) and grounding (``encode``) process an image with the same
+    settings (the family's ``processor_kwargs``), so an answer is grounded on the image tokens it
+    was generated from; an image wider than InternVL's tile would otherwise be tiled for one only."""
+    lmm = tiny_lmms(family)
+    sample = make_sample("red circle", ["red"], 70, 230)
+    chat = lmm.chat_inputs([sample.image], "what is in the image?")
+    enc = lmm.encode(GroundingBatch.collate([sample]))
+    assert int((chat["input_ids"] == lmm.image_token_id).sum()) == int(
+        (enc["input_ids"] == lmm.image_token_id).sum()
+    )
+    assert torch.equal(chat["pixel_values"], enc["pixel_values"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_registry_runs_in_bfloat16(family, tiny_dirs, tiny_lmms, ragged_batch):
     """The real configs load every family in bfloat16: every float input (DeepSeek-VL 7B's
     ``high_res_pixel_values`` too) reaches the model in its dtype; the maps stay float32, near

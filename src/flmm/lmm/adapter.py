@@ -403,14 +403,16 @@ class FrozenLMM(nn.Module):
         the assistant turn, which starts with ``answer_prefix``.
 
         Each image is ``H x W x 3`` uint8; several images need a processor that takes several
-        image entries in one turn (LLaVA's does).
+        image entries in one turn (LLaVA's does). The processor runs with the family's
+        ``processor_kwargs``, as for grounding: an answer is grounded on the image tokens it was
+        generated from.
         """
         arrays, _ = self._images([torch.as_tensor(np.ascontiguousarray(i)) for i in images])
         content = [{"type": "image"} for _ in arrays] + [{"type": "text", "text": question}]
         user = {"role": "user", "content": content}
         text = self.processor.apply_chat_template([user], add_generation_prompt=True)
         text = text + answer_prefix
-        inputs = self.processor(images=arrays, text=[text], return_tensors="pt")
+        inputs = self._process(arrays, [text])
         self.check_length(inputs, [question])
         return self.to_model(inputs)
 
