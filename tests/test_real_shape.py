@@ -13,6 +13,7 @@ Image sizes are written W x H (as screens are); the arrays are H x W.
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONF, compose_cfg
 from eager_reference import eager_maps
 from grid_checks import check_grids
+from omegaconf import OmegaConf
 
 from flmm.chat.conversation import GroundedChat
-from flmm.foundation.real_shape import build_real_shape
+from flmm.foundation.real_shape import build_real_shape, published
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM, list_lmms
 from flmm.model.module import FLMM
+from flmm.train import train
 from flmm.types import GroundingBatch, GroundingSample
 
 pytestmark = pytest.mark.real_shape
@@ -132,3 +136,50 @@ def test_real_shape_ground_and_chat(real):
     first = result.answer.split()[0]  # what chat grounds when the answer names it
     result = chat.grounded(image, QUESTION, result.answer, [first])
     assert result.phrases == [first] and result.masks.shape == (1, *image.shape[:2])
+
+
+@pytest.fixture(scope="module")
+def world_root(tmp_path_factory) -> Path:
+    """One home (a small synthetic world, the tiny SAM) for every family's training run."""
+    return tmp_path_factory.mktemp("real_shape_runs")
+
+
+def real_lmm_config(family: str) -> str:
+    """The ``model/lmm`` option of the family's headline checkpoint."""
+    checkpoint = published(family)["checkpoint"]
+    (name,) = [
+        path.stem
+        for path in (CONF / "model" / "lmm").glob("*.yaml")
+        if OmegaConf.load(path).get("name_or_path") == checkpoint
+    ]
+    return name
+
+
+def test_real_shape_train_command(real, world_root):
+    """``flmm train`` with the family's real LMM config (bfloat16, as a user runs it) pointed at
+    the real-shape folder: fit, checkpoint, test, the frozen-LMM check."""
+    run = world_root / real.family
+    overrides = [
+        f"paths.home_dir={world_root}",
+        "model=llava",  # the model settings every real model config shares
+        f"model/lmm={real_lmm_config(real.family)}",
+        f"model.lmm.name_or_path={real.path}",
+        "model/sam=tiny",
+        "model.sam.checkpoint.pretrain_steps=2",
+        "model.base_channels=8",
+        *("data.n_train=4", "data.n_val=2", "data.n_test=2", "data.batch_size=2"),
+        "trainer.max_epochs=1",
+        *("trainer.limit_train_batches=1", "trainer.limit_val_batches=1"),
+        *("trainer.limit_test_batches=1", "trainer.accelerator=cpu"),
+        "callbacks.frozen_lmm_check.num_images=1",
+        "callbacks.frozen_lmm_check.max_new_tokens=2",
+        "callbacks.mask_overlays.num_samples=2",
+    ]
+    cfg = compose_cfg(run, overrides)
+    assert cfg.model.lmm.dtype == "bfloat16"
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/giou"] <= 100.0
+    ckpt = torch.load(run / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["flmm"]["family"] == real.family
+    assert ckpt["flmm"]["channels"] == real.lmm.channels
+    assert json.loads((run / "run" / "chat_check.json").read_text())["unchanged"]
