@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 PYTEST  := $(PYTHON) -m pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test test-slow test-all evidence foundation bench bench-cache bench-train bench-gpu clean clean-cache
+.PHONY: help venv run test test-slow test-real test-all evidence foundation bench bench-cache bench-train bench-gpu clean clean-cache
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -25,13 +25,16 @@ run: venv ## train F-LMM on the synthetic world (run folder under logs/; the wor
 	$(PYTHON) -m flmm.train
 
 test: venv ## fast test suite (everything not marked slow)
-	$(PYTEST) -m "not slow and not gpu" -q
+	$(PYTEST) -m "not slow and not gpu and not real_shape" -q
 
 test-slow: venv ## slow tests: the default run, DDP / sharded LMM vs 1 process, resume, sweeps, every family, the notebook
-	$(PYTEST) -m "slow and not gpu" -q
+	$(PYTEST) -m "slow and not gpu and not real_shape" -q
 
-test-all: venv ## every CPU test
-	$(PYTEST) -m "not gpu" -q
+test-real: venv ## real-shape tier: every family at its published widths and processor settings
+	$(PYTEST) -m "real_shape and not gpu" -q --durations=0
+
+test-all: venv ## every CPU test but the real-shape tier (make test-real)
+	$(PYTEST) -m "not gpu and not real_shape" -q
 
 evidence: venv ## the synthetic world's evidence table (pretrained vs random LMM, coarse vs refined)
 	$(PYTHON) scripts/synthetic_evidence.py

@@ -65,6 +65,7 @@ import torch
 import transformers
 
 from flmm.attention.capture import IMPLEMENTATION, phrase_rows
+from flmm.foundation.real_shape import default_dtype
 from flmm.foundation.tiny_llava import CHAT_TEMPLATE, DEFAULT_WORDS, build_tokenizer, default_words
 from flmm.heads import SamRefiner, build_sam
 from flmm.heads.sam_refiner import coarse_boxes, mask_prompt
@@ -226,17 +227,6 @@ def build_lmm(p: Preset) -> FrozenLMM:
         model = getattr(transformers, model_class)(config).eval()
     name = f"random-{p.family}-{p.layers}x{p.width}"
     return FrozenLMM(model, processor, get_family(p.family), name)
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    """Create parameters directly in ``dtype`` (a 7B model never exists in fp32)."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(saved)
 
 
 def make_samples(p: Preset, seed: int = 0) -> list[GroundingSample]:

@@ -1,53 +1,68 @@
-"""Each grid rule checked against the model's own placement of image features (test helpers).
+"""Checks of the grids flmm derives (flmm.lmm.grids) against the model's own placement of image
+features, one per grid rule; shared by the tiny-model and the real-shape tests.
 
-``GRID_CHECKS[rule](lmm, enc, cols, counts, layouts)``: ``enc`` the adapter's encoded batch,
-``cols`` / ``counts`` from ``lmm.image_columns``, ``layouts`` from ``lmm.layouts``.
+Each check takes ``(lmm, enc, cols, counts, layouts)``: the encoded batch (``FrozenLMM.encode``),
+the image-token columns and counts (``FrozenLMM.image_columns``) and ``FrozenLMM.layouts``.
 """
 
 from __future__ import annotations
 
 import torch
 
-MODEL_KEYS_EXCLUDED = ("token_phrase", "region")
+
+class _Placed(Exception):
+    """Raised by the first decoder layer's pre-hook: the decoder itself need not run."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__("image features placed")
+        self.hidden = hidden
 
 
-def decoder_inputs(lmm, enc: dict) -> torch.Tensor:
-    """``B x N x D``: what the first decoder layer reads (the image features placed by the model)."""
-    seen: list[torch.Tensor] = []
+def decoder_input(lmm, enc: dict) -> torch.Tensor:
+    """``B x N x D``: what the model hands its first decoder layer, i.e. the token embeddings with
+    the image features placed by the model's own code (which checks their count), without running
+    the decoder."""
 
-    def keep_input(module, args, kwargs):
-        seen.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+    def stop(module, args, kwargs):
+        raise _Placed(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
 
-    hook = lmm.layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
+    hook = lmm.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    inputs = {k: v for k, v in enc.items() if k not in ("token_phrase", "region")}
     try:
         with torch.no_grad():
-            lmm.model(**{k: v for k, v in enc.items() if k not in MODEL_KEYS_EXCLUDED})
+            lmm.model(**inputs)
+    except _Placed as placed:
+        return placed.hidden
     finally:
         hook.remove()
-    return seen[0]
+    raise RuntimeError("the first decoder layer never ran")
 
 
-def _square_check(lmm, enc, cols, counts, layouts):
+def square(lmm, enc, cols, counts, layouts) -> None:
+    """One ``S x S`` grid of all the image tokens, the frame's side; the model places as many
+    features as there are image tokens."""
+    decoder_input(lmm, enc)
     for (grid, index), count in zip([lay[0] for lay in layouts], counts):
         assert grid.height * grid.width == count and (grid.height, grid.width) == lmm.grid
 
 
-def _anyres_check(lmm, enc, cols, counts, layouts):
-    """Newline embeddings sit exactly at the image tokens that no grid covers."""
-    seen = decoder_inputs(lmm, enc)
+def anyres(lmm, enc, cols, counts, layouts) -> None:
+    """Newline embeddings sit exactly at the image tokens that no grid covers, one per high-res
+    row; the base grid is the vision tower's tile grid."""
+    placed = decoder_input(lmm, enc)
     newline = lmm.model.model.image_newline
+    vision = lmm.model.config.vision_config
     for b, (layout, count) in enumerate(zip(layouts, counts)):
-        embeds = seen[b, cols[b, :count]]
+        embeds = placed[b, cols[b, :count]]
         is_newline = torch.isclose(embeds, newline.to(embeds)).all(-1)
         off_grid = torch.ones(count, dtype=torch.bool)
         off_grid[torch.cat([index for _, index in layout])] = False
         assert torch.equal(is_newline, off_grid) and int(off_grid.sum()) == layout[1][0].height
         base = layout[0][0]
-        vision = lmm.model.config.vision_config
-        assert base.height * base.width == (vision.image_size // vision.patch_size) ** 2
+        assert base.height == base.width == vision.image_size // vision.patch_size
 
 
-def _thw_check(lmm, enc, cols, counts, layouts):
+def thw(lmm, enc, cols, counts, layouts) -> None:
     """The grid rows/cols equal the model's own 2-D rope positions of the image tokens."""
     positions, _ = lmm.model.model.get_rope_index(
         enc["input_ids"],
@@ -86,12 +101,12 @@ def tile_features(lmm, enc: dict) -> torch.Tensor:
     return features.unflatten(1, (side, side))
 
 
-def _tiles_check(lmm, enc, cols, counts, layouts):
+def tiles(lmm, enc, cols, counts, layouts) -> None:
     """The processor's tile count per sample is the grid's (tiles, plus a thumbnail when more
     than one), and the token at each mosaic cell is the model's feature of that tile's token:
     tile ``(r, c)`` of a ``rows x cols`` canvas holds mosaic rows ``r*S..`` and columns ``c*S..``;
     the thumbnail (or the single tile) is the tile after them."""
-    seen, features = decoder_inputs(lmm, enc), tile_features(lmm, enc)
+    seen, features = decoder_input(lmm, enc), tile_features(lmm, enc)
     side = features.shape[1]
     first = 0
     for b, (layout, count) in enumerate(zip(layouts, counts)):
@@ -112,9 +127,12 @@ def _tiles_check(lmm, enc, cols, counts, layouts):
     assert first == enc["pixel_values"].shape[0]
 
 
-GRID_CHECKS = {
-    "square": _square_check,
-    "anyres": _anyres_check,
-    "thw": _thw_check,
-    "tiles": _tiles_check,
-}
+GRID_CHECKS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles}
+
+
+def check_grids(lmm, enc: dict) -> list:
+    """Run the family's grid check on an encoded batch; its layouts."""
+    cols, counts = lmm.image_columns(enc["input_ids"])
+    layouts = lmm.layouts(enc, counts)
+    GRID_CHECKS[lmm.family.grid](lmm, enc, cols, counts, layouts)
+    return layouts

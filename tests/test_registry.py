@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from conftest import CONF, TINY, compose_cfg, make_sample
+from eager_reference import eager_maps
 from grid_checks import GRID_CHECKS
 from omegaconf import OmegaConf
 
@@ -191,6 +192,34 @@ def test_registry_chat_sees_the_image_tokens_grounding_sees(family, shape, tiny_
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_registry_chat_and_grounding_see_the_same_image_tokens(family, tiny_lmms):
+    """Generation (``chat_inputs``) and grounding (``encode``) process an image with the same
+    settings (the family's ``processor_kwargs``), so an answer is grounded on the image tokens it
+    was generated from; an image wider than InternVL's tile would otherwise be tiled for one only."""
+    lmm = tiny_lmms(family)
+    sample = make_sample("red circle", ["red"], 70, 230)
+    chat = lmm.chat_inputs([sample.image], "what is in the image?")
+    enc = lmm.encode(GroundingBatch.collate([sample]))
+    assert int((chat["input_ids"] == lmm.image_token_id).sum()) == int(
+        (enc["input_ids"] == lmm.image_token_id).sum()
+    )
+    assert torch.equal(chat["pixel_values"], enc["pixel_values"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_runs_in_bfloat16(family, tiny_dirs, tiny_lmms, ragged_batch):
+    """The real configs load every family in bfloat16: every float input (DeepSeek-VL 7B's
+    ``high_res_pixel_values`` too) reaches the model in its dtype; the maps stay float32, near
+    the float32 model's."""
+    lmm = FrozenLMM.from_pretrained(tiny_dirs(family), family=family, dtype="bfloat16")
+    maps = lmm(ragged_batch).maps
+    reference = tiny_lmms(family)(ragged_batch).maps
+    assert maps.dtype == torch.float32 and maps.isfinite().all()
+    assert torch.cosine_similarity(maps.flatten(), reference.flatten(), dim=0) > 0.99
+    assert lmm.answer(ragged_batch.images[0], "what is in the image?", max_new_tokens=2).strip()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_registry_extreme_aspect_ratios(family, tiny_lmms):
     """Slivers and a 1-pixel image: grids still agree with the processor and the model."""
     batch = GroundingBatch.collate(
@@ -209,29 +238,13 @@ def test_registry_extreme_aspect_ratios(family, tiny_lmms):
 SLIVERS = [(8, 100), (100, 8), (500, 20), (1, 1)]
 
 
-def eager_raw(path, family: str, lmm: FrozenLMM, inputs: dict, token_phrase, cols, num_phrases):
-    """Reference: eager ``output_attentions=True``, phrase rows x image columns, mean per phrase."""
-    model_class = getattr(transformers, get_family(family).model_class)
-    eager = model_class.from_pretrained(path, attn_implementation="eager").eval()
-    with torch.no_grad():
-        weights = torch.stack(eager(**inputs, output_attentions=True).attentions, 1)
-    batch, layers, heads = weights.shape[:3]
-    out = torch.zeros(batch, num_phrases, layers, heads, cols.shape[1])
-    for b in range(batch):
-        for k in range(num_phrases):
-            rows = (token_phrase[b] == k).nonzero()[:, 0]
-            if len(rows):
-                out[b, k] = weights[b][:, :, rows][..., cols[b]].mean(2)
-    return out
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_registry_capture_matches_eager(family, tiny_dirs, tiny_lmms, ragged_batch):
+def test_registry_capture_matches_eager(family, tiny_lmms, ragged_batch):
     lmm = tiny_lmms(family)
     inputs = lmm.encode(ragged_batch)
     token_phrase, region = inputs.pop("token_phrase"), inputs.pop("region")
     cols, counts = lmm.image_columns(inputs["input_ids"])
-    raw = eager_raw(tiny_dirs(family), family, lmm, inputs, token_phrase, cols, 3)
+    raw = eager_maps(lmm, inputs, token_phrase, cols, 3)
     expected = lmm.to_grid(raw, lmm.layouts(inputs, counts), region)
     maps = lmm(ragged_batch).maps
     assert maps.shape == expected.shape

@@ -48,6 +48,42 @@ def chat_template(user: str, image: str, assistant: str, end: str) -> str:
 
 
 IM_TEMPLATE = ("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n")
+DEEPSEEK = ("User: ", "<image_placeholder>", "Assistant: ", "\n\n")
+
+# Each family's special tokens (tokenizer attribute -> the hub tokenizer's string) and chat format.
+SPECIAL_TOKENS = {
+    "llava": {"image_token": "<image>"},
+    "llava_next": {"image_token": "<image>"},
+    "llava_onevision": {"image_token": "<image>", "video_token": "<video>"},
+    "qwen2_5_vl": {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_start_token": "<|vision_start|>",
+        "vision_end_token": "<|vision_end|>",
+    },
+    "internvl": {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    },
+    "deepseek_vl": {"image_token": "<image_placeholder>"},
+    "deepseek_vl_hybrid": {"image_token": "<image_placeholder>"},
+}
+CHAT_TEMPLATES = {
+    "llava": LLAVA_TEMPLATE,
+    "llava_next": LLAVA_TEMPLATE,
+    "llava_onevision": chat_template(IM_TEMPLATE[0], "<image>\n", IM_TEMPLATE[2], IM_TEMPLATE[1]),
+    "qwen2_5_vl": chat_template(
+        IM_TEMPLATE[0],
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        IM_TEMPLATE[2],
+        IM_TEMPLATE[1],
+    ),
+    "internvl": chat_template(IM_TEMPLATE[0], "<IMG_CONTEXT>\n", IM_TEMPLATE[2], IM_TEMPLATE[1]),
+    "deepseek_vl": chat_template(*DEEPSEEK),
+    "deepseek_vl_hybrid": chat_template(*DEEPSEEK),
+}
 
 
 def family_tokenizer(special: dict[str, str], words: list[str] | None) -> PreTrainedTokenizerFast:
@@ -88,7 +124,7 @@ def _pinpoints(image_size: int) -> list[list[int]]:
 
 def tiny_llava_next(words: list[str] | None, image_size: int = 32, patch_size: int = 8):
     """LLaVA-NeXT (any-res, CLIP tower, Llama decoder, LLaVA-1.5 chat format)."""
-    tokenizer = family_tokenizer({"image_token": "<image>"}, words)
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["llava_next"], words)
     size = {"shortest_edge": image_size}
     image_processor = transformers.LlavaNextImageProcessor(
         size=size,
@@ -101,7 +137,7 @@ def tiny_llava_next(words: list[str] | None, image_size: int = 32, patch_size: i
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE,
+        chat_template=CHAT_TEMPLATES["llava_next"],
     )
     config = transformers.LlavaNextConfig(
         vision_config=transformers.CLIPVisionConfig(
@@ -118,7 +154,7 @@ def tiny_llava_next(words: list[str] | None, image_size: int = 32, patch_size: i
 
 def tiny_llava_onevision(words: list[str] | None, image_size: int = 32, patch_size: int = 8):
     """LLaVA-OneVision (any-res with anyres_max_9, SigLIP tower, Qwen2 decoder, im_start format)."""
-    tokenizer = family_tokenizer({"image_token": "<image>", "video_token": "<video>"}, words)
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["llava_onevision"], words)
     image_processor = transformers.LlavaOnevisionImageProcessor(
         size={"height": image_size, "width": image_size},
         image_grid_pinpoints=_pinpoints(image_size),
@@ -130,7 +166,7 @@ def tiny_llava_onevision(words: list[str] | None, image_size: int = 32, patch_si
         num_image_tokens=(image_size // patch_size) ** 2,
         vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9",
-        chat_template=chat_template(IM_TEMPLATE[0], "<image>\n", IM_TEMPLATE[2], IM_TEMPLATE[1]),
+        chat_template=CHAT_TEMPLATES["llava_onevision"],
     )
     config = transformers.LlavaOnevisionConfig(
         vision_config=transformers.SiglipVisionConfig(
@@ -148,9 +184,7 @@ def tiny_llava_onevision(words: list[str] | None, image_size: int = 32, patch_si
 
 def tiny_qwen2_5_vl(words: list[str] | None, max_side: int = 96, patch_size: int = 8):
     """Qwen2.5-VL (native resolution, 2x2 token merging; ``max_side``^2 pixels at most)."""
-    names = ("image_token", "video_token", "vision_start_token", "vision_end_token")
-    tokens = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-    tokenizer = family_tokenizer(dict(zip(names, tokens)), words)
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["qwen2_5_vl"], words)
     factor = 2 * patch_size
     image_processor = transformers.Qwen2VLImageProcessor(
         patch_size=patch_size,
@@ -158,12 +192,11 @@ def tiny_qwen2_5_vl(words: list[str] | None, max_side: int = 96, patch_size: int
         temporal_patch_size=2,
         size={"shortest_edge": 4 * factor * factor, "longest_edge": max_side * max_side},
     )
-    image = "<|vision_start|><|image_pad|><|vision_end|>"
     processor = transformers.Qwen2_5_VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=transformers.Qwen2VLVideoProcessor(patch_size=patch_size, merge_size=2),
-        chat_template=chat_template(IM_TEMPLATE[0], image, IM_TEMPLATE[2], IM_TEMPLATE[1]),
+        chat_template=CHAT_TEMPLATES["qwen2_5_vl"],
     )
     # mrope: temporal, height and width sections of half the 16-wide head dimension
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
@@ -192,9 +225,7 @@ def tiny_qwen2_5_vl(words: list[str] | None, max_side: int = 96, patch_size: int
 def tiny_internvl(words: list[str] | None, image_size: int = 64, patch_size: int = 8):
     """InternVL3 (InternViT tower, pixel-shuffle 0.5, Qwen2 decoder; dynamic tiling into 1-6
     tiles of ``image_size`` plus a thumbnail, as InternVL3's 1-12 tiles)."""
-    names = ("start_image_token", "end_image_token", "context_image_token", "video_token")
-    tokens = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
-    tokenizer = family_tokenizer(dict(zip(names, tokens)), words)
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["internvl"], words)
     image_processor = transformers.GotOcr2ImageProcessor(
         size={"height": image_size, "width": image_size}, crop_to_patches=True, max_patches=6
     )
@@ -203,9 +234,7 @@ def tiny_internvl(words: list[str] | None, image_size: int = 64, patch_size: int
         tokenizer=tokenizer,
         video_processor=transformers.InternVLVideoProcessor(),
         image_seq_length=(image_size // patch_size // 2) ** 2,
-        chat_template=chat_template(
-            IM_TEMPLATE[0], "<IMG_CONTEXT>\n", IM_TEMPLATE[2], IM_TEMPLATE[1]
-        ),
+        chat_template=CHAT_TEMPLATES["internvl"],
     )
     config = transformers.InternVLConfig(
         vision_config=transformers.InternVLVisionConfig(
@@ -221,7 +250,7 @@ def tiny_internvl(words: list[str] | None, image_size: int = 64, patch_size: int
 
 def tiny_deepseek_vl(words: list[str] | None, image_size: int = 32, patch_size: int = 8):
     """DeepSeek-VL (SigLIP tower, two-layer aligner, Llama decoder, ``User:``/``Assistant:``)."""
-    tokenizer = family_tokenizer({"image_token": "<image_placeholder>"}, words)
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["deepseek_vl"], words)
     image_processor = transformers.DeepseekVLImageProcessor(
         size={"height": image_size, "width": image_size}, min_size=patch_size
     )
@@ -229,7 +258,7 @@ def tiny_deepseek_vl(words: list[str] | None, image_size: int = 32, patch_size: 
         image_processor=image_processor,
         tokenizer=tokenizer,
         num_image_tokens=(image_size // patch_size) ** 2,
-        chat_template=chat_template("User: ", "<image_placeholder>", "Assistant: ", "\n\n"),
+        chat_template=CHAT_TEMPLATES["deepseek_vl"],
     )
     config = transformers.DeepseekVLConfig(
         vision_config=transformers.SiglipVisionConfig(
@@ -243,7 +272,7 @@ def tiny_deepseek_vl(words: list[str] | None, image_size: int = 32, patch_size: 
 
 def tiny_deepseek_vl_hybrid(words: list[str] | None, image_size: int = 32, patch_size: int = 8):
     """DeepSeek-VL 7B's hybrid tower: SigLIP (low res) + SAM ViT (high res) fused per token."""
-    tokenizer = family_tokenizer({"image_token": "<image_placeholder>"}, words)
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["deepseek_vl_hybrid"], words)
     high_res = 2 * image_size
     image_processor = transformers.DeepseekVLHybridImageProcessor(
         size={"height": image_size, "width": image_size},
@@ -254,7 +283,7 @@ def tiny_deepseek_vl_hybrid(words: list[str] | None, image_size: int = 32, patch
         image_processor=image_processor,
         tokenizer=tokenizer,
         num_image_tokens=(image_size // patch_size) ** 2,
-        chat_template=chat_template("User: ", "<image_placeholder>", "Assistant: ", "\n\n"),
+        chat_template=CHAT_TEMPLATES["deepseek_vl_hybrid"],
     )
     config = transformers.DeepseekVLHybridConfig(
         vision_config=transformers.SiglipVisionConfig(

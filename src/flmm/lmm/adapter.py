@@ -205,8 +205,7 @@ class FrozenLMM(nn.Module):
         arrays, _ = self._images([torch.as_tensor(image)])
         user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
         text = self.processor.apply_chat_template([user], add_generation_prompt=True)
-        inputs = self._process(arrays, [text]).to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = self.to_model(self._process(arrays, [text]))
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         return self.processor.decode(
             out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
@@ -324,11 +323,18 @@ class FrozenLMM(nn.Module):
         images, region = self._images(batch.images)
         enc = self._process(images, [p for p, _ in prompts])
         self.check_length(enc, batch.texts)
-        enc["token_phrase"] = self._token_phrase(prompts, batch, enc)
-        enc["region"] = region
-        enc = {k: v.to(self.device) for k, v in enc.items()}
-        enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        token_phrase = self._token_phrase(prompts, batch, enc)
+        enc = self.to_model(enc)
+        enc["token_phrase"], enc["region"] = token_phrase.to(self.device), region.to(self.device)
         return enc
+
+    def to_model(self, inputs) -> dict:
+        """Processor outputs on the model's device, every float tensor in the model's dtype (the
+        ``pixel_values``, and DeepSeek-VL 7B's ``high_res_pixel_values`` beside them)."""
+        return {
+            k: v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device)
+            for k, v in inputs.items()
+        }
 
     @torch.no_grad()
     def forward(self, batch: GroundingBatch) -> CaptureOutput:
@@ -386,17 +392,18 @@ class FrozenLMM(nn.Module):
         the assistant turn, which starts with ``answer_prefix``.
 
         Each image is ``H x W x 3`` uint8; several images need a processor that takes several
-        image entries in one turn (LLaVA's does).
+        image entries in one turn (LLaVA's does). The processor runs with the family's
+        ``processor_kwargs``, as for grounding: an answer is grounded on the image tokens it was
+        generated from.
         """
         arrays, _ = self._images([torch.as_tensor(np.ascontiguousarray(i)) for i in images])
         content = [{"type": "image"} for _ in arrays] + [{"type": "text", "text": question}]
         user = {"role": "user", "content": content}
         text = self.processor.apply_chat_template([user], add_generation_prompt=True)
         text = text + answer_prefix
-        inputs = self._process(arrays, [text]).to(self.device)
+        inputs = self._process(arrays, [text])
         self.check_length(inputs, [question])
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return inputs
+        return self.to_model(inputs)
 
     def check_length(self, enc, texts: list[str]) -> None:
         """A :class:`DataError` when a prompt (``enc``: the processor's output for ``texts``) holds
