@@ -4,13 +4,13 @@ the pretraining resumes exactly; the recipe still runs (slow)."""
 from __future__ import annotations
 
 import json
-import re
 from fnmatch import fnmatch
 from pathlib import Path
 
 import hydra
 import numpy as np
 import pytest
+import tomllib
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
@@ -69,11 +69,11 @@ def test_shipped_files_are_small_half_precision_and_packaged():
     files = [p for p in cache.SHIPPED_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < MAX_SHIPPED_MB * 2**20
     with safe_open(cache.SHIPPED["tiny_llava"] / "model.safetensors", "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 == {"F16"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118
     sam = torch.load(cache.SHIPPED["tiny_sam"], weights_only=True)
     assert {v.dtype for v in sam.values() if v.is_floating_point()} == {torch.float16}
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    patterns = json.loads(re.search(r'^"flmm.foundation" = (\[.*\])$', pyproject, re.MULTILINE)[1])
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["flmm.foundation"]
     for p in files:  # a wheel carries them
         name = p.relative_to(cache.SHIPPED_DIR.parent).as_posix()
         assert any(fnmatch(name, pattern) for pattern in patterns), name
