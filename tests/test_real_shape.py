@@ -83,9 +83,11 @@ def test_real_shape_image_tokens_and_grids(real, size, record_property):
     count = int((enc["input_ids"][0] == lmm.image_token_id).sum())
     assert count == sum(grid.num_tokens for grid, _ in layouts[0])
     height, width = SIZES[size]
-    last = layouts[0][-1][0]
-    if lmm.family.grid != "square":  # the grid follows the image's aspect ratio
-        assert (last.height > last.width) == (height > width)
+    # the finest grid (any-res high-res, Qwen's, InternVL's tile mosaic) follows the image's aspect
+    # ratio; a base grid or a thumbnail is square
+    finest = max((grid for grid, _ in layouts[0]), key=lambda grid: grid.num_tokens)
+    if lmm.family.grid != "square":
+        assert (finest.height > finest.width) == (height > width)
     record_property("image_tokens", count)
     record_property("grids", [(g.height, g.width) for g, _ in layouts[0]])
 
