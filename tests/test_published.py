@@ -14,6 +14,7 @@ import tomllib
 import torch
 import transformers
 
+from flmm.errors import ConfigError
 from flmm.foundation.real_shape import (
     SUB_CONFIGS,
     cut_depth,
@@ -107,8 +108,12 @@ def test_cut_depth_keeps_the_pattern_of_the_last_layers():
     whole = {"num_hidden_layers": 3}
     cut_depth(whole, None)
     assert whole == {"num_hidden_layers": 3}
-    with pytest.raises(ValueError, match="between 1 and 3"):
-        cut_depth(whole, 4)
+    with pytest.raises(ConfigError, match=r"text_layers must be None or in \[1, 3\] .*got 4"):
+        cut_depth(whole, 4, "text_layers")
+    with pytest.raises(
+        ConfigError, match=r"qwen2_5_vl vision_layers \(vision_config\) must be .*32"
+    ):
+        real_shape_config("qwen2_5_vl", tokenizer("qwen2_5_vl"), 2, 40)
 
 
 def plain(value):

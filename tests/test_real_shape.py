@@ -52,11 +52,14 @@ class Real:
 
 @pytest.fixture(scope="module", params=list_lmms())
 def real(request, tmp_path_factory) -> Real:
-    """A family's real-shape model, built and loaded once, freed after its tests."""
+    """A family's real-shape model, built and loaded once, freed after its tests (pytest holds a
+    fixture's value a while longer: the model goes, so one family's model is in memory at a time)."""
     folder = tmp_path_factory.mktemp(f"real_{request.param}")
     build_real_shape(request.param, folder)
     gc.collect()
-    yield Real(request.param, folder, FrozenLMM.from_pretrained(folder, family=request.param))
+    real = Real(request.param, folder, FrozenLMM.from_pretrained(folder, family=request.param))
+    yield real
+    del real.lmm
     shutil.rmtree(folder)
     gc.collect()
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from flmm.errors import ConfigError
 from flmm.foundation.tiny_models import CHAT_TEMPLATES, SPECIAL_TOKENS, family_tokenizer
 from flmm.lmm.families import get_family
 
@@ -47,21 +48,24 @@ def published(family: str) -> dict:
     return json.loads(text)
 
 
-def cut_depth(sub: dict, layers: int | None) -> None:
+def cut_depth(sub: dict, layers: int | None, name: str = "layers") -> None:
     """Keep the last ``layers`` layers of a sub-config dict (in place; None: all of them).
 
     The depth is ``depth`` (Qwen2.5-VL's vision tower) or ``num_hidden_layers``; per-layer lists
     (``layer_types``) and layer-index lists (full / global attention blocks) follow the cut.
+    ``name`` names the setting in the error when ``layers`` is out of range.
     """
     key = "depth" if "depth" in sub else "num_hidden_layers"
     total = sub[key]
     keep = total if layers is None else layers
     if not 1 <= keep <= total:
-        raise ValueError(f"{key}: keep between 1 and {total} layers, got {layers}")
+        raise ConfigError(
+            f"{name} must be None or in [1, {total}] (the published depth), got {layers}"
+        )
     first = total - keep
-    for name in LAYER_INDEX_KEYS:
-        if sub.get(name) is not None:
-            sub[name] = [i - first for i in sub[name] if i >= first]
+    for index_key in LAYER_INDEX_KEYS:
+        if sub.get(index_key) is not None:
+            sub[index_key] = [i - first for i in sub[index_key] if i >= first]
     if sub.get("layer_types") is not None:
         sub["layer_types"] = sub["layer_types"][first:]
     sub[key] = keep
@@ -83,7 +87,9 @@ def real_shape_config(
     raw = config_class.from_dict(published(family)["config"]).to_dict()
     for name in SUB_CONFIGS:
         if name in raw:
-            cut_depth(raw[name], text_layers if name == fam.text_config else vision_layers)
+            text = name == fam.text_config
+            layers, arg = (text_layers, "text_layers") if text else (vision_layers, "vision_layers")
+            cut_depth(raw[name], layers, f"{family} {arg} ({name})")
     raw[fam.text_config].update(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -153,14 +159,15 @@ def build_real_shape(
     Returns:
         ``out_dir``, loadable with ``FrozenLMM.from_pretrained(out_dir, family=family)``.
     """
+    model_class = getattr(transformers, get_family(family).model_class)  # a ConfigError if unknown
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tokenizer = family_tokenizer(SPECIAL_TOKENS[family], None)
     config = real_shape_config(family, tokenizer, text_layers, vision_layers)
     processor = real_processor(family, tokenizer)
     torch.manual_seed(seed)
     with torch.device(device), default_dtype(DTYPES[dtype]):
-        model = getattr(transformers, get_family(family).model_class)(config).eval()
+        model = model_class(config).eval()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return str(out_dir)
