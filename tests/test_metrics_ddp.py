@@ -99,7 +99,8 @@ def test_metrics_over_uneven_eval_shards_equal_the_whole_set(monkeypatch):
     reduces them: the figures of one process over the whole set."""
     preds, targets, tags = random_case(6, n=11)
     shards = eval_shards(11, 3, monkeypatch)
-    assert [len(s) for s in shards] == [4, 4, 3] and sorted(i for s in shards for i in s) == list(range(11))
+    assert [len(s) for s in shards] == [4, 4, 3]
+    assert sorted(i for s in shards for i in s) == list(range(11))
     refers, pngs = [], []
     for shard in shards:
         refer, png = ReferSegMetric(), PNGRecallMetric()
