@@ -122,7 +122,12 @@ def test_grounded_chat_and_the_cli_load_a_folder_alone(run, head, tmp_path, monk
     chat = GroundedChat.from_pretrained(str(folder))
     assert_same_masks(ground(chat.model, sample), ground(head.model, sample))
     args = argparse.Namespace(
-        checkpoint=str(folder), lmm=None, sam=None, selector=None, device="cpu", family="llava",
+        checkpoint=str(folder),
+        lmm=None,
+        sam=None,
+        selector=None,
+        device="cpu",
+        family="llava",
         trust_remote_code=False,
     )
     assert_same_masks(ground(load_chat(args).model, sample), ground(head.model, sample))
