@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONF, compose_cfg
-from eager_reference import eager_maps
-from grid_checks import check_grids
 from omegaconf import OmegaConf
 
+from flmm.attention.eager_reference import eager_maps
 from flmm.chat.conversation import GroundedChat
 from flmm.foundation.real_shape import build_real_shape, published
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM, list_lmms
+from flmm.lmm.grid_checks import check_grids
 from flmm.model.module import FLMM
 from flmm.train import train
 from flmm.types import GroundingBatch, GroundingSample

@@ -14,16 +14,16 @@ import pytest
 import torch
 import transformers
 from conftest import CONF, TINY, compose_cfg, make_sample
-from eager_reference import eager_maps
-from grid_checks import GRID_CHECKS
 from omegaconf import OmegaConf
 
 from flmm import frame
 from flmm.attention.capture import phrase_rows
+from flmm.attention.eager_reference import eager_maps
 from flmm.errors import ConfigError, ModelLoadError
 from flmm.foundation.tiny_models import BUILDERS, build_tiny_lmm
 from flmm.heads import build_sam
 from flmm.lmm import Family, FrozenLMM, get_family, list_lmms
+from flmm.lmm.grid_checks import GRID_CHECKS
 from flmm.lmm.grids import PARTS
 from flmm.model.module import FLMM
 from flmm.train import train

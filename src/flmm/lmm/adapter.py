@@ -17,8 +17,8 @@ from torch import nn
 from flmm import frame
 from flmm.attention.capture import MERGES, capture, phrase_rows, use_capture
 from flmm.errors import ConfigError, DataError
-from flmm.lmm import grids, loading
-from flmm.lmm.families import Family, get_family
+from flmm.lmm import derive, grids, loading
+from flmm.lmm.families import Family
 from flmm.lmm.processing import process
 from flmm.types import CaptureOutput, GroundingBatch
 
@@ -82,7 +82,7 @@ class FrozenLMM(nn.Module):
     def from_pretrained(
         cls,
         name_or_path: str,
-        family: str = "llava",
+        family: str = "auto",
         *,
         dtype: str | torch.dtype = "auto",
         device_map=None,
@@ -101,6 +101,9 @@ class FrozenLMM(nn.Module):
         """Load model and processor with transformers' ``from_pretrained`` (a local dir or hub id).
 
         Args:
+            family: a registered family, or ``"auto"``: the row of the checkpoint's model type,
+                else one derived from its config, modules and processor and self-checked
+                (:mod:`flmm.lmm.derive`).
             dtype: ``"auto"`` (bfloat16 where ``device_map`` or a bitsandbytes quantization puts
                 the model on CUDA, float32 elsewhere), ``"float32"``, ``"bfloat16"``, ``"float16"``
                 (or the torch dtype).
@@ -116,7 +119,7 @@ class FrozenLMM(nn.Module):
             trust_remote_code: run code shipped with the checkpoint (only the caller decides).
             text_layers, merge, instruction, grid_size: see :class:`FrozenLMM`.
         """
-        name_or_path, fam = str(name_or_path), get_family(family)
+        name_or_path = str(name_or_path)
         hub = {
             "revision": revision,
             "cache_dir": cache_dir,
@@ -124,6 +127,7 @@ class FrozenLMM(nn.Module):
             "token": token,
             "trust_remote_code": trust_remote_code,
         }
+        fam = loading.family_for(name_or_path, family, hub)
         model, processor = loading.load(
             name_or_path,
             fam,
@@ -133,7 +137,13 @@ class FrozenLMM(nn.Module):
             quantization=quantization,
             hub=hub,
         )
-        lmm = cls(model, processor, fam, name_or_path, text_layers, merge, instruction, grid_size)
+
+        def build(row: Family) -> FrozenLMM:
+            return cls(
+                model, processor, row, name_or_path, text_layers, merge, instruction, grid_size
+            )
+
+        lmm = derive.serve(name_or_path, fam, model, processor, build)
         lmm.trust_remote_code, lmm.quantization = trust_remote_code, quantization
         lmm.revision = loading.hub_commit(name_or_path, revision, cache_dir)
         lmm.placed = device_map is not None

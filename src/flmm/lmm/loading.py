@@ -27,7 +27,8 @@ from huggingface_hub import try_to_load_from_cache
 
 from flmm.attention.capture import IMPLEMENTATION
 from flmm.errors import ConfigError, MissingExtraError, ModelLoadError
-from flmm.lmm.families import Family, family_of_model_type, list_lmms
+from flmm.lmm import derive
+from flmm.lmm.families import Family, family_of_model_type, get_family, list_lmms
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,24 @@ def check_source(name_or_path: str) -> None:
             "'llava-hf/llava-1.5-7b-hf'); a tiny local one of any family can be built with "
             "flmm.foundation.tiny_models.build_tiny_lmm(out_dir, family)."
         )
+
+
+def family_for(name_or_path: str, family: str, hub: dict) -> Family:
+    """The row ``family`` names; for ``"auto"``, the row of the checkpoint's ``model_type``, else
+    a provisional derived one (:func:`flmm.lmm.derive.row_for`)."""
+    if family != derive.AUTO:
+        return get_family(family)
+    check_source(name_or_path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path, **hub)
+    except (OSError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split()).rstrip(".")
+        raise ModelLoadError(
+            f"model.lmm.family=auto could not read the config of {name_or_path!r}: {reason}. "
+            "Check model.lmm.name_or_path=... (code shipped with a checkpoint runs only with "
+            "model.lmm.trust_remote_code=true)"
+        ) from err
+    return derive.row_for(name_or_path, config.model_type)
 
 
 def check_model_type(name_or_path: str, family: Family, hub: dict) -> None:

@@ -144,11 +144,12 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def check_family(saved: dict | None, family: str, grid_size: int | None, path: str) -> None:
     """Refuse a checkpoint made for another LMM family or attention grid, from its metadata alone
-    (before the LMM loads: minutes for a 7B model)."""
+    (before the LMM loads: minutes for a 7B model). ``family="auto"`` is known only once the LMM
+    loads: the family is not compared then (the mask head's channels still are, strictly)."""
     if saved is None:
         raise CheckpointMismatchError(NO_METADATA)
     wrong = []
-    if saved.get("family") != family:
+    if family != "auto" and saved.get("family") != family:
         wrong.append(f"family: checkpoint {saved.get('family')!r} vs configured {family!r}")
     if grid_size is not None and saved.get("grid") != [grid_size, grid_size]:
         wrong.append(f"grid: checkpoint {saved.get('grid')} vs configured {grid_size}")

@@ -1,5 +1,6 @@
 """The reference "flmm_capture" is checked against: HF's eager attention weights of the same model,
-phrase rows x image columns, merged per phrase in plain Python."""
+phrase rows x image columns, merged per phrase in plain Python; used by the tests and by the
+self-check of a row that ``model.lmm.family=auto`` derived (:mod:`flmm.lmm.self_check`)."""
 
 from __future__ import annotations
 

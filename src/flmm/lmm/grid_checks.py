@@ -1,13 +1,25 @@
 """Checks of the grids flmm derives (flmm.lmm.grids) against the model's own placement of image
-features, one per grid rule; shared by the tiny-model and the real-shape tests.
+features, one per grid rule; shared by the registry tests, the real-shape tests and the self-check
+of a row that ``model.lmm.family=auto`` derived (:mod:`flmm.lmm.self_check`).
 
 Each check takes ``(lmm, enc, cols, counts, layouts)``: the encoded batch (``FrozenLMM.encode``),
-the image-token columns and counts (``FrozenLMM.image_columns``) and ``FrozenLMM.layouts``.
+the image-token columns and counts (``FrozenLMM.image_columns``) and ``FrozenLMM.layouts``, and
+raises :class:`GridCheckError` naming what disagrees.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+class GridCheckError(AssertionError):
+    """The grids disagree with the model's own placement of the image features."""
+
+
+def require(what: str, holds: bool) -> None:
+    """Raise :class:`GridCheckError` naming ``what`` unless it ``holds``."""
+    if not holds:
+        raise GridCheckError(f"grid check failed: {what}")
 
 
 class _Placed(Exception):
@@ -43,7 +55,10 @@ def square(lmm, enc, cols, counts, layouts) -> None:
     features as there are image tokens."""
     decoder_input(lmm, enc)
     for (grid, index), count in zip([lay[0] for lay in layouts], counts):
-        assert grid.height * grid.width == count and (grid.height, grid.width) == lmm.grid
+        require(
+            "square grid",
+            grid.height * grid.width == count and (grid.height, grid.width) == lmm.grid,
+        )
 
 
 def anyres(lmm, enc, cols, counts, layouts) -> None:
@@ -57,9 +72,15 @@ def anyres(lmm, enc, cols, counts, layouts) -> None:
         is_newline = torch.isclose(embeds, newline.to(embeds)).all(-1)
         off_grid = torch.ones(count, dtype=torch.bool)
         off_grid[torch.cat([index for _, index in layout])] = False
-        assert torch.equal(is_newline, off_grid) and int(off_grid.sum()) == layout[1][0].height
+        require(
+            "newline tokens off the grids",
+            torch.equal(is_newline, off_grid) and int(off_grid.sum()) == layout[1][0].height,
+        )
         base = layout[0][0]
-        assert base.height == base.width == vision.image_size // vision.patch_size
+        require(
+            "base grid = the tower's tile grid",
+            base.height == base.width == vision.image_size // vision.patch_size,
+        )
 
 
 def thw(lmm, enc, cols, counts, layouts) -> None:
@@ -73,16 +94,25 @@ def thw(lmm, enc, cols, counts, layouts) -> None:
     merge = lmm.processor.image_processor.merge_size
     for b, (layout, count) in enumerate(zip(layouts, counts)):
         ((grid, index),) = layout
-        assert [grid.height * merge, grid.width * merge] == enc["image_grid_thw"][b, 1:].tolist()
+        require(
+            "grid = image_grid_thw merged",
+            [grid.height * merge, grid.width * merge] == enc["image_grid_thw"][b, 1:].tolist(),
+        )
         rows = positions[1, b, cols[b, :count]][index]
         cols_ = positions[2, b, cols[b, :count]][index]
-        assert torch.equal(
-            (rows - rows.min()).view(grid.height, grid.width),
-            torch.arange(grid.height)[:, None].expand(-1, grid.width),
+        require(
+            "grid rows = the model's rope rows",
+            torch.equal(
+                (rows - rows.min()).view(grid.height, grid.width),
+                torch.arange(grid.height)[:, None].expand(-1, grid.width),
+            ),
         )
-        assert torch.equal(
-            (cols_ - cols_.min()).view(grid.height, grid.width),
-            torch.arange(grid.width)[None].expand(grid.height, -1),
+        require(
+            "grid columns = the model's rope columns",
+            torch.equal(
+                (cols_ - cols_.min()).view(grid.height, grid.width),
+                torch.arange(grid.width)[None].expand(grid.height, -1),
+            ),
         )
 
 
@@ -113,18 +143,23 @@ def tiles(lmm, enc, cols, counts, layouts) -> None:
         (mosaic, fine), (thumb, coarse) = layout
         rows, cols_ = mosaic.tiles
         tiles = rows * cols_ + (rows * cols_ > 1)
-        assert count == tiles * lmm.processor.image_seq_length and len(layout) == 2
+        require("tile count", count == tiles * lmm.processor.image_seq_length and len(layout) == 2)
         height, width = enc["image_sizes"][b].tolist()
-        assert rows == cols_ or (rows > cols_) == (height > width)
+        require("tile canvas aspect", rows == cols_ or (rows > cols_) == (height > width))
         embeds = seen[b, cols[b, :count]]
         own = features[first : first + rows * cols_].unflatten(0, (rows, cols_))
         own = own.permute(0, 2, 1, 3, 4).reshape(rows * side * cols_ * side, -1)
-        assert torch.equal(embeds[fine], own.to(embeds))
+        require(
+            "mosaic tokens = the model's tile features", torch.equal(embeds[fine], own.to(embeds))
+        )
         thumbnail = features[first + tiles - 1].flatten(0, 1)
-        assert torch.equal(embeds[coarse], thumbnail.to(embeds))
-        assert (thumb.height, thumb.width) == (side, side)
+        require(
+            "thumbnail tokens = the model's thumbnail features",
+            torch.equal(embeds[coarse], thumbnail.to(embeds)),
+        )
+        require("thumbnail grid side", (thumb.height, thumb.width) == (side, side))
         first += tiles
-    assert first == enc["pixel_values"].shape[0]
+    require("tiles = pixel_values tiles", first == enc["pixel_values"].shape[0])
 
 
 GRID_CHECKS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles}
