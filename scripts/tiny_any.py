@@ -14,6 +14,7 @@ expands. Nothing is downloaded.
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPI
 
 from flmm.foundation.tiny_models import IM_TEMPLATE, chat_template, family_tokenizer
 
-WIDTH, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 2, 4, 2, 16
+# heads of 128 dimensions: the multimodal rope sections of Qwen2-VL and its kin default to 64
+WIDTH, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 256, 2, 2, 1, 128
 # config attribute -> tiny value, wherever a (sub-)config has it
 SMALL = {
     "hidden_size": WIDTH,
@@ -48,7 +50,7 @@ SMALL = {
     "num_experts": 4,
     "n_routed_experts": 4,
     "num_experts_per_tok": 2,
-    "max_position_embeddings": 4096,
+    "max_position_embeddings": 16384,
 }
 # tokenizer attribute -> token string: what processors commonly read from their tokenizer
 SPECIAL = {
@@ -80,6 +82,7 @@ def build_tiny_any(model_type: str, out: Path) -> Path:
     model = model_class(config)
     model.eval().save_pretrained(out)
     processor.save_pretrained(out)
+    model_class.from_pretrained(out)  # a tiny config or weights that do not load back: its fault
     return out
 
 
@@ -111,6 +114,21 @@ def shrink(config: PretrainedConfig) -> None:
                 setattr(sub, key, [-1] * len(value))
         if isinstance(getattr(sub, "fullatt_block_indexes", None), list):
             sub.fullatt_block_indexes = [LAYERS - 1]
+        rescale_mrope(sub)
+
+
+def rescale_mrope(config: PretrainedConfig) -> None:
+    """Multimodal rope sections (temporal, height, width) rescaled to sum to half the new head
+    dimension, in place."""
+    rope = getattr(config, "rope_parameters", None)
+    sections = rope.get("mrope_section") if isinstance(rope, dict) else None
+    if not sections:
+        return
+    heads = getattr(config, "num_attention_heads", HEADS)
+    half = (getattr(config, "head_dim", None) or config.hidden_size // heads) // 2
+    scaled = [max(1, x * half // sum(sections)) for x in sections]
+    scaled[0] += half - sum(scaled)
+    rope["mrope_section"] = scaled
 
 
 def vision_size(config: PretrainedConfig) -> tuple[int | None, int | None]:
@@ -126,24 +144,47 @@ def image_processor_of(model_type: str, config: PretrainedConfig):
     name = names.get("torchvision") or names.get("pil") if isinstance(names, dict) else names
     processor = getattr(transformers, name)()
     side, _ = vision_size(config)
-    size = getattr(processor, "size", None)
-    if isinstance(side, int) and isinstance(size, dict):
-        if {"height", "width"} <= set(size):
-            processor.size = {**size, "height": side, "width": side}
-        elif set(size) == {"shortest_edge"}:
-            processor.size = {"shortest_edge": side}
-        if isinstance(getattr(processor, "crop_size", None), dict):
-            processor.crop_size = {"height": side, "width": side}
+    if isinstance(side, int):
+        for key in ("size", "crop_size"):
+            resize(getattr(processor, key, None), side)
+    vision = getattr(config, "vision_config", None)
+    for key, own in (
+        ("patch_size", "patch_size"),
+        ("temporal_patch_size", "temporal_patch_size"),
+        ("merge_size", "spatial_merge_size"),
+    ):
+        if isinstance(getattr(processor, key, None), int) and isinstance(
+            getattr(vision, own, None), int
+        ):
+            setattr(processor, key, getattr(vision, own))
+    if hasattr(processor, "image_seq_length") and processor.image_seq_length is None:
+        processor.image_seq_length = tokens_per_image(config)
     return processor
+
+
+def tokens_per_image(config: PretrainedConfig) -> int | None:
+    """Image tokens per image the config implies: ``mm_tokens_per_image``, else one per patch."""
+    tokens = getattr(config, "mm_tokens_per_image", None)
+    side, patch = vision_size(config)
+    if tokens is None and side and patch:
+        tokens = (side // patch) ** 2
+    return tokens
+
+
+def resize(size, side: int) -> None:
+    """A processor's ``size`` / ``crop_size`` (a ``SizeDict``) set to ``side`` in place: height
+    and width where it has them, else its shortest edge."""
+    if getattr(size, "height", None) is not None and getattr(size, "width", None) is not None:
+        size.height = size.width = side
+    elif getattr(size, "shortest_edge", None) is not None and size.longest_edge is None:
+        size.shortest_edge = side
 
 
 def processor_settings(config: PretrainedConfig, parameters) -> dict:
     """The processor ``__init__`` arguments the config implies, among ``parameters``."""
-    side, patch = vision_size(config)
+    _, patch = vision_size(config)
     strategy = getattr(config, "vision_feature_select_strategy", None)
-    tokens = getattr(config, "mm_tokens_per_image", None)
-    if tokens is None and side and patch:
-        tokens = (side // patch) ** 2
+    tokens = tokens_per_image(config)
     implied = {
         "patch_size": patch,
         "vision_feature_select_strategy": strategy,
@@ -166,13 +207,20 @@ def build_processor(model_type: str, config: PretrainedConfig):
     if "video_processor" in parameters and video:
         name = video.get("torchvision") if isinstance(video, dict) else video
         kwargs["video_processor"] = getattr(transformers, name)()
-    extra: list[str] = []
-    for _ in range(2):  # the second pass: the processor's own token strings are in the vocabulary
-        tokenizer = family_tokenizer(SPECIAL, None)
+    special, extra = dict(SPECIAL), []
+    for _ in range(12):  # until the tokenizer has every token the processor reads or names
+        tokenizer = family_tokenizer(special, None)
         tokenizer.add_special_tokens(
             {"additional_special_tokens": extra}, replace_extra_special_tokens=False
         )
-        processor = processor_class(tokenizer=tokenizer, **kwargs)
+        try:
+            processor = processor_class(tokenizer=tokenizer, **kwargs)
+        except (AttributeError, ValueError) as err:
+            missing = re.search(r"attribute '?(\w+_token)'?", str(err))
+            if missing is None or missing.group(1) in special:
+                raise
+            special[missing.group(1)] = f"<{missing.group(1)}>"
+            continue
         named = sorted(set(token_strings(processor)) - set(tokenizer.get_vocab()))
         if not named:
             break
@@ -199,14 +247,17 @@ def placeholder(processor) -> str:
     for one image."""
     image = np.zeros((40, 60, 3), dtype=np.uint8)
     candidates = [getattr(processor, n, None) for n in ("image_token", "boi_token")]
+    tried = {}
     for text in [c for c in candidates if isinstance(c, str)] + token_strings(processor):
         try:
             enc = processor(images=[image], text=[f"a {text} b"], return_tensors="pt")
-        except (ValueError, TypeError, KeyError, IndexError, RuntimeError):
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
+            tried[text] = f"{type(err).__name__}: {err}"[:80]
             continue
         if int((enc["input_ids"] == getattr(processor, "image_token_id", -1)).sum()) > 1:
             return text
-    raise ValueError("no token string the processor expands into image tokens")
+        tried[text] = "no image tokens"
+    raise ValueError(f"no token string the processor expands into image tokens ({tried})")
 
 
 def point_token_ids(config: PretrainedConfig, processor) -> None:

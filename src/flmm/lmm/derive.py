@@ -158,26 +158,34 @@ def serve(name_or_path: str, family: Family, model: nn.Module, processor, build:
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.Module]:
-    """The attribute path of the longest list of causal self-attention layers, and the module
-    holding it."""
+    """The attribute path of the decoder layer list (the causal one, then the longest, of the
+    lists of numbered self-attention layers), and the module holding it."""
     found = [
-        (len(module), name)
+        (is_causal(module), len(module), name)
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) and is_decoder_layer(module[0])
+        if isinstance(module, nn.ModuleList) and len(module) and has_attention(module[0])
     ]
     if not found:
-        raise DeriveError(
-            ("decoder_layers", "final_norm", "text_config"), "no decoder layer list found"
+        mixed = any(
+            isinstance(m, nn.ModuleList) and any(map(has_attention, m)) for m in model.modules()
         )
-    path = max(found)[1]
+        reason = "its decoder mixes attention with other layers (linear attention, convolutions)"
+        raise DeriveError(
+            ("decoder_layers", "final_norm", "text_config"),
+            reason if mixed else "no list of decoder layers with self-attention found",
+        )
+    path = max(found)[2]
     return path, model.get_submodule(path.rpartition(".")[0])
 
 
-def is_decoder_layer(layer: nn.Module) -> bool:
-    """A decoder layer: its ``self_attn`` is causal and numbered (``layer_idx``), which is what
-    the capture reads."""
-    attn = getattr(layer, "self_attn", None)
-    return attn is not None and hasattr(attn, "layer_idx") and getattr(attn, "is_causal", False)
+def has_attention(layer: nn.Module) -> bool:
+    """A layer whose ``self_attn`` is numbered (``layer_idx``), which is what the capture reads."""
+    return hasattr(getattr(layer, "self_attn", None), "layer_idx")
+
+
+def is_causal(layers: nn.ModuleList) -> bool:
+    """Whether every layer's attention is causal (a decoder's; a vision tower's is not)."""
+    return all(getattr(layer.self_attn, "is_causal", False) for layer in layers)
 
 
 def sub_config_of(config, holder: nn.Module) -> str:

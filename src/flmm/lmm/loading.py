@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import transformers
 from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import StrictDataclassError
 
 from flmm.attention.capture import IMPLEMENTATION
 from flmm.errors import ConfigError, MissingExtraError, ModelLoadError
@@ -75,7 +76,7 @@ def family_for(name_or_path: str, family: str, hub: dict) -> Family:
     check_source(name_or_path)
     try:
         config = transformers.AutoConfig.from_pretrained(name_or_path, **hub)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, StrictDataclassError) as err:
         reason = " ".join(str(err).split()).rstrip(".")
         raise ModelLoadError(
             f"model.lmm.family=auto could not read the config of {name_or_path!r}: {reason}. "
@@ -222,7 +223,8 @@ def load(
         model = model_class.from_pretrained(name_or_path, **model_kwargs, **hub)
         processor_class = getattr(transformers, family.processor_class)
         processor = processor_class.from_pretrained(name_or_path, **hub)
-    except (OSError, ValueError, KeyError, ImportError) as err:
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, StrictDataclassError) as err:
+        # RuntimeError: weights whose shapes do not fit the config (transformers' load report)
         if isinstance(err, (ConfigError, MissingExtraError, ModelLoadError)):
             raise
         raise load_error(name_or_path, family, err) from err
