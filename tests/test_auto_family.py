@@ -79,12 +79,13 @@ def test_auto_prints_a_row_to_paste(tiny_dir, monkeypatch, caplog):
 
 
 def test_auto_refuses_a_row_that_fails_its_self_check(tiny_dir, monkeypatch):
-    """A wrong grid rule (LLaVA-NeXT's any-res tokens read as one square grid) is caught by the
-    self-check, before anything trains: one line naming the fields to set."""
-    monkeypatch.delitem(FAMILIES, "llava_next")
+    """A wrong grid rule (Qwen2.5-VL's native-resolution tokens read as one square grid: a square
+    64 x 64 image loads, a 60 x 90 one does not fit) is caught by the self-check, before anything
+    trains: one line naming the fields to set."""
+    monkeypatch.delitem(FAMILIES, "qwen2_5_vl")
     monkeypatch.setattr(derive, "grid_fields", lambda *a: {"grid": "square"})
     with pytest.raises(ModelLoadError) as caught:
-        FrozenLMM.from_pretrained(tiny_dir("llava_next"), family="auto")
+        FrozenLMM.from_pretrained(tiny_dir("qwen2_5_vl"), family="auto")
     line = str(caught.value)
     assert "\n" not in line and "failed its self-check" in line
     assert "setting text_config, decoder_layers, final_norm, grid" in line
@@ -124,6 +125,7 @@ def test_checkpoint_family_is_not_compared_for_auto():
     check_family({"family": "gemma3", "grid": [8, 8]}, "auto", None, "last.ckpt")
 
 
+@pytest.mark.slow
 def test_hydra_run_with_family_auto(tmp_path, monkeypatch):
     """``model=qwen2_5_vl_tiny model.lmm.family=auto`` with the row removed: auto's derived row
     trains, checkpoints and tests."""
