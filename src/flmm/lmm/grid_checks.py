@@ -84,7 +84,12 @@ def anyres(lmm, enc, cols, counts, layouts) -> None:
 
 
 def thw(lmm, enc, cols, counts, layouts) -> None:
-    """The grid rows/cols equal the model's own 2-D rope positions of the image tokens."""
+    """The grid rows/cols equal the model's own 2-D rope positions of the image tokens; a model
+    without Qwen2-VL's ``get_rope_index`` (or a processor without ``mm_token_type_ids``) gets only
+    :func:`thw_counts`, as the square rule's check."""
+    if not hasattr(lmm.model.model, "get_rope_index") or "mm_token_type_ids" not in enc:
+        thw_counts(lmm, enc, layouts)
+        return
     positions, _ = lmm.model.model.get_rope_index(
         enc["input_ids"],
         enc["mm_token_type_ids"],
@@ -113,6 +118,19 @@ def thw(lmm, enc, cols, counts, layouts) -> None:
                 (cols_ - cols_.min()).view(grid.height, grid.width),
                 torch.arange(grid.width)[None].expand(grid.height, -1),
             ),
+        )
+
+
+def thw_counts(lmm, enc, layouts) -> None:
+    """Each grid is its image's ``image_grid_thw`` merged, and the model places as many features
+    as there are image tokens (its own check)."""
+    decoder_input(lmm, enc)
+    merge = lmm.processor.image_processor.merge_size
+    for b, layout in enumerate(layouts):
+        grid = layout[0][0]
+        require(
+            "grid = image_grid_thw merged",
+            [grid.height * merge, grid.width * merge] == enc["image_grid_thw"][b, 1:].tolist(),
         )
 
 
