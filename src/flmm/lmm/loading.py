@@ -79,7 +79,7 @@ def family_for(name_or_path: str, family: str, hub: dict) -> Family:
     except (OSError, ValueError, KeyError, StrictDataclassError) as err:
         reason = " ".join(str(err).split()).rstrip(".")
         raise ModelLoadError(
-            f"model.lmm.family=auto could not read the config of {name_or_path!r}: {reason}. "
+            f"model.lmm.family=auto could not load the config of {name_or_path!r}: {reason}. "
             "Check model.lmm.name_or_path=... (code shipped with a checkpoint runs only with "
             "model.lmm.trust_remote_code=true)"
         ) from err
