@@ -2,7 +2,8 @@
 
 A new family is a new :class:`Family` row in :data:`FAMILIES` (plus a ``conf/model/lmm/*.yaml``);
 the generic adapter (:class:`flmm.lmm.adapter.FrozenLMM`) reads only these fields, and the grid
-rules it names live in :mod:`flmm.lmm.grids`.
+rules it names live in :mod:`flmm.lmm.grids`. For a model type without a row,
+``model.lmm.family=auto`` derives one from the model and self-checks it (:mod:`flmm.lmm.derive`).
 """
 
 from __future__ import annotations
