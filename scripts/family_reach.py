@@ -71,7 +71,7 @@ def classify(model_type: str) -> tuple[str, str]:
 
 def one_line(err: BaseException) -> str:
     """``err`` as one line (its type and message, whitespace squashed)."""
-    return " ".join(f"{type(err).__name__}: {err}".split())[:400]
+    return " ".join(f"{type(err).__name__}: {err}".split())[:2000]
 
 
 def child(model_type: str, pipe) -> None:
@@ -140,9 +140,19 @@ def table(results: dict[str, tuple[str, str, float]]) -> str:
         "|---|---|---|---|",
     ]
     for model_type, (status, detail, seconds) in sorted(results.items()):
-        cell = detail.replace("|", "\\|")
+        cell = short(detail).replace("|", "\\|")
         lines.append(f"| `{model_type}` | {status} | {cell} | {seconds:.0f} |")
     return "\n".join(lines)
+
+
+def short(detail: str) -> str:
+    """A refusal's reason and the fields it names, without the folder, the derived row's source
+    and the advice every refusal repeats."""
+    found = re.search(r"\(model_type '[^']+'\): (.*); to use it, .* setting (.*) \(docs", detail)
+    if found:
+        reason = re.sub(r"the derived row Family\(.*?\) failed", "the derived row failed", found[1])
+        detail = f"{reason} [set: {found[2]}]"
+    return detail[:300]
 
 
 def write_docs(path: Path, markdown: str) -> None:
