@@ -20,10 +20,8 @@ def composed(overrides: list[str]):
 
 def test_a_user_file_replaces_the_packaged_one(tmp_path, monkeypatch):
     (tmp_path / "conf" / "model").mkdir(parents=True)
-    packaged = (Path(CONFIG_PATH) / "model" / "llava.yaml").read_text()
-    (tmp_path / "conf" / "model" / "llava.yaml").write_text(
-        packaged.replace("lr: 1e-4", "lr: 7e-5")
-    )
+    own = "defaults:\n  - _frozen_lmm\n  - lmm: llava15_7b\n  - _self_\n\nlr: 7e-5\n"
+    (tmp_path / "conf" / "model" / "llava.yaml").write_text(own)
     monkeypatch.chdir(tmp_path)
     assert composed(["model=llava"]).model.lr == 7e-5
 
