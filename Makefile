@@ -40,7 +40,7 @@ evidence: venv ## the synthetic world's evidence table (pretrained vs random LMM
 	$(PYTHON) scripts/synthetic_evidence.py
 
 foundation: venv ## rebuild the shipped tiny LLaVA and tiny SAM from their recipes (CUDA if present; about 95 min on two CPU threads), print the time
-	$(PYTHON) -m flmm.foundation.build
+	$(PYTHON) -m flmm.foundation
 
 bench: venv ## attention-capture benchmark (time and memory, side by side)
 	$(PYTHON) benchmarks/attention_capture.py
@@ -59,7 +59,7 @@ clean: ## remove run logs and caches of Python
 	rm -rf logs outputs multirun .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-# flmm's home (flmm.runtime.flmm_home): the generated world and the cached foundation models live
+# flmm's home (flmm.files.flmm_home): the generated world and the cached foundation models live
 # there for every run, wherever it starts; run folders (logs/) stay in the folder a run starts in
 FLMM_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/flmm
 

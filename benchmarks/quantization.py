@@ -28,8 +28,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from flmm.chat.options import default_checkpoint
+from flmm.entry import CONFIG_PATH, setup_configs
 from flmm.model.pretrained import FLMMHead
-from flmm.runtime import CONFIG_PATH
 from flmm.types import GroundingBatch
 
 # the frozen LMM's loading options per column: float32 the reference, bfloat16 a yardstick (the
@@ -46,6 +46,7 @@ METRICS = ("giou", "coarse_giou", "ciou", "coarse_ciou")
 
 def test_data(overrides: list[str]):
     """The synthetic world's datamodule as ``flmm train`` configures it, set up for testing."""
+    setup_configs()
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     data = instantiate(cfg.data)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from flmm.chat.pope import POPE_FILES, load_image, read_pope
-from flmm.data.synthetic.corpus import PRETRAIN_STREAM
 from flmm.data.synthetic.pope import ensure_pope
 from flmm.data.synthetic.questions import ObjectStats, existence_question
+from flmm.data.synthetic.streams import Stream
 from flmm.data.synthetic.world import SIZES, sample_scene
 from flmm.files import flmm_home
 from flmm.foundation.cache import SHIPPED
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     decide = YesNo(FrozenLMM.from_pretrained(args.lmm, dtype="float32").eval())
     by_kind: dict[str, list] = defaultdict(list)
-    rng, stats = np.random.default_rng([args.seed, PRETRAIN_STREAM]), ObjectStats()
+    rng, stats = np.random.default_rng([args.seed, Stream.PRETRAIN]), ObjectStats()
     for _ in range(args.n):
         scene = sample_scene(rng, 96)
         stats.add(scene)

@@ -1,7 +1,7 @@
 """The synthetic world's evidence table (`make evidence`).
 
 Trains F-LMM twice with identical settings on the same world: on the pretrained tiny LLaVA (the
-default run) and on the same architecture with random weights (`model/lmm=tiny_random`). Scores
+default run) and on the same architecture with random weights (`model/lmm=tiny_random_weights`). Scores
 the held-out test split per phrase and prints:
   - gIoU of both, by phrase group, and the gap with a paired bootstrap 95% interval;
   - coarse (mask head) vs refined (SAM) masks;
@@ -25,7 +25,7 @@ from flmm.data.refer import ReferDataset
 from flmm.data.synthetic.write import attribute_oracle_masks
 from flmm.files import flmm_home
 
-RUNS = {"pretrained": [], "random": ["model/lmm=tiny_random"]}
+RUNS = {"pretrained": [], "random": ["model/lmm=tiny_random_weights"]}
 
 
 def train(name: str, out: Path, extra: list[str]) -> tuple[Path, float]:

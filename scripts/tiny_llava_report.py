@@ -43,13 +43,12 @@ from flmm.data.synthetic.pope import (
     split_attributes,
     split_objects,
 )
+from flmm.data.synthetic.streams import Stream
 from flmm.data.synthetic.world import sample_scene
 from flmm.files import flmm_home
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
 from flmm.lmm.families import DEFAULT_INSTRUCTION
-
-QUESTION_STREAM = 108  # RNG stream of the short-answer questions' scenes (no stage trains on it)
 
 
 class LMMAnswerer:
@@ -131,8 +130,8 @@ def question_kind(text: str) -> str:
 
 def short_answers(answerer: LMMAnswerer, n_scenes: int, seed: int = 0) -> dict:
     """Exact-match accuracy of the greedy answers to every question of ``n_scenes`` scenes of
-    stream ``[seed, QUESTION_STREAM]``, by kind, with each kind's most common answer's share."""
-    rng = np.random.default_rng([seed, QUESTION_STREAM])
+    stream ``[seed, Stream.QUESTIONS]``, by kind, with each kind's most common answer's share."""
+    rng = np.random.default_rng([seed, Stream.QUESTIONS])
     asked: dict[str, list[tuple[str, str]]] = {}
     for _ in range(n_scenes):
         scene = sample_scene(rng)

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm.data.synthetic.corpus import pixel_labels
+from flmm.data.synthetic.streams import Stream
 from flmm.data.synthetic.world import COLOURS, SHAPES, sample_scene
 from flmm.foundation.cache import SHIPPED
 from flmm.foundation.pretrain_lmm import first_image_features, make_batch, patch_shares
 
-PROBE_STREAM = 105  # RNG stream of the probed scenes
 ATTRIBUTES = {"colour": len(COLOURS), "shape": len(SHAPES)}
 
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     processor = AutoProcessor.from_pretrained(args.lmm)
     model = LlavaForConditionalGeneration.from_pretrained(args.lmm, dtype=torch.float32).eval()
-    rng = np.random.default_rng([args.seed, PROBE_STREAM])
+    rng = np.random.default_rng([args.seed, Stream.PROBE])
     size = model.config.vision_config.image_size
     train, test = (
         patch_features(model, processor, [sample_scene(rng, size) for _ in range(n)])

@@ -15,11 +15,14 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from flmm.entry import CONFIG_PATH, setup_configs
 from flmm.foundation.cache import LATER_STAGES
 from flmm.foundation.tiny_llava import build_tiny_llava
-from flmm.runtime import CONFIG_PATH
 from flmm.train import train
 from flmm.types import GroundingBatch, GroundingSample
+
+# as every command does before it composes: model=<family>_tiny, the resolvers, ./conf first
+setup_configs()
 
 
 @pytest.fixture(scope="session")

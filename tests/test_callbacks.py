@@ -11,9 +11,9 @@ from PIL import Image
 
 from flmm.lmm import FrozenLMM
 from flmm.overlay import LEGEND_ROW, PALETTE, overlay, overlay_row
-from flmm.runtime import build_trainer, finish_loggers
 from flmm.training.callbacks import MaskOverlays, MetricCurves, fingerprint, label_map
 from flmm.training.plots import line_charts
+from flmm.training.trainer import build_trainer, finish_loggers
 
 
 def test_overlay_tints_only_masked_pixels():

@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 
 from flmm import cli
 from flmm.chat.options import default_checkpoint
+from flmm.entry import CONFIG_PATH
 from flmm.files import flmm_home
-from flmm.runtime import CONFIG_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 # the options each command has, per concept: checkpoint, device, dtype, output folder / file

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONF
+from conftest import CONF, compose_cfg
 from omegaconf import OmegaConf
 
 from flmm.errors import CheckpointMismatchError
@@ -151,16 +151,20 @@ def test_flmm_channel_order_is_layer_grid_head():
 
 
 @pytest.mark.parametrize("row", list(RELEASED))
-def test_released_table_matches_configs_and_shapes(row):
-    """Each row names its conf/model/lmm entry and experiment; its shapes fit F-LMM + SAM ViT-L."""
+def test_released_table_matches_configs_and_shapes(row, tmp_path):
+    """Each row names its conf/model/lmm entry, its experiment and the options that evaluate it
+    (all composing to its LMM), and its file in docs/convert_reference.md; its shapes fit F-LMM +
+    SAM ViT-L."""
     released = RELEASED[row]
     lmm_cfg = OmegaConf.load(CONF / "model" / "lmm" / f"{row}.yaml")
     assert (lmm_cfg.name_or_path, lmm_cfg.family) == (
         released.target.lmm_id,
         released.target.family,
     )
-    experiment = (CONF / "experiment" / f"{released.experiment}.yaml").read_text()
-    assert released.file_name in experiment and f"--model {row}" in experiment
+    for overrides in ([f"experiment={released.experiment}"], released.evaluate_args.split()):
+        assert compose_cfg(tmp_path, overrides).model.lmm.name_or_path == released.target.lmm_id
+    table = (CONF.parents[2] / "docs" / "convert_reference.md").read_text()
+    assert f"| `{row}` | `{released.file_name}` | `{released.experiment}` |" in table
     state = expected_state(released.target, 64, 64)
     assert state["mask_head.encoder.0.0.convs.0.conv.weight"].shape[1] == released.target.channels
     assert state["text_prompt.layer_weights"].shape == (released.target.num_layers,)

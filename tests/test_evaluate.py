@@ -23,7 +23,11 @@ from flmm.evaluate import evaluate
 from flmm.train import train
 
 # the tiny random LLaVA and tiny SAM, one training batch, no test
-MODEL = ["model/lmm=tiny_random", "model.sam.checkpoint.pretrain_steps=2", "model.base_channels=8"]
+MODEL = [
+    "model/lmm=tiny_random_weights",
+    "model.sam.checkpoint.pretrain_steps=2",
+    "model.base_channels=8",
+]
 WORLD = ["data.n_train=8", "data.n_val=4", "data.n_test=4", "data.batch_size=4"]
 
 

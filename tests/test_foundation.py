@@ -17,20 +17,17 @@ from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm.data.synthetic.corpus import (
-    INSTRUCT_STREAM,
-    NEGATIVES_STREAM,
-    PRETRAIN_STREAM,
-    VQA_STREAM,
     vocabulary,
 )
+from flmm.data.synthetic.streams import Stream
 from flmm.data.synthetic.world import sample_scene
+from flmm.entry import CONFIG_PATH
 from flmm.errors import ConfigError
 from flmm.foundation import build as build_module
 from flmm.foundation import cache, pretrain_lmm
 from flmm.foundation.tiny_llava import build_tiny_llava
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
-from flmm.runtime import CONFIG_PATH
 
 CONF = Path(CONFIG_PATH)
 MAX_SHIPPED_MB = 50
@@ -162,8 +159,8 @@ def test_later_stages_go_on_from_the_cached_model_before_them(tmp_path, monkeypa
     real, calls = cache.pretrain_tiny_llava, []
 
     def second_stage_dies_once(src, out, steps, *args, **kwargs):
-        calls.append(kwargs.get("stream", PRETRAIN_STREAM))
-        if calls == [PRETRAIN_STREAM, INSTRUCT_STREAM]:
+        calls.append(kwargs.get("stream", Stream.PRETRAIN))
+        if calls == [Stream.PRETRAIN, Stream.INSTRUCT]:
             raise KeyboardInterrupt
         return real(src, out, steps, *args, **kwargs)
 
@@ -174,34 +171,34 @@ def test_later_stages_go_on_from_the_cached_model_before_them(tmp_path, monkeypa
         cache.ensure_tiny_llava(str(tmp_path), **args)
     path = Path(cache.ensure_tiny_llava(str(tmp_path), **args))
     # the rerun did not pretrain again: it went on with the instruction stage
-    assert calls == [PRETRAIN_STREAM, INSTRUCT_STREAM, INSTRUCT_STREAM]
+    assert calls == [Stream.PRETRAIN, Stream.INSTRUCT, Stream.INSTRUCT]
     info = json.loads((path / "pretraining.json").read_text())
     assert (info["stream"], info["corpus"], info["steps"]) == (
-        INSTRUCT_STREAM,
+        Stream.INSTRUCT,
         instruct["corpus"],
         2,
     )
     assert (info["previous_stage"]["stream"], info["previous_stage"]["steps"]) == (
-        PRETRAIN_STREAM,
+        Stream.PRETRAIN,
         2,
     )
     # a VQA stage goes on from the cached instruction-stage model: nothing before it is redone
     vqa = {"steps": 2, "lr": 1e-4, "corpus": {"caption_prob": 0.0, "exist_prob": 1.0}}
     last = Path(cache.ensure_tiny_llava(str(tmp_path), **args, vqa=vqa))
-    assert calls[3:] == [VQA_STREAM]
+    assert calls[3:] == [Stream.VQA]
     info = json.loads((last / "pretraining.json").read_text())["previous_stage"]
-    assert (info["stream"], info["previous_stage"]["stream"]) == (INSTRUCT_STREAM, PRETRAIN_STREAM)
+    assert (info["stream"], info["previous_stage"]["stream"]) == (Stream.INSTRUCT, Stream.PRETRAIN)
     models = [p for p in tmp_path.iterdir() if p.suffix != ".lock"]
     assert len(models) == 3 and path in models and last in models
     # a near-miss negatives stage goes on from the cached VQA-stage model
     negatives = vqa | {"corpus": vqa["corpus"] | {"near_prob": 1.0}}
     final = Path(cache.ensure_tiny_llava(str(tmp_path), **args, vqa=vqa, negatives=negatives))
-    assert calls[4:] == [NEGATIVES_STREAM]
+    assert calls[4:] == [Stream.NEGATIVES]
     info = json.loads((final / "pretraining.json").read_text())
-    assert (info["corpus"]["near_prob"], info["previous_stage"]["stream"]) == (1.0, VQA_STREAM)
+    assert (info["corpus"]["near_prob"], info["previous_stage"]["stream"]) == (1.0, Stream.VQA)
     # fresh: every stage again
     assert cache.cached_tiny_llava(str(tmp_path), fresh=True, **args, vqa=vqa) == str(last)
-    assert calls[5:] == [PRETRAIN_STREAM, INSTRUCT_STREAM, VQA_STREAM]
+    assert calls[5:] == [Stream.PRETRAIN, Stream.INSTRUCT, Stream.VQA]
     assert cache.llava_recipe(2, instruct=instruct)["instruct"] == instruct
     assert cache.llava_recipe(2, instruct=instruct | {"steps": 0}) == cache.llava_recipe(2)
     with pytest.raises(ConfigError, match="vqa takes steps, lr, corpus; got"):

@@ -419,7 +419,7 @@ def test_broken_checkpoint_is_one_line(tiny_run, tiny_models, tmp_path, capsys, 
 def test_truncated_last_ckpt_names_the_previous_good_one(tiny_run, tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    from flmm.runtime import resolve_checkpoint
+    from flmm.training.run_folder import resolve_checkpoint
 
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
@@ -537,7 +537,7 @@ def test_resuming_from_another_familys_checkpoint_is_refused_before_the_lmm_load
     import torch
     from omegaconf import OmegaConf
 
-    from flmm.runtime import resolve_checkpoint
+    from flmm.training.run_folder import resolve_checkpoint
 
     ckpt = torch.load(tiny_checkpoint(tiny_run), weights_only=True)
     ckpt["flmm"]["family"] = "internvl"

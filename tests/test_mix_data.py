@@ -83,7 +83,7 @@ def test_train_on_the_mixture_one_batch(roots):
             "data.components.png.num_workers=0",
             "data.components.refcoco.num_workers=0",
             "data.batch_size=2",
-            "model/lmm=tiny_random",
+            "model/lmm=tiny_random_weights",
             "model.sam.checkpoint.pretrain_steps=2",
             "model.base_channels=8",
             "trainer.max_epochs=1",

@@ -14,7 +14,7 @@ from conftest import TINY, compose_cfg, paths_at
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict, read_write
 
-from flmm.runtime import group_sweep_runs
+from flmm.training.trainer import group_sweep_runs
 
 LRS = ("0.001", "0.003")
 BLOCK, HEADER = 32768, 7

@@ -7,6 +7,7 @@ import ast
 import importlib.metadata
 import re
 import sys
+from graphlib import TopologicalSorter
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,15 @@ import tomllib
 from packaging.requirements import Requirement
 
 from flmm import cli
+from flmm.entry import CONFIG_PATH
 from flmm.errors import MissingExtraError
-from flmm.runtime import CONFIG_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "flmm"
 # modules allowed to import an optional dependency (guarded, with a MissingExtraError)
 OPTIONAL_IMPORTS = {
     "gradio": ("web", {"web.py"}),
-    # only with logger=wandb, which runtime.require_extras checks first
+    # only with logger=wandb, which flmm.training.trainer.require_extras checks first
     "wandb": ("wandb", {"callbacks.py"}),
     # only with quantization="int8", which lmm.loading.quantization_config checks first
     "torchao": ("quant", {"loading.py"}),
@@ -51,6 +52,66 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
     return names - set(sys.stdlib_module_names) - {"flmm", "__future__"}
+
+
+# the commands: only they import flmm.entry, and no module below them imports one of them
+COMMANDS = {
+    "flmm.entry",
+    "flmm.train",
+    "flmm.evaluate",
+    "flmm.cli",
+    "flmm.__main__",
+    "flmm.foundation.__main__",
+    "flmm.chat.evaluate_pope",
+    "flmm.chat.train_selector",
+}
+
+
+def flmm_modules() -> dict[str, Path]:
+    """``{"flmm.data.mix": path, ...}`` for every module of the package."""
+    modules = {}
+    for path in SRC.rglob("*.py"):
+        parts = ("flmm", *path.relative_to(SRC).with_suffix("").parts)
+        modules[".".join(parts).removesuffix(".__init__")] = path
+    return modules
+
+
+def flmm_imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The flmm modules ``path`` imports, anywhere in it (``from flmm.x import y``: ``flmm.x.y``
+    where that is a module, else ``flmm.x``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            subs = {f"{node.module}.{a.name}" for a in node.names}
+            names |= (subs & modules.keys()) or {node.module}
+    return names & modules.keys()
+
+
+def test_only_commands_import_the_commands():
+    modules = flmm_modules()
+    upward = {
+        (name, imported)
+        for name, path in modules.items()
+        if name not in COMMANDS
+        for imported in flmm_imports(path, modules) & COMMANDS
+    }
+    assert not upward
+
+
+def test_no_import_cycles_between_packages():
+    """Packages (``flmm.data``, ``flmm.model``...) and loose modules import each other one way."""
+    modules = flmm_modules()
+
+    def unit(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+
+    edges = {unit(n): set() for n in modules}
+    for name, path in modules.items():
+        edges[unit(name)] |= {unit(m) for m in flmm_imports(path, modules)} - {unit(name), "flmm"}
+    graph = TopologicalSorter(edges)
+    graph.prepare()  # raises CycleError naming the cycle
 
 
 def test_every_import_is_a_declared_dependency():
@@ -91,7 +152,9 @@ def test_optuna_study_saves_to_sqlite(tmp_path):
 
 def test_configs_live_inside_the_package():
     assert Path(CONFIG_PATH) == SRC / "conf"
-    assert (SRC / "conf" / "train.yaml").is_file() and not (ROOT / "conf").exists()
+    assert (SRC / "conf" / "train.yaml").is_file()
+    # ./conf is the user's layer (conf/README.md): examples, never a packaged config
+    assert not list((ROOT / "conf").glob("*.yaml"))
 
 
 def test_flmm_command_lists_every_entry_point(capsys):
@@ -117,12 +180,12 @@ def test_missing_web_extra_is_one_line(monkeypatch, capsys):
 def test_missing_wandb_extra_is_one_line(monkeypatch):
     from omegaconf import OmegaConf
 
-    from flmm import runtime
+    from flmm.training import trainer
 
-    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(trainer.importlib.util, "find_spec", lambda name: None)
     group = OmegaConf.create({"wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger"}})
     with pytest.raises(MissingExtraError, match=r"pip install 'flmm\[wandb\]'"):
-        runtime.instantiate_group(group)
+        trainer.instantiate_group(group)
 
 
 @pytest.mark.slow

@@ -155,7 +155,7 @@ def real_lmm_config(family: str) -> str:
     (name,) = [
         path.stem
         for path in (CONF / "model" / "lmm").glob("*.yaml")
-        if OmegaConf.load(path).get("name_or_path") == checkpoint
+        if not path.name.startswith("_") and OmegaConf.load(path).get("name_or_path") == checkpoint
     ]
     return name
 

@@ -58,10 +58,24 @@ def tiny_lmms(tiny_dirs):
     return get
 
 
+def lmm_options() -> list[Path]:
+    """The ``model/lmm`` option files, less the shared part they include (``_loading.yaml``)."""
+    return [p for p in (CONF / "model" / "lmm").glob("*.yaml") if not p.name.startswith("_")]
+
+
+def lmm_option(path: Path) -> dict:
+    """An option file's settings over ``_loading.yaml`` where its defaults include it."""
+    own = OmegaConf.load(path)
+    shared = "_loading" in own.get("defaults", [])
+    base = OmegaConf.load(path.parent / "_loading.yaml") if shared else {}
+    own.pop("defaults", None)
+    return OmegaConf.to_container(OmegaConf.merge(base, own))
+
+
 def test_registry_every_family_has_a_tiny_builder_and_a_real_config():
     """What adding a family takes: its registry row, its tiny builder, one real-model config."""
     assert set(FAMILIES) == {"llava", *BUILDERS}
-    real = {OmegaConf.load(path).get("family") for path in (CONF / "model" / "lmm").glob("*.yaml")}
+    real = {lmm_option(path).get("family") for path in lmm_options()}
     assert set(FAMILIES) <= real
     with pytest.raises(ConfigError, match="known families: .*qwen2_5_vl"):
         get_family("minigemini")
@@ -366,8 +380,8 @@ def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, ragge
 def test_registry_configs_name_real_checkpoints(family):
     """Real configs load the family's own hub checkpoints."""
     real = {}
-    for path in (CONF / "model" / "lmm").glob("*.yaml"):
-        cfg = OmegaConf.to_container(OmegaConf.load(path))
+    for path in lmm_options():
+        cfg = lmm_option(path)
         if "_target_" not in cfg:  # a delta over another lmm config
             continue
         assert cfg.get("trust_remote_code") is False, f"{path.name} must not trust remote code"

@@ -16,9 +16,9 @@ from omegaconf import open_dict
 from flmm.chat.selector import KeywordSelector, f1_scores, runs, word_spans
 from flmm.chat.train_selector import grounded_caption, train_selector, word_labels
 from flmm.data.synthetic import sample_scene
+from flmm.entry import CONFIG_PATH
 from flmm.errors import CheckpointMismatchError
 from flmm.lmm import FrozenLMM
-from flmm.runtime import CONFIG_PATH
 
 
 def test_word_spans_and_runs():

@@ -35,12 +35,13 @@ from flmm.data.synthetic import (
 from flmm.data.synthetic import write as write_module
 from flmm.data.synthetic.corpus import region
 from flmm.data.synthetic.expressions import RELATIONS, matching
+from flmm.data.synthetic.streams import Stream
 from flmm.data.synthetic.world import COLOURS, PLURALS, SHAPES, SIZES, shape_mask
+from flmm.entry import CONFIG_PATH
 from flmm.foundation import pretrain_lmm
 from flmm.foundation.cache import WORLD_LLAVA
 from flmm.foundation.pretrain_lmm import make_batch
 from flmm.foundation.tiny_llava import build_tiny_llava
-from flmm.runtime import CONFIG_PATH
 
 SINGULAR = {p: s for s, p in PLURALS.items()}
 CONF = Path(CONFIG_PATH)
@@ -408,7 +409,7 @@ def test_caption_hallucination_counts_mentions_not_in_the_scene():
 
 def test_pretraining_scenes_come_from_their_own_stream(monkeypatch, tmp_path):
     # the world's splits draw from default_rng([seed, split]) with split 0, 1, 2 (POPE: 101);
-    # pretraining draws from [seed, PRETRAIN_STREAM]: never a val or test scene, whatever the seed
+    # pretraining draws from [seed, Stream.PRETRAIN]: never a val or test scene, whatever the seed
     seen = []
 
     def record(rng, **kw):
@@ -419,11 +420,11 @@ def test_pretraining_scenes_come_from_their_own_stream(monkeypatch, tmp_path):
     model = build_tiny_llava(tmp_path / "m", vocabulary(), num_layers=1, vision_layers=1)
     with pytest.raises(KeyboardInterrupt):
         pretrain_lmm.pretrain_tiny_llava(model, tmp_path / "out", steps=1, seed=3, device="cpu")
-    assert seen == [(3, corpus.PRETRAIN_STREAM)]
-    assert corpus.PRETRAIN_STREAM not in (*range(len(write_module.SPLITS)), pope.POPE_STREAM)
+    assert seen == [(3, Stream.PRETRAIN)]
+    assert Stream.PRETRAIN not in (*range(len(write_module.SPLITS)), Stream.POPE)
     held_out = write_world(tmp_path / "w", 0, 30, 60, seed=3, image_size=96)
     kept = {np.asarray(Image.open(p)).tobytes() for p in (held_out / "images").glob("*.png")}
-    pairs = pretraining_pairs(np.random.default_rng([3, corpus.PRETRAIN_STREAM]), **CURRICULUM)
+    pairs = pretraining_pairs(np.random.default_rng([3, Stream.PRETRAIN]), **CURRICULUM)
     drawn = {next(pairs)[0][0].tobytes() for _ in range(300)}
     assert len(kept) == 90 and not drawn & kept
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from flmm.config_checks import check_numbers
 from flmm.errors import CheckpointMismatchError
-from flmm.runtime import instantiate_group
+from flmm.training.trainer import instantiate_group
 
 # the default run measured test gIoU 74.4 refined / 42.3 coarse (make evidence); the tiny LLaVA
 # with a vision tower half as wide 63.8 / 35.4, without its VQA stage 58.9 / 32.6, random LMM
@@ -27,7 +27,8 @@ COARSE_FLOOR = 37.0
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """A group's options: its files, less the shared parts they include (``_frozen_lmm.yaml``...)."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -89,7 +90,7 @@ def test_every_group_option_composes(tmp_path, group):
 @pytest.mark.parametrize("logger", ["csv", "wandb"])
 def test_trainer_callbacks_and_loggers_instantiate(tmp_path, logger):
     from flmm.model.checkpoint import AtomicCheckpointIO
-    from flmm.runtime import build_trainer, finish_loggers
+    from flmm.training.trainer import build_trainer, finish_loggers
 
     cfg = compose_cfg(tmp_path, [f"logger={logger}", "trainer.accelerator=cpu"])
     trainer = build_trainer(cfg)
@@ -102,7 +103,7 @@ def test_logger_none_drops_the_learning_rate_monitor(tmp_path):
     """``logger=none``: Lightning refuses a LearningRateMonitor without a logger when fit starts."""
     from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from flmm.runtime import build_trainer
+    from flmm.training.trainer import build_trainer
 
     trainer = build_trainer(compose_cfg(tmp_path, ["logger=none", "trainer.accelerator=cpu"]))
     assert not trainer.loggers and trainer.checkpoint_callback is not None

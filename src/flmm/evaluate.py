@@ -38,6 +38,7 @@ from rich.table import Table
 
 from flmm.config_checks import check_numbers
 from flmm.data.datamodule import EvalSet
+from flmm.entry import hydra_entry
 from flmm.errors import USER_ERRORS, ConfigError, DataError, FlmmUserError, exit_on_user_error
 from flmm.files import write_text_atomic
 from flmm.lmm.loading import HOW
@@ -45,9 +46,10 @@ from flmm.model.checkpoint import check_family, newest_last, read_checkpoint
 from flmm.model.module import FLMM
 from flmm.model.pretrained import WEIGHTS, FLMMHead, add_scores
 from flmm.overlay import overlay_panel
-from flmm.runtime import build_trainer, hydra_entry, write_metrics
 from flmm.training.callbacks import log_overlays, sample_masks, wandb_logger
+from flmm.training.run_folder import write_metrics
 from flmm.training.stopping import sigterm_exit_status
+from flmm.training.trainer import build_trainer
 from flmm.types import GroundingBatch
 
 log = logging.getLogger(__name__)

@@ -12,20 +12,19 @@ import lightning as L
 from omegaconf import DictConfig
 
 from flmm.config_checks import check_numbers
+from flmm.data.distributed import gather_records
+from flmm.entry import hydra_entry
 from flmm.errors import exit_on_user_error
 from flmm.model.pretrained import save_run_head
-from flmm.runtime import (
-    build_trainer,
+from flmm.training.feature_cache import attach
+from flmm.training.run_folder import (
     checkpoint_report,
-    finish_loggers,
-    gather_records,
-    hydra_entry,
     resolve_checkpoint,
     write_metrics,
     write_records,
 )
-from flmm.training.feature_cache import attach
 from flmm.training.stopping import sigterm_exit_status
+from flmm.training.trainer import build_trainer, finish_loggers
 
 log = logging.getLogger(__name__)
 

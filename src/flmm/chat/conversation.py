@@ -22,18 +22,21 @@ from transformers import TextIteratorStreamer, TextStreamer
 from flmm.chat.images import ImageLike, as_image
 from flmm.chat.selector import SELECTOR_FILE, KeywordSelector
 from flmm.data.masks import expand_box, largest_region, mask_box
+from flmm.data.synthetic.corpus import COT_ANSWER
+from flmm.data.synthetic.corpus import COT_QUESTION as COT_ASKED
 from flmm.errors import FlmmUserError
 from flmm.foundation.cache import shipped_tiny_sam
-from flmm.heads import build_sam
+from flmm.heads import SAM_VARIANTS, build_sam
 from flmm.lmm import FrozenLMM
 from flmm.lmm.loading import placed_dtype
 from flmm.model.checkpoint import read_checkpoint, resolve
 from flmm.model.module import FLMM, Grounding
 from flmm.model.pretrained import FLMMHead, head_device
 
-COT_QUESTION = "{question} What is the object most relevant to the question?"
-COT_PREFIX = "The object most relevant to the question is"
-SAM_VARIANTS = ("vit_b", "vit_l", "vit_h", "tiny")
+# the visual chain of thought's question and answer prefix: the tiny LLaVA's pretraining words
+# (flmm.data.synthetic.corpus), written as sentences after the user's question
+COT_QUESTION = f"{{question}} {COT_ASKED.capitalize()}"
+COT_PREFIX = COT_ANSWER.capitalize()
 
 
 @dataclass

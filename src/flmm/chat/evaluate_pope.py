@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from flmm.chat.conversation import GroundedChat
 from flmm.chat.pope import check_modes, check_settings, evaluate, format_table, read_sets
 from flmm.data.synthetic.pope import ensure_pope
+from flmm.entry import hydra_entry
 from flmm.errors import exit_on_user_error
 from flmm.foundation.cache import ensure_tiny_llava, llava_recipe
 from flmm.lmm.loading import HOW
-from flmm.runtime import hydra_entry
 
 log = logging.getLogger(__name__)
 # the `_target_` of a tiny LLaVA config node (conf/model/lmm/tiny.yaml)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flmm.chat.conversation import GroundedChat
 from flmm.errors import FlmmUserError
+from flmm.heads import SAM_VARIANTS
 from flmm.lmm.loading import DTYPES, QUANTIZATIONS
 from flmm.model.checkpoint import check_family, newest_last, read_checkpoint
 
@@ -59,7 +60,7 @@ def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
         "implied by a checkpoint or head folder",
     )
     p.add_argument("--sam", help="SAM checkpoint (default: the one the checkpoint records)")
-    p.add_argument("--sam-variant", choices=("vit_b", "vit_l", "vit_h", "tiny"))
+    p.add_argument("--sam-variant", choices=SAM_VARIANTS)
     p.add_argument(
         "--selector",
         help="keyword selector (default: selector.pt beside the ckpt or in the folder)",

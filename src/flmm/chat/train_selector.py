@@ -21,8 +21,9 @@ from omegaconf import DictConfig
 from flmm.chat.selector import KeywordSelector, f1_scores, word_spans, word_states
 from flmm.data.synthetic import sample_scene
 from flmm.data.synthetic.corpus import CAPTION_PROMPT, region
+from flmm.entry import hydra_entry
 from flmm.errors import exit_on_user_error
-from flmm.runtime import hydra_entry, write_metrics
+from flmm.training.run_folder import write_metrics
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -147,3 +147,12 @@ def build_loader(
     """Training (``shuffle``: seeded, padded shards) or evaluation (ordered, unpadded) loader."""
     sampler = ShardSampler(dataset, shuffle=shuffle, seed=seed, pad=shuffle)
     return ResumableLoader(dataset, sampler, batch_size=batch_size, **kwargs)
+
+
+def gather_records(records: list) -> list:
+    """Every rank's records (rank order) under DDP; ``records`` unchanged in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return records
+    parts: list[list | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, records)
+    return [r for part in parts for r in part]

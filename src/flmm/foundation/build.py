@@ -1,4 +1,4 @@
-"""`python -m flmm.foundation.build` (`make foundation`): rebuild the shipped foundation models.
+"""Rebuild the shipped foundation models (`python -m flmm.foundation`, `make foundation`).
 
 Builds the tiny SAM (on the CPU, minutes) and the tiny LLaVA (on CUDA when present, else the CPU)
 from scratch with the recipes of ``model=tiny`` (float32, into the cache; an interrupted LLaVA
@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm.data.synthetic.corpus import pretraining_pairs
-from flmm.errors import exit_on_user_error
+from flmm.data.synthetic.streams import Stream
 from flmm.foundation.cache import (
     RECIPE_FILE,
     SHIPPED,
@@ -35,9 +35,6 @@ from flmm.foundation.cache import (
     sam_recipe,
 )
 from flmm.lmm import FrozenLMM
-from flmm.runtime import hydra_entry
-
-AGREEMENT_STREAM = 103  # RNG stream of the scenes the exported copy is checked on
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +66,7 @@ def export_agreement(original: str | Path, copy: str | Path, n: int = 60, seed: 
     the float32 ``original``'s: first turns of pretraining conversations (captions and questions,
     existence questions included) about scenes of their own RNG stream."""
     models = [FrozenLMM.from_pretrained(str(p), dtype="float32").eval() for p in (original, copy)]
-    rng = np.random.default_rng([seed, AGREEMENT_STREAM])
+    rng = np.random.default_rng([seed, Stream.AGREEMENT])
     pairs = pretraining_pairs(rng, caption_prob=0.3, exist_prob=0.5, cot_prob=0.2)
     same = 0
     for _ in range(n):
@@ -114,12 +111,3 @@ def build(cfg: DictConfig) -> dict:
         print(f"{name}: built in {info['seconds'] / 60:.1f} min")
     print(f"foundation models written to {out_dir} in {(time.time() - start) / 60:.1f} min")
     return built
-
-
-@hydra_entry("foundation")
-def main(cfg: DictConfig) -> None:
-    exit_on_user_error(build, cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -19,11 +19,9 @@ import numpy as np
 import torch
 
 from flmm.data.synthetic.corpus import (
-    INSTRUCT_STREAM,
-    NEGATIVES_STREAM,
-    VQA_STREAM,
     vocabulary,
 )
+from flmm.data.synthetic.streams import Stream
 from flmm.data.synthetic.world import sample_scene
 from flmm.errors import ConfigError
 from flmm.files import home_or, locked
@@ -82,7 +80,7 @@ def llava_recipe(
 
 
 # the stages that go on training a finished model, in build order, and their scenes' RNG streams
-LATER_STAGES = {"instruct": INSTRUCT_STREAM, "vqa": VQA_STREAM, "negatives": NEGATIVES_STREAM}
+LATER_STAGES = {"instruct": Stream.INSTRUCT, "vqa": Stream.VQA, "negatives": Stream.NEGATIVES}
 
 
 def scaled_steps(scale: float, pretrain_steps: int, stages: dict) -> tuple[int, dict]:

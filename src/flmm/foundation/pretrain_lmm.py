@@ -4,8 +4,8 @@ The model is the real ``LlavaForConditionalGeneration`` built by :mod:`flmm.foun
 it learns, end to end (vision tower, projector, language model), to describe scenes in F-LMM's own
 prompt format ("Please give me a description of the image." -> objects and where they are) and
 to answer questions about them. Loss: next-token cross-entropy on the answer tokens only.
-Scenes come from their own RNG stream (:data:`~flmm.data.synthetic.corpus.PRETRAIN_STREAM`), never
-the world's val or test scenes. With ``state_path`` the run saves its whole state every
+Scenes come from their own RNG stream (:data:`~flmm.data.synthetic.streams.Stream.PRETRAIN`),
+never the world's val or test scenes. With ``state_path`` the run saves its whole state every
 ``checkpoint_every`` steps and a rerun resumes from it, drawing the same samples as an unbroken run.
 """
 
@@ -26,12 +26,11 @@ from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from flmm.data.synthetic.corpus import (
-    PRETRAIN_STREAM,
-    VISION_STREAM,
     pixel_labels,
     pretraining_pairs,
 )
 from flmm.data.synthetic.questions import ObjectStats
+from flmm.data.synthetic.streams import Stream
 from flmm.data.synthetic.world import COLOURS, SHAPES, sample_scene
 from flmm.frame import pad_to_square
 
@@ -179,7 +178,7 @@ def pretrain_vision_tower(
     colour and shape shares from the scenes' exact masks, as CLIP is trained before LLaVA.
 
     Language training alone never teaches the tower shape (docs/tiny_llava.md, "The vision
-    tower sees no shape"). Scenes come from their own RNG stream (``[seed, VISION_STREAM]``);
+    tower sees no shape"). Scenes come from their own RNG stream (``[seed, Stream.VISION]``);
     CUDA when available."""
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,7 +188,7 @@ def pretrain_vision_tower(
     probe = PatchProbe(config.vision_config.hidden_size, config.vision_config.patch_size)
     probe.to(device)
     optimizer = torch.optim.AdamW([*tower.parameters(), *probe.parameters()], lr, weight_decay=0.01)
-    rng, size = np.random.default_rng([seed, VISION_STREAM]), config.vision_config.image_size
+    rng, size = np.random.default_rng([seed, Stream.VISION]), config.vision_config.image_size
     for step in range(1, steps + 1):
         scenes = [sample_scene(rng, size) for _ in range(batch_size)]
         pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt")
@@ -219,7 +218,7 @@ def pretrain_tiny_llava(
     state_path: str | Path | None = None,
     checkpoint_every: int = 100,
     vision_aux: float = 0.0,
-    stream: int = PRETRAIN_STREAM,
+    stream: int = Stream.PRETRAIN,
 ) -> list[float]:
     """Train the tiny LLaVA saved in ``model_dir`` for ``steps`` and ``save_pretrained`` it to ``out_dir``.
 

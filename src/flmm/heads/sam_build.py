@@ -77,12 +77,12 @@ def build_tiny_sam(
     return sam.eval()
 
 
+# segment-anything's own builders ("default" is its alias of vit_h) and flmm's tiny SAM
 SAM_BUILDERS = {
-    "vit_b": sam_model_registry["vit_b"],
-    "vit_l": sam_model_registry["vit_l"],
-    "vit_h": sam_model_registry["vit_h"],
+    **{name: build for name, build in sorted(sam_model_registry.items()) if name != "default"},
     "tiny": build_tiny_sam,
 }
+SAM_VARIANTS = tuple(SAM_BUILDERS)
 MAX_KEYS_SHOWN = 5
 
 

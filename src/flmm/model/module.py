@@ -35,8 +35,9 @@ from flmm.model.metrics import (
 from flmm.types import CaptureOutput, GroundingBatch, GroundingSample
 
 log = logging.getLogger(__name__)
-# what ``save_hyperparameters`` records, and all a checkpoint may pass back to ``__init__``
-HYPER_PARAMETERS = ("lr", "betas", "weight_decay", "warmup_ratio")
+# what ``save_hyperparameters`` records, all a checkpoint may pass back to ``__init__``, and their
+# defaults: the reference F-LMM's AdamW settings (flmm.model.reference records them in a converted head)
+HYPER_PARAMETERS = {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.01, "warmup_ratio": 0.03}
 
 
 @dataclass
@@ -108,10 +109,10 @@ class FLMM(L.LightningModule):
         mask_head: MaskHead,
         text_prompt: TextPrompt,
         refiner: SamRefiner,
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.03,
+        lr: float = HYPER_PARAMETERS["lr"],
+        betas: tuple[float, float] = tuple(HYPER_PARAMETERS["betas"]),
+        weight_decay: float = HYPER_PARAMETERS["weight_decay"],
+        warmup_ratio: float = HYPER_PARAMETERS["warmup_ratio"],
     ) -> None:
         super().__init__()
         # plain Python values only: checkpoints must load with torch.load(weights_only=True)

@@ -41,6 +41,7 @@ from flmm.heads.sam_build import MAX_KEYS_SHOWN
 from flmm.lmm import get_family
 from flmm.lmm.grids import PARTS
 from flmm.model.checkpoint import flmm_version
+from flmm.model.module import HYPER_PARAMETERS
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ REFERENCE_ORDER = ("grid", "layer", "head")
 FLMM_ORDER = ("layer", "grid", "head")
 FIRST_CONV = "mask_head.encoder.0.0.convs.0.conv.weight"
 # the reference configs: ``UNetHead(upsample_input=64, base_channels=64)``, AdamW 1e-4, 3% warm-up
+# (flmm.model.module.HYPER_PARAMETERS)
 TARGET_SIZE = 64
-HYPER_PARAMETERS = {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.01, "warmup_ratio": 0.03}
 RELEASES = "https://github.com/wusize/F-LMM#test (README, 'Checkpoints', Google Drive)"
 
 

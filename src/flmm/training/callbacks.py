@@ -16,9 +16,9 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from flmm.data.distributed import gather_records
 from flmm.model.module import Predictions, phrase_records, upsample_logits
 from flmm.overlay import PANEL_COLUMNS, as_array, disjoint, overlay_panel
-from flmm.runtime import gather_records
 from flmm.training.plots import line_charts
 from flmm.types import GroundingBatch
 

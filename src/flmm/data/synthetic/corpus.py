@@ -5,7 +5,8 @@ POPE's wording, other questions (:mod:`flmm.data.synthetic.questions`), the visu
 ("the object most relevant to the question is ...") on questions about one object, and questions
 asked with a second image, a crop around an object, as ``flmm.chat.conversation``'s visual chain of thought asks
 again. Scenes come from the generator given, a stream apart from the world's splits
-(:data:`PRETRAIN_STREAM`), so the held-out val and test scenes are never pretrained on.
+(:data:`~flmm.data.synthetic.streams.Stream.PRETRAIN`), so the held-out val and test scenes are
+never pretrained on.
 
 Every word a caption, question, answer or referring expression can hold is in
 :func:`vocabulary`, split the way :func:`words` splits text, so a word-level tokenizer covers it.
@@ -33,16 +34,6 @@ from flmm.data.synthetic.questions import (
 )
 from flmm.data.synthetic.world import COLOURS, PLURALS, SHAPES, SIZES, Scene, sample_scene
 
-# RNG stream of the pretraining scenes, apart from the world's splits 0, 1, 2 and POPE's 101
-PRETRAIN_STREAM = 102
-# RNG stream of the tiny LLaVA's instruction stage (103: flmm.foundation.build's agreement check)
-INSTRUCT_STREAM = 104
-# RNG stream of the tiny LLaVA's vision-tower stage (105: scripts/vision_probe.py)
-VISION_STREAM = 106
-# RNG stream of the tiny LLaVA's short-answer (VQA) stage (108: scripts/tiny_llava_report.py)
-VQA_STREAM = 107
-# RNG stream of the tiny LLaVA's near-miss negatives stage
-NEGATIVES_STREAM = 109
 # F-LMM's own instruction (flmm.lmm.families.DEFAULT_INSTRUCTION): the LMM learns to describe
 # scenes in exactly the prompt it is later grounded with.
 CAPTION_PROMPT = "please give me a description of the image."

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from flmm.data.refs_file import load_refs
+from flmm.data.synthetic.streams import Stream
 from flmm.data.synthetic.world import COLOURS, SHAPES
 
 STRATEGIES = ("random", "popular", "adversarial")
-POPE_STREAM = 101  # RNG stream id, apart from the world's per-split streams 0, 1, 2
 CATEGORIES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 
 
@@ -111,7 +111,7 @@ def pope_sets(
 
     The "yes" objects of an image are the same in all three sets.
     """
-    rng = np.random.default_rng([seed, POPE_STREAM])
+    rng = np.random.default_rng([seed, Stream.POPE])
     frequency = Counter(o for present in objects.values() for o in present)
     cooc = Counter((a, b) for p in objects.values() for a in p for b in p if a != b)
     sets: dict[str, list[dict]] = {s: [] for s in STRATEGIES}
