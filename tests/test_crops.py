@@ -10,10 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from flmm.errors import ModelLoadError
 from flmm.foundation.real_shape import real_processor
 from flmm.foundation.tiny_models import EXTRA_TOKENS, SPECIAL_TOKENS, family_tokenizer
 from flmm.lmm import get_family
 from flmm.lmm.grids import GRIDS, crop_canvas
+from flmm.lmm.loading import check_crop_markers
 from flmm.lmm.processing import process
 
 CROP_FAMILIES = ["idefics3", "smolvlm"]
@@ -78,3 +80,14 @@ def test_crops_without_their_markers_are_refused(published_lmm):
     with pytest.raises(RuntimeError, match="not 64-token crops framed by <row_r_col_c> markers"):
         crop_canvas(lmm, ids, 64)
     assert crop_canvas(lmm, enc["input_ids"][0], 64) == (3, 4)  # 1118 x 2048 px
+
+
+def test_a_tokenizer_without_the_crop_markers_is_refused_at_load():
+    """A checkpoint whose tokenizer lacks the markers fails at load, not at its first forward."""
+    family = get_family("smolvlm")
+    bare = SimpleNamespace(tokenizer=family_tokenizer(SPECIAL_TOKENS["smolvlm"], None))
+    with pytest.raises(ModelLoadError, match="of 'ckpt' has no token <row_1_col_1>: the 'smolvlm'"):
+        check_crop_markers(bare, family, "ckpt")
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["smolvlm"], None, EXTRA_TOKENS["smolvlm"])
+    check_crop_markers(SimpleNamespace(tokenizer=tokenizer), family, "ckpt")
+    check_crop_markers(bare, get_family("llava"), "ckpt")  # other rules read no markers
