@@ -91,7 +91,9 @@ def test_registry_loads_frozen_with_contract_shapes(family, tiny_lmms, ragged_ba
     config = lmm.model.config.text_config
     parts = PARTS[get_family(family).grid]
     assert lmm.channels == parts * config.num_hidden_layers * config.num_attention_heads
-    assert parts == (2 if family in ("llava_next", "llava_onevision", "internvl") else 1)
+    assert parts == (
+        2 if family in ("llava_next", "llava_onevision", "internvl", "smolvlm", "idefics3") else 1
+    )
     assert not any(p.requires_grad for p in lmm.parameters()) and not lmm.training
     out = lmm(ragged_batch)
     assert out.maps.shape == (3, 3, lmm.channels, *lmm.grid)

@@ -16,6 +16,7 @@ import transformers
 from transformers import PreTrainedTokenizerFast
 
 from flmm.data.synthetic.corpus import vocabulary
+from flmm.foundation import tiny_idefics
 from flmm.foundation.cache import TINY_VERSION, _build_once
 from flmm.foundation.tiny_llava import (
     CHAT_TEMPLATE as LLAVA_TEMPLATE,
@@ -69,7 +70,11 @@ SPECIAL_TOKENS = {
     },
     "deepseek_vl": {"image_token": "<image_placeholder>"},
     "deepseek_vl_hybrid": {"image_token": "<image_placeholder>"},
+    "smolvlm": tiny_idefics.SMOLVLM_TOKENS,
+    "idefics3": tiny_idefics.SMOLVLM_TOKENS,
 }
+# further special tokens of a family's tokenizer that name no attribute
+EXTRA_TOKENS = {"smolvlm": tiny_idefics.CROP_MARKERS, "idefics3": tiny_idefics.IDEFICS3_EXTRA}
 CHAT_TEMPLATES = {
     "llava": LLAVA_TEMPLATE,
     "llava_next": LLAVA_TEMPLATE,
@@ -83,17 +88,23 @@ CHAT_TEMPLATES = {
     "internvl": chat_template(IM_TEMPLATE[0], "<IMG_CONTEXT>\n", IM_TEMPLATE[2], IM_TEMPLATE[1]),
     "deepseek_vl": chat_template(*DEEPSEEK),
     "deepseek_vl_hybrid": chat_template(*DEEPSEEK),
+    "smolvlm": tiny_idefics.SMOLVLM_TEMPLATE,
+    "idefics3": tiny_idefics.IDEFICS3_TEMPLATE,
 }
 
 
-def family_tokenizer(special: dict[str, str], words: list[str] | None) -> PreTrainedTokenizerFast:
+def family_tokenizer(
+    special: dict[str, str], words: list[str] | None, extra_tokens: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
     """The tiny word-level tokenizer plus the family's special tokens as named attributes.
 
     ``special`` maps attribute names (``image_token``, ``start_image_token``, ...) to token
     strings; each becomes ``tokenizer.<name>`` / ``tokenizer.<name>_id``, as on the hub.
+    ``extra_tokens``: further special tokens, without attributes (:data:`EXTRA_TOKENS`).
     """
     base = build_tokenizer(words if words is not None else default_words())
-    extra = sorted({"<|im_start|>", "<|im_end|>", *special.values()} - set(base.get_vocab()))
+    known = {"<|im_start|>", "<|im_end|>", *special.values(), *extra_tokens}
+    extra = sorted(known - set(base.get_vocab()))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=base.backend_tokenizer,
         unk_token="<unk>",
@@ -313,6 +324,8 @@ BUILDERS = {
     "internvl": tiny_internvl,
     "deepseek_vl": tiny_deepseek_vl,
     "deepseek_vl_hybrid": tiny_deepseek_vl_hybrid,
+    "smolvlm": tiny_idefics.tiny_smolvlm,
+    "idefics3": tiny_idefics.tiny_idefics3,
 }
 
 

@@ -31,13 +31,15 @@ class Family:
             :data:`flmm.lmm.grids.GRIDS`): ``"square"`` one ``S x S`` grid, ``S^2`` = the image
             tokens the processor inserts; ``"anyres"`` the base ``S x S`` grid plus the unpadded
             high-res grid without its newline tokens; ``"thw"`` the merged ``image_grid_thw`` grid;
-            ``"tiles"`` InternVL's mosaic of tiles plus its thumbnail.
+            ``"tiles"`` InternVL's mosaic of tiles plus its thumbnail; ``"crops"`` SmolVLM's and
+            Idefics3's mosaic of crops (read from the processor's row/column markers) plus the
+            global image.
         pad_to_square: pad images to a centred square before the processor, so that its
             resize/crop keeps the whole image and the grid covers the square frame; otherwise the
             grids cover the image itself and are resampled onto its region of the frame.
         fine_scale: any-res: the output grid side is ``fine_scale`` x the base grid side.
         grid_size: the output grid side when the token grid has no fixed size (``"thw"``,
-            ``"tiles"``).
+            ``"tiles"``, ``"crops"``).
         processor_kwargs: keyword arguments for every processor call.
         text_config: name of the text sub-config (the decoder that gets ``"flmm_capture"``).
         decoder_layers: attribute path from the full model to its decoder layer list.
@@ -66,7 +68,7 @@ class Family:
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise ValueError(f"family {self.name!r}: grid must be one of {sorted(GRIDS)}")
-        if self.grid in ("thw", "tiles") and not self.grid_size:
+        if self.grid in ("thw", "tiles", "crops") and not self.grid_size:
             raise ValueError(f"family {self.name!r}: the {self.grid!r} grid rule needs a grid_size")
 
 
@@ -136,6 +138,45 @@ FAMILIES: dict[str, Family] = {
             "DeepseekVLHybridForConditionalGeneration",
             "DeepseekVLHybridProcessor",
             ("deepseek-community/deepseek-vl-7b-chat",),
+        ),
+        Family(
+            "smolvlm",
+            "SmolVLMForConditionalGeneration",
+            "SmolVLMProcessor",
+            (
+                "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+                "HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
+                "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+            ),
+            # image splitting, as the model is used: the image resized (longest side 2048 px at
+            # 500M) into crops of 512 px (8 x 8 tokens after pixel shuffle), plus the global image;
+            # the crops are resized, never padded
+            grid="crops",
+            pad_to_square=False,
+            grid_size=32,
+            decoder_layers="model.text_model.layers",
+            final_norm="model.text_model.norm",
+            # its tiny model: 64 px crops of 4 x 4 tokens
+            tiny_grid_size=8,
+        ),
+        Family(
+            "idefics3",
+            "Idefics3ForConditionalGeneration",
+            "Idefics3Processor",
+            (
+                "HuggingFaceM4/Idefics3-8B-Llama3",
+                "HuggingFaceTB/SmolVLM-256M-Instruct",
+                "HuggingFaceTB/SmolVLM-500M-Instruct",
+                "HuggingFaceTB/SmolVLM-Instruct",
+            ),
+            # SmolVLM's image splitting (SmolVLM v1 checkpoints are Idefics3 models): crops of
+            # 364 px (13 x 13 tokens) at 8B, of 512 px (8 x 8) at 256M, up to 4 x 4 of them
+            grid="crops",
+            pad_to_square=False,
+            grid_size=32,
+            decoder_layers="model.text_model.layers",
+            final_norm="model.text_model.norm",
+            tiny_grid_size=8,
         ),
     )
 }

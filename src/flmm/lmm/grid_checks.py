@@ -9,6 +9,8 @@ raises :class:`GridCheckError` naming what disagrees.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -180,7 +182,32 @@ def tiles(lmm, enc, cols, counts, layouts) -> None:
     require("tiles = pixel_values tiles", first == enc["pixel_values"].shape[0])
 
 
-GRID_CHECKS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles}
+def crops(lmm, enc, cols, counts, layouts) -> None:
+    """The processor's crop count per sample is the grid's (crops, plus the global image when
+    split), and the token at each mosaic cell is the model's own feature (after its pixel shuffle)
+    of that crop's token: crop ``(r, c)`` holds mosaic rows ``r*S..`` and columns ``c*S..``; the
+    global image is the crop after them."""
+    seen = decoder_input(lmm, enc)
+    with torch.no_grad():
+        own = lmm.model.model.get_image_features(
+            enc["pixel_values"], enc["pixel_attention_mask"], return_dict=True
+        ).pooler_output
+    side = math.isqrt(lmm.processor.image_seq_len)
+    for b, (layout, count) in enumerate(zip(layouts, counts)):
+        (mosaic, fine), (glob, coarse) = layout
+        features = own[b].unflatten(0, (-1, side, side))
+        rows, cols_ = mosaic.tiles
+        split = len(features) > 1
+        assert len(features) == rows * cols_ * split + 1 and count == len(features) * side**2
+        embeds = seen[b, cols[b, :count]]
+        if split:
+            tiles = features[:-1].unflatten(0, (rows, cols_)).permute(0, 2, 1, 3, 4)
+            assert torch.equal(embeds[fine], tiles.reshape(rows * side * cols_ * side, -1))
+        assert torch.equal(embeds[coarse], features[-1].flatten(0, 1))
+        assert (glob.height, glob.width) == (side, side)
+
+
+GRID_CHECKS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles, "crops": crops}
 
 
 def check_grids(lmm, enc: dict) -> list:

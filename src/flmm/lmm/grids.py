@@ -10,6 +10,7 @@ size or aspect ratio.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -129,8 +130,47 @@ def thw(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
     return [TokenGrid(height // merge, width // merge)]
 
 
-GRIDS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles}
-PARTS = {"square": 1, "anyres": 2, "thw": 1, "tiles": 2}
+CROP_MARKER = re.compile(r"<row_(\d+)_col_(\d+)>")
+
+
+def crops(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
+    """SmolVLM / Idefics3 image splitting: ``rows x cols`` crops of ``S x S`` tokens each (``S^2``
+    = the processor's ``image_seq_len``), in row-major crop order: one ``rows*S x cols*S`` mosaic
+    over the image; then the global image (the whole image in one crop), a second ``S x S`` grid.
+    An image the processor does not split is its global image only: one grid, which
+    :func:`layout` uses as both parts. ``rows x cols`` is read from the processor's own output
+    (:func:`crop_canvas`)."""
+    side = math.isqrt(lmm.processor.image_seq_len)
+    rows, cols = crop_canvas(lmm, enc["input_ids"][b], side * side)
+    if rows == 0:
+        return [TokenGrid(side, side)]
+    return [TokenGrid(rows * side, cols * side, tiles=(rows, cols)), TokenGrid(side, side)]
+
+
+def crop_canvas(lmm, ids: torch.Tensor, per_crop: int) -> tuple[int, int]:
+    """``(rows, cols)`` of the crops behind a sample's image tokens (``(0, 0)``: not split).
+
+    The processor puts a ``<row_r_col_c>`` marker before each crop's ``per_crop`` image tokens
+    (in ``ids``, the ``N`` token ids of one sample) and ``<global-img>`` before the global image's;
+    the markers must name the crops of a ``rows x cols`` canvas in row-major order.
+    """
+    is_image = ids == lmm.image_token_id
+    starts = torch.nonzero(is_image[1:] & ~is_image[:-1]).flatten().tolist()
+    tokens = lmm.processor.tokenizer.convert_ids_to_tokens(ids[starts].tolist())
+    markers = tokens[:-1]  # the last run of image tokens is the global image
+    last = CROP_MARKER.fullmatch(markers[-1]) if markers else None
+    rows, cols = (int(last[1]), int(last[2])) if last else (0, 0)
+    expected = [f"<row_{r}_col_{c}>" for r in range(1, rows + 1) for c in range(1, cols + 1)]
+    if markers != expected or int(is_image.sum()) != per_crop * len(tokens):
+        raise RuntimeError(
+            f"the image tokens are not {per_crop}-token crops framed by <row_r_col_c> markers "
+            f"of a crop canvas, then the global image (tokens before them: {tokens})"
+        )
+    return rows, cols
+
+
+GRIDS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles, "crops": crops}
+PARTS = {"square": 1, "anyres": 2, "thw": 1, "tiles": 2, "crops": 2}
 
 
 def base_side(config) -> int:

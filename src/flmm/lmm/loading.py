@@ -228,6 +228,7 @@ def load(
         if isinstance(err, (ConfigError, MissingExtraError, ModelLoadError)):
             raise
         raise load_error(name_or_path, family, err) from err
+    check_crop_markers(processor, family, name_or_path)
     if attn_implementation is not None:
         log.info(
             "attn_implementation=%r: the vision tower's; the text decoder runs %r (sdpa, plus the "
@@ -236,6 +237,25 @@ def load(
             IMPLEMENTATION,
         )
     return model, processor
+
+
+def check_crop_markers(processor, family: Family, name_or_path: str) -> None:
+    """A :class:`ModelLoadError` when a ``"crops"`` family's tokenizer does not hold the
+    ``<row_r_col_c>`` crop markers as tokens: the grid rule reads the crop canvas from them."""
+    if family.grid != "crops":
+        return
+    tokenizer = processor.tokenizer
+    missing = [
+        t
+        for t in ("<row_1_col_1>", "<row_6_col_6>")
+        if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)
+    ]
+    if missing:
+        raise ModelLoadError(
+            f"the tokenizer of {name_or_path!r} has no token {missing[0]}: the {family.name!r} "
+            "family reads each image crop's place from the <row_r_col_c> tokens its processor "
+            "inserts; use the checkpoint's own tokenizer (with its added tokens)"
+        )
 
 
 def load_error(name_or_path: str, family: Family, err: Exception) -> ModelLoadError:

@@ -16,8 +16,12 @@ def process(processor, family: Family, images: list[np.ndarray], texts: list[str
 
     For the ``"tiles"`` grid rule it adds ``image_sizes`` (``I x 2`` long, each image's height and
     width): InternVL's processor tiles by them but does not return them, and its model's
-    ``forward`` accepts (and does not use) them.
+    ``forward`` accepts (and does not use) them. For the ``"crops"`` rule the images go in one
+    list per prompt (SmolVLM's processor reads a flat list as one prompt's images): one image
+    per prompt, or all of them in a single prompt.
     """
+    if family.grid == "crops":
+        images = [[image] for image in images] if len(images) == len(texts) else [images]
     enc = processor(
         images=images,
         text=texts,
