@@ -31,7 +31,12 @@ import torch
 import transformers
 
 from flmm.errors import ConfigError
-from flmm.foundation.tiny_models import CHAT_TEMPLATES, SPECIAL_TOKENS, family_tokenizer
+from flmm.foundation.tiny_models import (
+    CHAT_TEMPLATES,
+    SPECIAL_TOKENS,
+    TURN_TOKENS,
+    family_tokenizer,
+)
 from flmm.lmm.families import get_family
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -162,7 +167,7 @@ def build_real_shape(
     model_class = getattr(transformers, get_family(family).model_class)  # a ConfigError if unknown
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    tokenizer = family_tokenizer(SPECIAL_TOKENS[family], None)
+    tokenizer = family_tokenizer(SPECIAL_TOKENS[family], None, TURN_TOKENS.get(family, ()))
     config = real_shape_config(family, tokenizer, text_layers, vision_layers)
     processor = real_processor(family, tokenizer)
     torch.manual_seed(seed)

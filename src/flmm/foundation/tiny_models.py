@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from flmm.data.synthetic.corpus import vocabulary
 from flmm.foundation.cache import TINY_VERSION, _build_once
+from flmm.foundation.tiny_gemma import GEMMA3_TEMPLATE, GEMMA3_TURN_TOKENS, tiny_gemma3
 from flmm.foundation.tiny_llava import (
     CHAT_TEMPLATE as LLAVA_TEMPLATE,
 )
@@ -69,7 +70,14 @@ SPECIAL_TOKENS = {
     },
     "deepseek_vl": {"image_token": "<image_placeholder>"},
     "deepseek_vl_hybrid": {"image_token": "<image_placeholder>"},
+    "gemma3": {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+    },
 }
+# special tokens of a family's chat format that its tokenizer names no attribute for
+TURN_TOKENS = {"gemma3": GEMMA3_TURN_TOKENS}
 CHAT_TEMPLATES = {
     "llava": LLAVA_TEMPLATE,
     "llava_next": LLAVA_TEMPLATE,
@@ -83,17 +91,22 @@ CHAT_TEMPLATES = {
     "internvl": chat_template(IM_TEMPLATE[0], "<IMG_CONTEXT>\n", IM_TEMPLATE[2], IM_TEMPLATE[1]),
     "deepseek_vl": chat_template(*DEEPSEEK),
     "deepseek_vl_hybrid": chat_template(*DEEPSEEK),
+    "gemma3": GEMMA3_TEMPLATE,
 }
 
 
-def family_tokenizer(special: dict[str, str], words: list[str] | None) -> PreTrainedTokenizerFast:
+def family_tokenizer(
+    special: dict[str, str], words: list[str] | None, turn_tokens: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
     """The tiny word-level tokenizer plus the family's special tokens as named attributes.
 
     ``special`` maps attribute names (``image_token``, ``start_image_token``, ...) to token
     strings; each becomes ``tokenizer.<name>`` / ``tokenizer.<name>_id``, as on the hub.
+    ``turn_tokens``: further special tokens of the chat format (:data:`TURN_TOKENS`).
     """
     base = build_tokenizer(words if words is not None else default_words())
-    extra = sorted({"<|im_start|>", "<|im_end|>", *special.values()} - set(base.get_vocab()))
+    known = {"<|im_start|>", "<|im_end|>", *special.values(), *turn_tokens}
+    extra = sorted(known - set(base.get_vocab()))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=base.backend_tokenizer,
         unk_token="<unk>",
@@ -313,6 +326,7 @@ BUILDERS = {
     "internvl": tiny_internvl,
     "deepseek_vl": tiny_deepseek_vl,
     "deepseek_vl_hybrid": tiny_deepseek_vl_hybrid,
+    "gemma3": tiny_gemma3,
 }
 
 

@@ -68,7 +68,9 @@ class FrozenLMM(nn.Module):
             raise ConfigError(f"model.lmm.text_layers must be in [1, {total}], got {text_layers}")
         if merge not in MERGES:
             raise ConfigError(f"model.lmm.merge must be one of {MERGES}, got {merge!r}")
-        self.image_token_id = processor.image_token_id
+        # the id the model reads image features into; a prompt holds the processor's placeholder
+        # (the same token, except Gemma 3's <start_of_image> that expands to soft tokens)
+        self.image_token_id = model.config.image_token_id
         processor.tokenizer.padding_side = "right"
         side = self._default_grid_side() if grid_size is None else grid_size
         if side < 1:
@@ -262,7 +264,7 @@ class FrozenLMM(nn.Module):
         lengths = enc["attention_mask"].sum(1).tolist()
         for b, ((_, start), spans) in enumerate(zip(prompts, batch.spans)):
             ids, offsets = tok["input_ids"][b], tok["offset_mapping"][b]
-            first = max(i for i, t in enumerate(ids) if t == self.image_token_id) + 1
+            first = max(i for i, t in enumerate(ids) if t == self.processor.image_token_id) + 1
             tail, n = ids[first:], lengths[b]
             if enc["input_ids"][b, n - len(tail) : n].tolist() != tail:
                 raise RuntimeError("processor and tokenizer disagree on the text after the image")

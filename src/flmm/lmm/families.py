@@ -42,6 +42,7 @@ class Family:
         decoder_layers: attribute path from the full model to its decoder layer list.
         final_norm: attribute path to the norm after the last decoder layer (HF's last hidden
             state, which the text prompts read, is its output).
+        images_per_prompt: the processor takes a list of images per prompt, not a flat list.
         instruction: default user-turn instruction.
         tiny_grid_size: ``grid_size`` of ``model=<family>_tiny`` where the family rule does not
             fit the tiny model (None: the family rule).
@@ -56,6 +57,7 @@ class Family:
     fine_scale: int = 1
     grid_size: int | None = None
     processor_kwargs: dict = field(default_factory=dict)
+    images_per_prompt: bool = False
     text_config: str = "text_config"
     decoder_layers: str = "model.language_model.layers"
     final_norm: str = "model.language_model.norm"
@@ -135,6 +137,15 @@ FAMILIES: dict[str, Family] = {
             "DeepseekVLHybridForConditionalGeneration",
             "DeepseekVLHybridProcessor",
             ("deepseek-community/deepseek-vl-7b-chat",),
+        ),
+        Family(
+            "gemma3",
+            "Gemma3ForConditionalGeneration",
+            "Gemma3Processor",
+            ("google/gemma-3-4b-it", "google/gemma-3-12b-it", "google/gemma-3-27b-it"),
+            # 896 px squashed (no crop, no padding), 64 x 64 SigLIP patches pooled to 16 x 16
+            pad_to_square=False,
+            images_per_prompt=True,
         ),
     )
 }
