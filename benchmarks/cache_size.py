@@ -57,7 +57,7 @@ class Shape:
 # hidden_size) and its family's frame rule (flmm.lmm.grids): LLaVA-1.5 CLIP-L/336 24 x 24 tokens;
 # NeXT 2 x its 24 base side; DeepSeek-VL SigLIP-L/384 at patch 16: 24; InternVL3 448 px / 14
 # after pixel shuffle 0.5: 16; Qwen2.5-VL the family's fixed 32; OneVision 2 x SigLIP 384/14 = 27;
-# Gemma 3 SigLIP 896/14 = 64 pooled 4 x 4: 16.
+# Gemma 3 SigLIP 896/14 = 64 pooled 4 x 4: 16; PaliGemma 2 SigLIP 448/14: 32.
 HEADLINE = {
     "llava": Shape("llava-hf/llava-1.5-7b-hf", 32, 32, 4096, 24),
     "llava_next": Shape("llava-hf/llava-v1.6-vicuna-7b-hf", 32, 32, 4096, 48, 2),
@@ -67,6 +67,7 @@ HEADLINE = {
     "internvl": Shape("OpenGVLab/InternVL3-8B-hf", 28, 28, 3584, 32, 2),
     "llava_onevision": Shape("llava-hf/llava-onevision-qwen2-7b-ov-hf", 28, 28, 3584, 54, 2),
     "gemma3": Shape("google/gemma-3-4b-it", 34, 8, 2560, 16),
+    "paligemma": Shape("google/paligemma2-3b-mix-448", 26, 8, 2304, 32),
 }
 
 

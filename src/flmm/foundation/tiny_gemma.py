@@ -31,6 +31,9 @@ GEMMA3_TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 # a tiny prompt is about 45 tokens: a window of 20 lets a phrase see only the last image tokens
 # in the sliding layer (or none), all of them in the global one
 TINY_SLIDING_WINDOW = 20
+# Gemma 2's tanh logit soft-capping (50 in PaliGemma 2) below a tiny model's attention logits, so
+# that it changes the attention as it does where a real model's logits reach the cap
+TINY_SOFTCAP = 0.02
 
 
 def tiny_gemma3(words: list[str] | None, image_size: int = 32, patch_size: int = 4):
@@ -75,3 +78,49 @@ def tiny_gemma3(words: list[str] | None, image_size: int = 32, patch_size: int =
         eoi_token_id=tokenizer.eoi_token_id,
     )
     return transformers.Gemma3ForConditionalGeneration(config), processor
+
+
+def tiny_paligemma(words: list[str] | None, image_size: int = 32, patch_size: int = 8):
+    """PaliGemma 2 (SigLIP tower, a linear projector, a Gemma 2 decoder with tanh logit
+    soft-capping and a sliding-window layer; prefix-LM: the image and the prefix attend to each
+    other bidirectionally, the suffix causally). No chat template, as the hub checkpoints."""
+    from flmm.foundation.tiny_models import SPECIAL_TOKENS, _text, family_tokenizer
+
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["paligemma"], words)
+    tokens = (image_size // patch_size) ** 2
+    image_processor = transformers.SiglipImageProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        image_seq_length=tokens,
+    )
+    # adds PaliGemma's <loc####> / <seg###> tokens and turns the tokenizer's own BOS off
+    processor = transformers.PaliGemmaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer
+    )
+    text = _text(
+        tokenizer,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=TINY_SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+        attn_logit_softcapping=TINY_SOFTCAP,
+        final_logit_softcapping=30.0,
+    )
+    config = transformers.PaliGemmaConfig(
+        text_config=transformers.Gemma2Config(**text),
+        vision_config=transformers.SiglipVisionConfig(
+            image_size=image_size,
+            patch_size=patch_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vision_use_head=False,
+        ),
+        image_token_id=tokenizer.image_token_id,
+        projection_dim=text["hidden_size"],
+        hidden_size=text["hidden_size"],
+        vocab_size=text["vocab_size"],
+    )
+    return transformers.PaliGemmaForConditionalGeneration(config), processor

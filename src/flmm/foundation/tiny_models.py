@@ -17,7 +17,12 @@ from transformers import PreTrainedTokenizerFast
 
 from flmm.data.synthetic.corpus import vocabulary
 from flmm.foundation.cache import TINY_VERSION, _build_once
-from flmm.foundation.tiny_gemma import GEMMA3_TEMPLATE, GEMMA3_TURN_TOKENS, tiny_gemma3
+from flmm.foundation.tiny_gemma import (
+    GEMMA3_TEMPLATE,
+    GEMMA3_TURN_TOKENS,
+    tiny_gemma3,
+    tiny_paligemma,
+)
 from flmm.foundation.tiny_llava import (
     CHAT_TEMPLATE as LLAVA_TEMPLATE,
 )
@@ -75,6 +80,7 @@ SPECIAL_TOKENS = {
         "eoi_token": "<end_of_image>",
         "image_token": "<image_soft_token>",
     },
+    "paligemma": {"image_token": "<image>"},
 }
 # special tokens of a family's chat format that its tokenizer names no attribute for
 TURN_TOKENS = {"gemma3": GEMMA3_TURN_TOKENS}
@@ -92,6 +98,7 @@ CHAT_TEMPLATES = {
     "deepseek_vl": chat_template(*DEEPSEEK),
     "deepseek_vl_hybrid": chat_template(*DEEPSEEK),
     "gemma3": GEMMA3_TEMPLATE,
+    "paligemma": None,  # as its checkpoints: flmm renders its prefix-LM prompt
 }
 
 
@@ -327,6 +334,7 @@ BUILDERS = {
     "deepseek_vl": tiny_deepseek_vl,
     "deepseek_vl_hybrid": tiny_deepseek_vl_hybrid,
     "gemma3": tiny_gemma3,
+    "paligemma": tiny_paligemma,
 }
 
 

@@ -19,7 +19,7 @@ from flmm.attention.capture import MERGES, capture, phrase_rows, use_capture
 from flmm.errors import ConfigError, DataError
 from flmm.lmm import grids, loading
 from flmm.lmm.families import Family, get_family
-from flmm.lmm.processing import process
+from flmm.lmm.processing import process, render
 from flmm.types import CaptureOutput, GroundingBatch
 
 _SENTINEL = "\x00"
@@ -206,7 +206,7 @@ class FrozenLMM(nn.Module):
         """The frozen LMM's greedy answer to ``question`` about an ``H x W x 3`` uint8 image."""
         arrays, _ = self._images([torch.as_tensor(image)])
         user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-        text = self.processor.apply_chat_template([user], add_generation_prompt=True)
+        text = render(self.processor, self.family, [user], add_generation_prompt=True)
         inputs = self.to_model(self._process(arrays, [text]))
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         return self.processor.decode(
@@ -216,7 +216,7 @@ class FrozenLMM(nn.Module):
     def prompt(self, text: str) -> tuple[str, int]:
         """The chat prompt with ``text`` as the assistant turn, and where ``text`` starts in it."""
 
-        def render(answer: str) -> str:
+        def rendered(answer: str) -> str:
             conversation = [
                 {
                     "role": "user",
@@ -224,10 +224,10 @@ class FrozenLMM(nn.Module):
                 },
                 {"role": "assistant", "content": [{"type": "text", "text": answer}]},
             ]
-            return self.processor.apply_chat_template(conversation, tokenize=False)
+            return render(self.processor, self.family, conversation)
 
-        start = len(render(_SENTINEL).split(_SENTINEL)[0])
-        full = render(text)
+        start = len(rendered(_SENTINEL).split(_SENTINEL)[0])
+        full = rendered(text)
         if full[start : start + len(text)] != text:
             raise RuntimeError(f"the chat template altered the assistant text {text!r}")
         return full, start
@@ -401,7 +401,7 @@ class FrozenLMM(nn.Module):
         arrays, _ = self._images([torch.as_tensor(np.ascontiguousarray(i)) for i in images])
         content = [{"type": "image"} for _ in arrays] + [{"type": "text", "text": question}]
         user = {"role": "user", "content": content}
-        text = self.processor.apply_chat_template([user], add_generation_prompt=True)
+        text = render(self.processor, self.family, [user], add_generation_prompt=True)
         text = text + answer_prefix
         inputs = self._process(arrays, [text])
         self.check_length(inputs, [question])

@@ -43,6 +43,9 @@ class Family:
         final_norm: attribute path to the norm after the last decoder layer (HF's last hidden
             state, which the text prompts read, is its output).
         images_per_prompt: the processor takes a list of images per prompt, not a flat list.
+        prefix_lm: PaliGemma's prefix-LM prompt (its checkpoints ship no chat template): the user
+            turn is the processor's text (the prefix, attended bidirectionally with the image),
+            the answer its suffix (causal); :mod:`flmm.lmm.processing`.
         instruction: default user-turn instruction.
         tiny_grid_size: ``grid_size`` of ``model=<family>_tiny`` where the family rule does not
             fit the tiny model (None: the family rule).
@@ -58,6 +61,7 @@ class Family:
     grid_size: int | None = None
     processor_kwargs: dict = field(default_factory=dict)
     images_per_prompt: bool = False
+    prefix_lm: bool = False
     text_config: str = "text_config"
     decoder_layers: str = "model.language_model.layers"
     final_norm: str = "model.language_model.norm"
@@ -146,6 +150,16 @@ FAMILIES: dict[str, Family] = {
             # 896 px squashed (no crop, no padding), 64 x 64 SigLIP patches pooled to 16 x 16
             pad_to_square=False,
             images_per_prompt=True,
+        ),
+        Family(
+            "paligemma",
+            "PaliGemmaForConditionalGeneration",
+            "PaliGemmaProcessor",
+            ("google/paligemma2-3b-mix-448", "google/paligemma2-3b-pt-224"),
+            # 448 px squashed (no crop, no padding), 32 x 32 SigLIP tokens (224 px: 16 x 16)
+            pad_to_square=False,
+            prefix_lm=True,
+            instruction="caption en",
         ),
     )
 }
