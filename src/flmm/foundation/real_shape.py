@@ -33,8 +33,8 @@ import transformers
 from flmm.errors import ConfigError
 from flmm.foundation.tiny_models import (
     CHAT_TEMPLATES,
+    CHAT_TOKENS,
     SPECIAL_TOKENS,
-    TURN_TOKENS,
     family_tokenizer,
 )
 from flmm.lmm.families import get_family
@@ -167,7 +167,7 @@ def build_real_shape(
     model_class = getattr(transformers, get_family(family).model_class)  # a ConfigError if unknown
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    tokenizer = family_tokenizer(SPECIAL_TOKENS[family], None, TURN_TOKENS.get(family, ()))
+    tokenizer = family_tokenizer(SPECIAL_TOKENS[family], None, CHAT_TOKENS.get(family, ((), ())))
     config = real_shape_config(family, tokenizer, text_layers, vision_layers)
     processor = real_processor(family, tokenizer)
     torch.manual_seed(seed)

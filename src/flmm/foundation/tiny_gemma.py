@@ -39,9 +39,9 @@ TINY_SOFTCAP = 0.02
 def tiny_gemma3(words: list[str] | None, image_size: int = 32, patch_size: int = 4):
     """Gemma 3 (SigLIP tower, ``image_size / patch_size`` patches a side average-pooled to 4 x 4
     soft tokens; a sliding-window layer then a global layer; bidirectional image tokens)."""
-    from flmm.foundation.tiny_models import SPECIAL_TOKENS, _text, family_tokenizer
+    from flmm.foundation.tiny_models import CHAT_TOKENS, SPECIAL_TOKENS, _text, family_tokenizer
 
-    tokenizer = family_tokenizer(SPECIAL_TOKENS["gemma3"], words, GEMMA3_TURN_TOKENS)
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["gemma3"], words, CHAT_TOKENS["gemma3"])
     tokens = 16
     image_processor = transformers.Gemma3ImageProcessor(
         size={"height": image_size, "width": image_size},

@@ -82,8 +82,8 @@ SPECIAL_TOKENS = {
     },
     "paligemma": {"image_token": "<image>"},
 }
-# special tokens of a family's chat format that its tokenizer names no attribute for
-TURN_TOKENS = {"gemma3": GEMMA3_TURN_TOKENS}
+# a family's chat-format tokens its tokenizer names no attribute for: special tokens, plain words
+CHAT_TOKENS = {"gemma3": (GEMMA3_TURN_TOKENS, ("model",))}
 CHAT_TEMPLATES = {
     "llava": LLAVA_TEMPLATE,
     "llava_next": LLAVA_TEMPLATE,
@@ -103,14 +103,18 @@ CHAT_TEMPLATES = {
 
 
 def family_tokenizer(
-    special: dict[str, str], words: list[str] | None, turn_tokens: tuple[str, ...] = ()
+    special: dict[str, str],
+    words: list[str] | None,
+    chat_tokens: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
 ) -> PreTrainedTokenizerFast:
     """The tiny word-level tokenizer plus the family's special tokens as named attributes.
 
     ``special`` maps attribute names (``image_token``, ``start_image_token``, ...) to token
     strings; each becomes ``tokenizer.<name>`` / ``tokenizer.<name>_id``, as on the hub.
-    ``turn_tokens``: further special tokens of the chat format (:data:`TURN_TOKENS`).
+    ``chat_tokens``: the chat format's further special tokens and plain words
+    (:data:`CHAT_TOKENS`; Gemma 3's ``<start_of_turn>`` and its role ``model``).
     """
+    turn_tokens, role_words = chat_tokens
     base = build_tokenizer(words if words is not None else default_words())
     known = {"<|im_start|>", "<|im_end|>", *special.values(), *turn_tokens}
     extra = sorted(known - set(base.get_vocab()))
@@ -124,6 +128,7 @@ def family_tokenizer(
         extra_special_tokens=special,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *extra]})
+    tokenizer.add_tokens([w for w in role_words if w not in tokenizer.get_vocab()])
     return tokenizer
 
 
