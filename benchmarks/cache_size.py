@@ -58,6 +58,7 @@ class Shape:
 # NeXT 2 x its 24 base side; DeepSeek-VL SigLIP-L/384 at patch 16: 24; InternVL3 448 px / 14
 # after pixel shuffle 0.5: 16; Qwen2.5-VL the family's fixed 32; OneVision 2 x SigLIP 384/14 = 27;
 # SmolVLM2 / SmolVLM (Idefics3) crops: the families' fixed 32.
+# Gemma 3 SigLIP 896/14 = 64 pooled 4 x 4: 16; PaliGemma 2 SigLIP 448/14: 32.
 HEADLINE = {
     "llava": Shape("llava-hf/llava-1.5-7b-hf", 32, 32, 4096, 24),
     "llava_next": Shape("llava-hf/llava-v1.6-vicuna-7b-hf", 32, 32, 4096, 48, 2),
@@ -68,6 +69,8 @@ HEADLINE = {
     "llava_onevision": Shape("llava-hf/llava-onevision-qwen2-7b-ov-hf", 28, 28, 3584, 54, 2),
     "smolvlm": Shape("HuggingFaceTB/SmolVLM2-500M-Video-Instruct", 32, 15, 960, 32, 2),
     "idefics3": Shape("HuggingFaceTB/SmolVLM-256M-Instruct", 30, 9, 576, 32, 2),
+    "gemma3": Shape("google/gemma-3-4b-it", 34, 8, 2560, 16),
+    "paligemma": Shape("google/paligemma2-3b-mix-448", 26, 8, 2304, 32),
 }
 
 

@@ -71,7 +71,7 @@ def test_real_shape_config_differs_only_in_depth_and_vocabulary(family):
             assert changed <= CUT, f"{name}: {changed - CUT}"
             assert built[name].get("depth", built[name].get("num_hidden_layers")) == 2
     top = {k for k, v in full.items() if k not in SUB_CONFIGS and built.get(k) != v}
-    assert top <= TOKEN_IDS | {"image_token_index", "video_token_index"}
+    assert top <= TOKEN_IDS | {f"{t}_token_index" for t in ("image", "video", "boi", "eoi")}
     for path, value in facts["defaults_filled"].items():
         full_depth = real_shape_config(family, tokenizer(family), None, None)
         assert operator.attrgetter(path)(full_depth) == value

@@ -182,8 +182,16 @@ def test_registry_chat_still_answers(family, tiny_lmms, ragged_batch):
     assert lmm.generate([image.numpy()], "what is in the image?", max_new_tokens=3) == answer
 
 
-# inputs that hold the prompt's tokens; every other model input is the image's
-TEXT_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_phrase", "region"}
+# inputs that hold the prompt's tokens (Gemma 3 marks its image tokens in token_type_ids); every
+# other model input is the image's
+TEXT_KEYS = {
+    "input_ids",
+    "attention_mask",
+    "mm_token_type_ids",
+    "token_type_ids",
+    "token_phrase",
+    "region",
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

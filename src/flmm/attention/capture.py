@@ -131,12 +131,14 @@ def phrase_image_attention(
     scaling: float,
     is_causal: bool,
     state: Capture,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Merged phrase-row attention over the image columns.
 
     Args:
         query: ``B x H x N x d``; key: ``B x H_kv x N x d`` (grouped-query when ``H_kv < H``).
         attention_mask: None (causal or full), or ``B x (1|H) x N x N`` bool / additive float.
+        softcap: tanh logit soft-capping (Gemma 2), None for none.
 
     Returns:
         ``B x K x H x P`` float32.
@@ -148,13 +150,56 @@ def phrase_image_attention(
     q_rows = q_rows.float().view(batch, kv_heads, heads // kv_heads, num_rows, dim)
     scores = (q_rows @ key.float()[:, :, None].transpose(-1, -2)).flatten(1, 2) * scaling
     mask = _row_mask(attention_mask, state.rows, q_len, kv_len, is_causal)
-    if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    elif mask is not None:
-        scores = scores + mask.float()
-    probs = scores.softmax(-1)
+    probs = masked(capped(scores, softcap), mask).softmax(-1)
     cols = state.image_cols[:, None, None, :].expand(batch, heads, num_rows, -1)
     return merge_rows(probs.gather(3, cols), state)
+
+
+def capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(scores / softcap)`` (Gemma 2's logit soft-capping); ``scores`` if None."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``scores`` (``... x Q x N``) with a broadcastable bool mask (False: the dtype's minimum) or
+    additive float mask applied; unchanged for None."""
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores + mask.to(scores.dtype)
+
+
+def softcapped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float,
+    is_causal: bool,
+) -> torch.Tensor:
+    """Attention with logit soft-capping, which sdpa lacks (Gemma 2's and PaliGemma 2's decoders):
+    their eager attention, on sdpa's bool mask (frozen: no dropout).
+
+    Args:
+        query: ``B x H x N x d``; key, value: ``B x H_kv x N x d``.
+        attention_mask: as :func:`phrase_image_attention`'s (None: causal or full).
+
+    Returns:
+        ``B x N x H x d``, laid out as sdpa's output.
+    """
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    if attention_mask is None and is_causal:
+        attention_mask = (
+            torch.ones(query.shape[2], key.shape[2], dtype=torch.bool)
+            .tril(key.shape[2] - query.shape[2])
+            .to(query.device)
+        )
+    scores = masked(capped(query @ key.transpose(-1, -2) * scaling, softcap), attention_mask)
+    probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
+    return (probs @ value).transpose(1, 2).contiguous()
 
 
 def merge_rows(probs: torch.Tensor, state: Capture) -> torch.Tensor:
@@ -176,17 +221,26 @@ def capture_attention_forward(
     attention_mask: torch.Tensor | None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """sdpa's attention; records the merged phrase-to-image attention while capture is active."""
-    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    """sdpa's attention (eager's where the decoder soft-caps its logits); records the merged
+    phrase-to-image attention while capture is active."""
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError("flmm_capture does not support position_bias")
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    softcap = kwargs.get("softcap")
+    if softcap is None:
+        output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    else:
+        output = softcapped_attention(
+            query, key, value, attention_mask, scaling, softcap, is_causal and query.shape[2] > 1
+        )
     state = _ACTIVE.get()
     if state is not None:
-        if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
-            raise NotImplementedError("flmm_capture does not support position_bias or softcap")
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        is_causal = kwargs.get("is_causal")
-        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         here = state.on(query.device)
-        merged = phrase_image_attention(query, key, attention_mask, scaling, is_causal, here)
+        merged = phrase_image_attention(
+            query, key, attention_mask, scaling, is_causal, here, softcap
+        )
         state.maps[module.layer_idx] = merged.to(state.rows.device)
     return output, None
 

@@ -34,6 +34,7 @@ from flmm.errors import ConfigError
 from flmm.foundation.tiny_models import (
     CHAT_TEMPLATES,
     EXTRA_TOKENS,
+    EXTRA_WORDS,
     SPECIAL_TOKENS,
     family_tokenizer,
 )
@@ -167,7 +168,9 @@ def build_real_shape(
     model_class = getattr(transformers, get_family(family).model_class)  # a ConfigError if unknown
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    tokenizer = family_tokenizer(SPECIAL_TOKENS[family], None, EXTRA_TOKENS.get(family, ()))
+    tokenizer = family_tokenizer(
+        SPECIAL_TOKENS[family], None, EXTRA_TOKENS.get(family, ()), EXTRA_WORDS.get(family, ())
+    )
     config = real_shape_config(family, tokenizer, text_layers, vision_layers)
     processor = real_processor(family, tokenizer)
     torch.manual_seed(seed)

@@ -18,6 +18,12 @@ from transformers import PreTrainedTokenizerFast
 from flmm.data.synthetic.corpus import vocabulary
 from flmm.foundation import tiny_idefics
 from flmm.foundation.cache import TINY_VERSION, _build_once
+from flmm.foundation.tiny_gemma import (
+    GEMMA3_TEMPLATE,
+    GEMMA3_TURN_TOKENS,
+    tiny_gemma3,
+    tiny_paligemma,
+)
 from flmm.foundation.tiny_llava import (
     CHAT_TEMPLATE as LLAVA_TEMPLATE,
 )
@@ -72,9 +78,21 @@ SPECIAL_TOKENS = {
     "deepseek_vl_hybrid": {"image_token": "<image_placeholder>"},
     "smolvlm": tiny_idefics.SMOLVLM_TOKENS,
     "idefics3": tiny_idefics.SMOLVLM_TOKENS,
+    "gemma3": {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+    },
+    "paligemma": {"image_token": "<image>"},
 }
-# further special tokens of a family's tokenizer that name no attribute
-EXTRA_TOKENS = {"smolvlm": tiny_idefics.CROP_MARKERS, "idefics3": tiny_idefics.IDEFICS3_EXTRA}
+# a family's further special tokens that name no attribute (crop markers, chat-turn tokens), and
+# plain words its chat format needs (Gemma 3's role ``model``)
+EXTRA_TOKENS = {
+    "smolvlm": tiny_idefics.CROP_MARKERS,
+    "idefics3": tiny_idefics.IDEFICS3_EXTRA,
+    "gemma3": GEMMA3_TURN_TOKENS,
+}
+EXTRA_WORDS = {"gemma3": ("model",)}
 CHAT_TEMPLATES = {
     "llava": LLAVA_TEMPLATE,
     "llava_next": LLAVA_TEMPLATE,
@@ -90,17 +108,23 @@ CHAT_TEMPLATES = {
     "deepseek_vl_hybrid": chat_template(*DEEPSEEK),
     "smolvlm": tiny_idefics.SMOLVLM_TEMPLATE,
     "idefics3": tiny_idefics.IDEFICS3_TEMPLATE,
+    "gemma3": GEMMA3_TEMPLATE,
+    "paligemma": None,  # as its checkpoints: flmm renders its prefix-LM prompt
 }
 
 
 def family_tokenizer(
-    special: dict[str, str], words: list[str] | None, extra_tokens: tuple[str, ...] = ()
+    special: dict[str, str],
+    words: list[str] | None,
+    extra_tokens: tuple[str, ...] = (),
+    extra_words: tuple[str, ...] = (),
 ) -> PreTrainedTokenizerFast:
     """The tiny word-level tokenizer plus the family's special tokens as named attributes.
 
     ``special`` maps attribute names (``image_token``, ``start_image_token``, ...) to token
     strings; each becomes ``tokenizer.<name>`` / ``tokenizer.<name>_id``, as on the hub.
-    ``extra_tokens``: further special tokens, without attributes (:data:`EXTRA_TOKENS`).
+    ``extra_tokens``: further special tokens, without attributes (:data:`EXTRA_TOKENS`);
+    ``extra_words``: plain words the chat format needs (:data:`EXTRA_WORDS`).
     """
     base = build_tokenizer(words if words is not None else default_words())
     known = {"<|im_start|>", "<|im_end|>", *special.values(), *extra_tokens}
@@ -115,6 +139,7 @@ def family_tokenizer(
         extra_special_tokens=special,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *extra]})
+    tokenizer.add_tokens([w for w in extra_words if w not in tokenizer.get_vocab()])
     return tokenizer
 
 
@@ -326,6 +351,8 @@ BUILDERS = {
     "deepseek_vl_hybrid": tiny_deepseek_vl_hybrid,
     "smolvlm": tiny_idefics.tiny_smolvlm,
     "idefics3": tiny_idefics.tiny_idefics3,
+    "gemma3": tiny_gemma3,
+    "paligemma": tiny_paligemma,
 }
 
 

@@ -19,7 +19,7 @@ from flmm.attention.capture import MERGES, capture, phrase_rows, use_capture
 from flmm.errors import ConfigError, DataError
 from flmm.lmm import derive, grids, loading
 from flmm.lmm.families import Family
-from flmm.lmm.processing import process
+from flmm.lmm.processing import process, render
 from flmm.types import CaptureOutput, GroundingBatch
 
 _SENTINEL = "\x00"
@@ -68,7 +68,9 @@ class FrozenLMM(nn.Module):
             raise ConfigError(f"model.lmm.text_layers must be in [1, {total}], got {text_layers}")
         if merge not in MERGES:
             raise ConfigError(f"model.lmm.merge must be one of {MERGES}, got {merge!r}")
-        self.image_token_id = processor.image_token_id
+        # the id the model reads image features into; a prompt holds the processor's placeholder
+        # (the same token, except Gemma 3's <start_of_image> that expands to soft tokens)
+        self.image_token_id = model.config.image_token_id
         processor.tokenizer.padding_side = "right"
         side = self._default_grid_side() if grid_size is None else grid_size
         if side < 1:
@@ -214,7 +216,7 @@ class FrozenLMM(nn.Module):
         """The frozen LMM's greedy answer to ``question`` about an ``H x W x 3`` uint8 image."""
         arrays, _ = self._images([torch.as_tensor(image)])
         user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-        text = self.processor.apply_chat_template([user], add_generation_prompt=True)
+        text = render(self.processor, self.family, [user], add_generation_prompt=True)
         inputs = self.to_model(self._process(arrays, [text]))
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         return self.processor.decode(
@@ -224,7 +226,7 @@ class FrozenLMM(nn.Module):
     def prompt(self, text: str) -> tuple[str, int]:
         """The chat prompt with ``text`` as the assistant turn, and where ``text`` starts in it."""
 
-        def render(answer: str) -> str:
+        def rendered(answer: str) -> str:
             conversation = [
                 {
                     "role": "user",
@@ -232,10 +234,10 @@ class FrozenLMM(nn.Module):
                 },
                 {"role": "assistant", "content": [{"type": "text", "text": answer}]},
             ]
-            return self.processor.apply_chat_template(conversation, tokenize=False)
+            return render(self.processor, self.family, conversation)
 
-        start = len(render(_SENTINEL).split(_SENTINEL)[0])
-        full = render(text)
+        start = len(rendered(_SENTINEL).split(_SENTINEL)[0])
+        full = rendered(text)
         if full[start : start + len(text)] != text:
             raise RuntimeError(f"the chat template altered the assistant text {text!r}")
         return full, start
@@ -272,7 +274,7 @@ class FrozenLMM(nn.Module):
         lengths = enc["attention_mask"].sum(1).tolist()
         for b, ((_, start), spans) in enumerate(zip(prompts, batch.spans)):
             ids, offsets = tok["input_ids"][b], tok["offset_mapping"][b]
-            first = max(i for i, t in enumerate(ids) if t == self.image_token_id) + 1
+            first = max(i for i, t in enumerate(ids) if t == self.processor.image_token_id) + 1
             tail, n = ids[first:], lengths[b]
             if enc["input_ids"][b, n - len(tail) : n].tolist() != tail:
                 raise RuntimeError("processor and tokenizer disagree on the text after the image")
@@ -409,7 +411,7 @@ class FrozenLMM(nn.Module):
         arrays, _ = self._images([torch.as_tensor(np.ascontiguousarray(i)) for i in images])
         content = [{"type": "image"} for _ in arrays] + [{"type": "text", "text": question}]
         user = {"role": "user", "content": content}
-        text = self.processor.apply_chat_template([user], add_generation_prompt=True)
+        text = render(self.processor, self.family, [user], add_generation_prompt=True)
         text = text + answer_prefix
         inputs = self._process(arrays, [text])
         self.check_length(inputs, [question])

@@ -45,6 +45,10 @@ class Family:
         decoder_layers: attribute path from the full model to its decoder layer list.
         final_norm: attribute path to the norm after the last decoder layer (HF's last hidden
             state, which the text prompts read, is its output).
+        images_per_prompt: the processor takes a list of images per prompt, not a flat list.
+        prefix_lm: PaliGemma's prefix-LM prompt (its checkpoints ship no chat template): the user
+            turn is the processor's text (the prefix, attended bidirectionally with the image),
+            the answer its suffix (causal); :mod:`flmm.lmm.processing`.
         instruction: default user-turn instruction.
         tiny_grid_size: ``grid_size`` of ``model=<family>_tiny`` where the family rule does not
             fit the tiny model (None: the family rule).
@@ -59,6 +63,8 @@ class Family:
     fine_scale: int = 1
     grid_size: int | None = None
     processor_kwargs: dict = field(default_factory=dict)
+    images_per_prompt: bool = False
+    prefix_lm: bool = False
     text_config: str = "text_config"
     decoder_layers: str = "model.language_model.layers"
     final_norm: str = "model.language_model.norm"
@@ -156,6 +162,7 @@ FAMILIES: dict[str, Family] = {
             grid_size=32,
             decoder_layers="model.text_model.layers",
             final_norm="model.text_model.norm",
+            images_per_prompt=True,
             # its tiny model: 64 px crops of 4 x 4 tokens
             tiny_grid_size=8,
         ),
@@ -176,7 +183,27 @@ FAMILIES: dict[str, Family] = {
             grid_size=32,
             decoder_layers="model.text_model.layers",
             final_norm="model.text_model.norm",
+            images_per_prompt=True,
             tiny_grid_size=8,
+        ),
+        Family(
+            "gemma3",
+            "Gemma3ForConditionalGeneration",
+            "Gemma3Processor",
+            ("google/gemma-3-4b-it", "google/gemma-3-12b-it", "google/gemma-3-27b-it"),
+            # 896 px squashed (no crop, no padding), 64 x 64 SigLIP patches pooled to 16 x 16
+            pad_to_square=False,
+            images_per_prompt=True,
+        ),
+        Family(
+            "paligemma",
+            "PaliGemmaForConditionalGeneration",
+            "PaliGemmaProcessor",
+            ("google/paligemma2-3b-mix-448", "google/paligemma2-3b-pt-224"),
+            # 448 px squashed (no crop, no padding), 32 x 32 SigLIP tokens (224 px: 16 x 16)
+            pad_to_square=False,
+            prefix_lm=True,
+            instruction="caption en",
         ),
     )
 }
