@@ -16,14 +16,14 @@ from flmm.chat.conversation import (
     GroundedChat,
     expand_box,
     mask_box,
-    sam_variant_of,
 )
 from flmm.chat.selector import KeywordSelector, word_spans
 from flmm.data.masks import largest_region
 from flmm.errors import FlmmUserError
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
-from flmm.model.module import FLMM
+from flmm.model.loader import sam_variant_of
+from flmm.model.network import FLMMModel
 from flmm.types import GroundingBatch, GroundingSample
 
 QUESTION = "what colour is the circle?"
@@ -33,7 +33,7 @@ QUESTION = "what colour is the circle?"
 def chat(tiny_llava_dir) -> GroundedChat:
     torch.manual_seed(0)
     lmm = FrozenLMM.from_pretrained(tiny_llava_dir)
-    return GroundedChat(FLMM.build(lmm, build_sam("tiny"), base_channels=8))
+    return GroundedChat(FLMMModel.build(lmm, build_sam("tiny"), base_channels=8))
 
 
 @pytest.fixture
@@ -120,8 +120,7 @@ def test_teacher_forced_capture_equals_attention_at_generation(chat, image, tiny
     assert len(spans) == len(new)  # the tiny tokenizer is word-level
     cols = (inputs["input_ids"][0] == chat.lmm.image_token_id).nonzero()[:, 0]
     sample = GroundingSample(image, answer, spans, np.zeros((len(spans), 1, 1), dtype=bool))
-    with chat.lmm.user_turn(QUESTION):
-        maps = chat.lmm(GroundingBatch.collate([sample])).maps[0].flatten(2)  # K x L*H x P
+    maps = chat.lmm(GroundingBatch.collate([sample]), QUESTION).maps[0].flatten(2)  # K x L*H x P
     # step t of generate feeds token t-1 of the answer: its row is the last query of step t
     for k in range(len(spans) - 1):
         rows = torch.cat([layer[0, :, -1, cols] for layer in out.attentions[k + 1]])

@@ -24,7 +24,6 @@ from flmm.runtime import (
     write_metrics,
     write_records,
 )
-from flmm.training.feature_cache import attach
 from flmm.training.stopping import sigterm_exit_status
 
 log = logging.getLogger(__name__)
@@ -37,12 +36,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
-    model = hydra.utils.instantiate(cfg.model)
-    attach(model, getattr(datamodule, "cache_dir", None))
+    # the frozen-feature cache (data.cache_dir=...) is one of the model's settings
+    model = hydra.utils.instantiate(cfg.model, cache_dir=getattr(datamodule, "cache_dir", None))
     trainer = build_trainer(cfg)
     if cfg.train:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
-        checkpoint_report(trainer, model)
+        checkpoint_report(trainer, model.model)
     metrics = dict(trainer.callback_metrics)
     records = []
     if cfg.test:

@@ -8,7 +8,6 @@ phrase-to-image attention of every layer and the phrase tokens' hidden states of
 from __future__ import annotations
 
 import operator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -211,14 +210,17 @@ class FrozenLMM(nn.Module):
             out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         )
 
-    def prompt(self, text: str) -> tuple[str, int]:
-        """The chat prompt with ``text`` as the assistant turn, and where ``text`` starts in it."""
+    def prompt(self, text: str, question: str | None = None) -> tuple[str, int]:
+        """The chat prompt with ``text`` as the assistant turn, and where ``text`` starts in it.
+
+        The user turn holds the image and ``question`` (None: the grounding instruction)."""
+        user_text = self.instruction if question is None else question
 
         def render(answer: str) -> str:
             conversation = [
                 {
                     "role": "user",
-                    "content": [{"type": "image"}, {"type": "text", "text": self.instruction}],
+                    "content": [{"type": "image"}, {"type": "text", "text": user_text}],
                 },
                 {"role": "assistant", "content": [{"type": "text", "text": answer}]},
             ]
@@ -315,11 +317,11 @@ class FrozenLMM(nn.Module):
             ]
         )
 
-    def encode(self, batch: GroundingBatch) -> dict[str, torch.Tensor]:
+    def encode(self, batch: GroundingBatch, question: str | None = None) -> dict[str, torch.Tensor]:
         """Model inputs (right-padded ``input_ids``, ``attention_mask``, ``pixel_values`` and the
         family's extras) on the model's device, plus ``token_phrase`` (``B x N``, -1 outside
-        phrases) and ``region`` (``B x 4``)."""
-        prompts = [self.prompt(text) for text in batch.texts]
+        phrases) and ``region`` (``B x 4``); ``question`` as in :meth:`prompt`."""
+        prompts = [self.prompt(text, question) for text in batch.texts]
         images, region = self._images(batch.images)
         enc = self._process(images, [p for p, _ in prompts])
         self.check_length(enc, batch.texts)
@@ -337,9 +339,13 @@ class FrozenLMM(nn.Module):
         }
 
     @torch.no_grad()
-    def forward(self, batch: GroundingBatch) -> CaptureOutput:
-        """One frozen forward over the batch; see :class:`flmm.types.CaptureOutput` for shapes."""
-        inputs = self.encode(batch)
+    def forward(self, batch: GroundingBatch, question: str | None = None) -> CaptureOutput:
+        """One frozen forward over the batch; see :class:`flmm.types.CaptureOutput` for shapes.
+
+        ``question``: the user turn the texts answer (None: the grounding instruction), so the
+        attention of an actual conversation is captured; an argument of the call, never state
+        shared between threads."""
+        inputs = self.encode(batch, question)
         token_phrase, region = inputs.pop("token_phrase"), inputs.pop("region")
         rows, row_phrase = phrase_rows(token_phrase)
         num_phrases = max(batch.num_phrases)
@@ -433,13 +439,3 @@ class FrozenLMM(nn.Module):
         out = self.model.generate(**inputs, **gen)
         new = out[0, inputs["input_ids"].shape[1] :]
         return self.processor.decode(new, skip_special_tokens=True)
-
-    @contextmanager
-    def user_turn(self, question: str):
-        """Within the block, prompts put ``question`` in the user turn instead of the instruction,
-        so :meth:`forward` captures the attention of an actual conversation (not thread-safe)."""
-        saved, self.instruction = self.instruction, question
-        try:
-            yield self
-        finally:
-            self.instruction = saved
