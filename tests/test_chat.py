@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -125,6 +127,42 @@ def test_teacher_forced_capture_equals_attention_at_generation(chat, image, tiny
     for k in range(len(spans) - 1):
         rows = torch.cat([layer[0, :, -1, cols] for layer in out.attentions[k + 1]])
         torch.testing.assert_close(maps[k], rows, atol=1e-5, rtol=1e-4)
+
+
+def test_threads_grounding_answers_to_different_questions_keep_their_own_turn(
+    chat, image, monkeypatch
+):
+    """Two threads ground at once (the web page serves each request on its own thread): each
+    prompt holds its own question, however the threads interleave. A barrier holds both threads
+    inside the LMM's prompt building, so a question kept as shared state would be seen by both."""
+    barrier, seen, failed = threading.Barrier(2, timeout=60), {}, []
+    prompt = chat.lmm.prompt
+
+    def ground(question: str) -> None:
+        try:
+            chat.ground(image, "red", ["red"], question)
+        except Exception as err:  # noqa: BLE001 (reported by the assertion below)
+            failed.append(err)
+
+    def meeting(*args):
+        barrier.wait()
+        seen[threading.current_thread().name] = prompt(*args)[0]
+        return prompt(*args)
+
+    monkeypatch.setattr(chat.lmm, "prompt", meeting)
+    questions = {"a": "what colour is the circle?", "b": "where is the square?"}
+    threads = [
+        threading.Thread(target=ground, args=(q,), name=name)
+        for name, q in questions.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failed, failed
+    for name, question in questions.items():
+        other = questions["b" if name == "a" else "a"]
+        assert question in seen[name] and other not in seen[name], (name, seen[name])
 
 
 def test_chat_grounds_given_phrases_in_the_answer(chat, image):

@@ -95,8 +95,8 @@ def load_chat(args: argparse.Namespace) -> GroundedChat:
         args.sam,
         selector=args.selector,
         decoding={"repetition_penalty": penalty} if penalty is not None else None,
-        family=args.family,
-        sam_variant=args.sam_variant,
+        family=getattr(args, "family", None),
+        sam_variant=getattr(args, "sam_variant", None),
         **lmm_options(args),
     )
 

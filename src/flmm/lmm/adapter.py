@@ -8,6 +8,7 @@ phrase-to-image attention of every layer and the phrase tokens' hidden states of
 from __future__ import annotations
 
 import operator
+import threading
 
 import numpy as np
 import torch
@@ -381,9 +382,13 @@ class FrozenLMM(nn.Module):
 
     @staticmethod
     def _hidden_hook(rows: torch.Tensor, store: list[torch.Tensor]):
-        """Forward hook keeping only the phrase rows (``B x R x D``) of a decoder layer's output."""
+        """Forward hook keeping only the phrase rows (``B x R x D``) of a decoder layer's output,
+        in the calling thread's forward alone (hooks are shared by every thread using the LMM)."""
+        owner = threading.get_ident()
 
         def hook(module, args, output):
+            if threading.get_ident() != owner:
+                return
             states = output[0] if isinstance(output, tuple) else output
             index = rows.to(states.device)[..., None].expand(-1, -1, states.shape[-1])
             store.append(states.gather(1, index).to(rows.device))

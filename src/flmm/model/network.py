@@ -83,6 +83,11 @@ class FLMMModel(nn.Module):
         refiner = SamRefiner(sam)
         return cls(lmm, mask_head, text_prompt, refiner, feature_cache(cache_dir, lmm, refiner))
 
+    def with_feature_cache(self, cache) -> FLMMModel:
+        """This model's modules (shared, not copied) with frozen outputs read from ``cache`` (a
+        :class:`~flmm.training.feature_cache.FeatureCache`; None: none)."""
+        return FLMMModel(self.lmm, self.mask_head, self.text_prompt, self.refiner, cache)
+
     # ---------------------------------------------------------------- parameters and checkpoints
     def trainable_modules(self) -> dict[str, nn.Module]:
         """The only modules F-LMM trains; checkpoints hold exactly their state."""
