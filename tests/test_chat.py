@@ -152,8 +152,7 @@ def test_threads_grounding_answers_to_different_questions_keep_their_own_turn(
     monkeypatch.setattr(chat.lmm, "prompt", meeting)
     questions = {"a": "what colour is the circle?", "b": "where is the square?"}
     threads = [
-        threading.Thread(target=ground, args=(q,), name=name)
-        for name, q in questions.items()
+        threading.Thread(target=ground, args=(q,), name=name) for name, q in questions.items()
     ]
     for thread in threads:
         thread.start()
