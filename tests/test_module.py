@@ -3,7 +3,9 @@ hand, and evaluation's thresholds and per-phrase records against IoUs computed h
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +145,21 @@ def test_evaluation_thresholds_logits_at_zero_and_records_each_stages_iou(model,
     (predicted,) = module.predict_step(batch, 0)
     assert np.array_equal(predicted["refined"].numpy(), refined > 0)
     assert np.array_equal(predicted["coarse"].numpy(), coarse > 0)
+
+
+# ----------------------------------------------------------------- checkpoints written before
+def test_checkpoints_keep_the_layout_written_before_the_split(tiny_llava_dir):
+    """The state keys and shapes, the metadata fields and the hyperparameters a training checkpoint
+    holds are those flmm wrote before FLMM was split into FLMMModel and the LightningModule
+    (fixtures/pre_split_checkpoint.json, read from a .ckpt that code wrote): loading is strict,
+    so old checkpoints load exactly when these agree."""
+    old = json.loads((Path(__file__).parent / "fixtures/pre_split_checkpoint.json").read_text())
+    lmm = FrozenLMM.from_pretrained(tiny_llava_dir)
+    module = FLMM.build(lmm, build_sam("tiny"), base_channels=8, target_size=8)
+    ckpt: dict = {"hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)
+    shapes = {k: "x".join(map(str, v.shape)) for k, v in ckpt["state_dict"].items()}
+    assert shapes == old["state_dict"]
+    assert sorted(ckpt["flmm"]) == old["flmm"] and sorted(ckpt["flmm"]["sam"]) == old["sam"]
+    assert ckpt["flmm"]["mask_head"] == old["mask_head"]
+    assert ckpt["hyper_parameters"] == old["hyper_parameters"]
