@@ -37,6 +37,9 @@ class FrozenLMM(nn.Module):
         merge: ``"mean"`` or ``"max"`` over the tokens of a phrase.
         instruction: user-turn instruction (the family's default when None).
         grid_size: side ``F`` of the output attention grid (the family's rule when None).
+        trust_remote_code, revision, quantization, placed: how :meth:`from_pretrained` loaded it
+            (head folders and checkpoints record them): whether it could run the checkpoint's
+            code, the hub commit, the quantization, whether a ``device_map`` placed it.
     """
 
     def __init__(
@@ -49,16 +52,17 @@ class FrozenLMM(nn.Module):
         merge: str = "mean",
         instruction: str | None = None,
         grid_size: int | None = None,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        quantization: str | None = None,
+        placed: bool = False,
     ) -> None:
         super().__init__()
         self.model, self.processor, self.family, self._model_id = model, processor, family, model_id
         self.merge = merge
         self.instruction = instruction or family.instruction
-        # how from_pretrained loaded it (head folders and checkpoints record them): whether it
-        # could run the checkpoint's code, the hub commit, the quantization, whether a
-        # device_map placed it
-        self.trust_remote_code, self.revision, self.quantization = False, None, None
-        self.placed = False
+        self.trust_remote_code, self.revision = trust_remote_code, revision
+        self.quantization, self.placed = quantization, placed
         self.layers = operator.attrgetter(family.decoder_layers)(model)
         self.final_norm = operator.attrgetter(family.final_norm)(model)
         self.text_config = getattr(model.config, family.text_config)
@@ -133,11 +137,20 @@ class FrozenLMM(nn.Module):
             quantization=quantization,
             hub=hub,
         )
-        lmm = cls(model, processor, fam, name_or_path, text_layers, merge, instruction, grid_size)
-        lmm.trust_remote_code, lmm.quantization = trust_remote_code, quantization
-        lmm.revision = loading.hub_commit(name_or_path, revision, cache_dir)
-        lmm.placed = device_map is not None
-        return lmm
+        return cls(
+            model,
+            processor,
+            fam,
+            name_or_path,
+            text_layers,
+            merge,
+            instruction,
+            grid_size,
+            trust_remote_code=trust_remote_code,
+            revision=loading.hub_commit(name_or_path, revision, cache_dir),
+            quantization=quantization,
+            placed=device_map is not None,
+        )
 
     def train(self, mode: bool = True) -> FrozenLMM:
         """Always stays in eval mode: the LMM is frozen."""
