@@ -39,8 +39,7 @@ from flmm.data.synthetic import SyntheticDataModule
 from flmm.foundation.tiny_llava import build_tiny_llava
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
-from flmm.model.module import FLMM
-from flmm.training.feature_cache import attach
+from flmm.model.network import FLMMModel, feature_cache
 
 PRESETS = {
     "tiny": {"llava": {}, "sam": ("tiny", {}), "base_channels": 16},
@@ -60,13 +59,13 @@ PRESETS = {
 }
 
 
-def build_model(preset: str, workdir: Path) -> FLMM:
+def build_model(preset: str, workdir: Path) -> FLMMModel:
     """F-LMM around a random LLaVA and SAM of ``preset``'s sizes, in training mode."""
     spec = PRESETS[preset]
     torch.manual_seed(0)
     lmm = FrozenLMM.from_pretrained(str(build_tiny_llava(workdir / preset, **spec["llava"])))
     variant, sizes = spec["sam"]
-    model = FLMM.build(lmm, build_sam(variant, **sizes), base_channels=spec["base_channels"])
+    model = FLMMModel.build(lmm, build_sam(variant, **sizes), base_channels=spec["base_channels"])
     return model.train()
 
 
@@ -85,7 +84,7 @@ def world_batches(workdir: Path, batch_size: int, count: int) -> list:
     raise RuntimeError(f"the world gave {len(batches)} batches, {count} asked for")
 
 
-def train_step(model: FLMM, optimizer: torch.optim.Optimizer, batch) -> tuple[float, float]:
+def train_step(model: FLMMModel, optimizer: torch.optim.Optimizer, batch) -> tuple[float, float]:
     """One training step (forward, losses, backward, optimizer step): (seconds, loss)."""
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -97,13 +96,12 @@ def train_step(model: FLMM, optimizer: torch.optim.Optimizer, batch) -> tuple[fl
 
 def run_pass(model, optimizer, batches, cache) -> tuple[float, list[float]]:
     """Seconds per sample over ``batches`` and the per-batch losses, with ``cache`` (or None)."""
-    model.feature_cache = cache
+    model = model.with_feature_cache(cache)
     seconds, losses = 0.0, []
     for batch in batches:
         t, loss = train_step(model, optimizer, batch)
         seconds += t
         losses.append(loss)
-    model.feature_cache = None
     return seconds / sum(len(b) for b in batches), losses
 
 
@@ -116,7 +114,7 @@ def measure(preset: str, batch_size: int, count: int, repeats: int) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
         train_step(model, optimizer, batches[0])  # warm-up (allocator, kernels)
-        cache = attach(model, workdir / "cache")
+        cache = feature_cache(workdir / "cache", model.lmm, model.refiner)
         caching, fill_losses = run_pass(model, optimizer, batches, cache)
         times = {"uncached": [], "cached": []}
         for _ in range(repeats):

@@ -5,7 +5,7 @@ loaded in bf16, 4-bit and 8-bit (``FrozenLMM.from_pretrained(..., quantization=.
 
   train-b8, train-b1  F-LMM's training step (frozen LMM forward with capture, mask head, SAM ViT-L
                       refiner with random weights, losses, backward, AdamW) at batch 8 and 1;
-  ground              ``FLMM.ground`` on one image (inference).
+  ground              ``FLMMPredictor.ground`` on one image (inference).
 
 For the first family in bf16, also the cached step (heads only, from the frozen-feature cache) with
 the heads eager and ``torch.compile``-d, against the reference's way at batch 1 (the c/a ratio of
@@ -56,6 +56,7 @@ from sizing_report import (
 
 from flmm.errors import FlmmUserError
 from flmm.files import write_text_atomic
+from flmm.model.predictor import FLMMPredictor
 
 PRECISIONS = {"gpu": ("bf16", "4bit", "8bit"), "smoke": ("bf16", "int8", "4bit", "8bit")}
 # seconds a step takes on an H100 at 7B (the H200 run's speeds, 4 passes a row): one that no
@@ -248,16 +249,17 @@ def measure_steps(run: Run, rig: tt.Rig, row: dict, case: str) -> dict:
 
 
 def measure_ground(run: Run, rig: tt.Rig, row: dict) -> dict:
-    """``FLMM.ground`` on one image and its phrases (bf16 autocast), median of the passes after
+    """``FLMMPredictor.ground`` on one image and its phrases (bf16 autocast), median of the passes after
     a warm-up call (none in the smoke run)."""
     sample = tt.make_samples(run.preset(row["family"], 1))[0]
     phrases = [sample.text[a:b] for a, b in sample.spans]
     rig.optimizer.zero_grad(set_to_none=True)
     model = rig.model.eval()
+    predictor = FLMMPredictor(model)
 
     def ground() -> None:
         with rig.autocast():
-            model.ground(sample.image, sample.text, phrases)
+            predictor.ground(sample.image, sample.text, phrases)
 
     if not run.args.smoke:
         ground()

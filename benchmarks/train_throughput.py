@@ -71,7 +71,7 @@ from flmm.heads import SamRefiner, build_sam
 from flmm.heads.sam_refiner import coarse_boxes, mask_prompt
 from flmm.lmm import FrozenLMM
 from flmm.lmm.families import get_family
-from flmm.model.module import FLMM
+from flmm.model.network import FLMMModel
 from flmm.training.feature_cache import FeatureCache
 from flmm.types import CaptureOutput, GroundingBatch, GroundingSample
 
@@ -289,8 +289,8 @@ class Rig:
     modules), the batches, the optimizer and, once filled, the feature cache."""
 
     preset: Preset
-    model: FLMM
-    reference: FLMM
+    model: FLMMModel
+    reference: FLMMModel
     batches: list[GroundingBatch]
     singles: list[GroundingBatch]
     optimizer: torch.optim.Optimizer
@@ -304,9 +304,9 @@ class Rig:
         lmm = lmm or build_lmm(p)
         sam = build_sam(p.sam[0], **p.sam[1]).to(p.device)
         torch.manual_seed(0)
-        model = FLMM.build(lmm, sam, base_channels=p.base_channels).to(p.device).train()
+        model = FLMMModel.build(lmm, sam, base_channels=p.base_channels).to(p.device).train()
         refiner = PerPhraseRefiner(sam)
-        reference = FLMM(lmm, model.mask_head, model.text_prompt, refiner).train()
+        reference = FLMMModel(lmm, model.mask_head, model.text_prompt, refiner).train()
         if p.compile:
             compile_heads(model, p.compile)
         params = [q for q in model.parameters() if q.requires_grad]
@@ -338,7 +338,7 @@ class Rig:
         self.fill_seconds = timed(lambda: run_flmm(self, self.cache), self.preset.device)
 
 
-def compile_heads(model: FLMM, backend: str = "inductor") -> None:
+def compile_heads(model: FLMMModel, backend: str = "inductor") -> None:
     """``torch.compile`` the trainable heads of ``model``: the U-Net mask head and SAM's prompt
     encoder + mask decoder (:meth:`SamRefiner.decode`). Wrappers, not in place: the reference
     twin shares these modules' weights but keeps running them eagerly, as the reference does."""
@@ -347,11 +347,11 @@ def compile_heads(model: FLMM, backend: str = "inductor") -> None:
 
 
 # ------------------------------------------------------------------------------------ the cases
-def train_step(rig: Rig, model: FLMM, batch: GroundingBatch, capture=None) -> None:
+def train_step(rig: Rig, model: FLMMModel, batch: GroundingBatch, capture=None) -> None:
     """Forward (from ``capture`` when given), losses, backward, clipping, AdamW step."""
     rig.optimizer.zero_grad(set_to_none=True)
     with rig.autocast():
-        pred = model.predict(batch, capture) if capture is not None else model(batch)
+        pred = model.decode(batch, capture) if capture is not None else model(batch)
         loss = model.losses(batch, pred)["loss"]
     loss.backward()
     torch.nn.utils.clip_grad_norm_(rig.optimizer.param_groups[0]["params"], 1.0)
@@ -401,12 +401,9 @@ def run_reference(rig: Rig) -> None:
 
 def run_flmm(rig: Rig, cache: FeatureCache | None = None) -> None:
     set_attention(rig.model.lmm, IMPLEMENTATION, "sdpa")
-    rig.model.feature_cache = cache
-    try:
-        for batch in rig.batches:
-            train_step(rig, rig.model, batch)
-    finally:
-        rig.model.feature_cache = None
+    model = rig.model.with_feature_cache(cache)
+    for batch in rig.batches:
+        train_step(rig, model, batch)
 
 
 def run_cached(rig: Rig) -> None:
@@ -765,7 +762,7 @@ def flmm_phases(rig: Rig) -> dict[str, float]:
             with clock("(b) SAM image encoder"):
                 embedded = model.refiner.embed_images(batch.images)
             with clock("(b) heads forward (mask head, text prompts, SAM decoder)"):
-                pred = model.predict(batch, capture, embedded)
+                pred = model.decode(batch, capture, embedded)
             with clock("(b) losses"):
                 loss = model.losses(batch, pred)["loss"]
         with clock("(b) backward"):

@@ -161,13 +161,15 @@ def test_wandb_images_have_mask_toggles_and_test_table_one_row_per_phrase(
     import lightning as L
     from lightning.pytorch.loggers import WandbLogger
 
-    from flmm.model.module import FLMM
+    from flmm.model import FLMM, load
 
     root, cfg, _ = tiny_run
-    model = FLMM.from_checkpoint(
-        str(root / "run" / "checkpoints" / "last.ckpt"),
-        hydra.utils.instantiate(cfg.model.lmm),
-        hydra.utils.instantiate(cfg.model.sam),
+    model = FLMM(
+        load(
+            root / "run" / "checkpoints" / "last.ckpt",
+            lmm=hydra.utils.instantiate(cfg.model.lmm),
+            sam=hydra.utils.instantiate(cfg.model.sam),
+        )
     )
     datamodule = hydra.utils.instantiate(cfg.data)
     logged = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -16,14 +18,14 @@ from flmm.chat.conversation import (
     GroundedChat,
     expand_box,
     mask_box,
-    sam_variant_of,
 )
 from flmm.chat.selector import KeywordSelector, word_spans
 from flmm.data.masks import largest_region
 from flmm.errors import FlmmUserError
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
-from flmm.model.module import FLMM
+from flmm.model.loader import sam_variant_of
+from flmm.model.network import FLMMModel
 from flmm.types import GroundingBatch, GroundingSample
 
 QUESTION = "what colour is the circle?"
@@ -33,7 +35,7 @@ QUESTION = "what colour is the circle?"
 def chat(tiny_llava_dir) -> GroundedChat:
     torch.manual_seed(0)
     lmm = FrozenLMM.from_pretrained(tiny_llava_dir)
-    return GroundedChat(FLMM.build(lmm, build_sam("tiny"), base_channels=8))
+    return GroundedChat(FLMMModel.build(lmm, build_sam("tiny"), base_channels=8))
 
 
 @pytest.fixture
@@ -120,12 +122,46 @@ def test_teacher_forced_capture_equals_attention_at_generation(chat, image, tiny
     assert len(spans) == len(new)  # the tiny tokenizer is word-level
     cols = (inputs["input_ids"][0] == chat.lmm.image_token_id).nonzero()[:, 0]
     sample = GroundingSample(image, answer, spans, np.zeros((len(spans), 1, 1), dtype=bool))
-    with chat.lmm.user_turn(QUESTION):
-        maps = chat.lmm(GroundingBatch.collate([sample])).maps[0].flatten(2)  # K x L*H x P
+    maps = chat.lmm(GroundingBatch.collate([sample]), QUESTION).maps[0].flatten(2)  # K x L*H x P
     # step t of generate feeds token t-1 of the answer: its row is the last query of step t
     for k in range(len(spans) - 1):
         rows = torch.cat([layer[0, :, -1, cols] for layer in out.attentions[k + 1]])
         torch.testing.assert_close(maps[k], rows, atol=1e-5, rtol=1e-4)
+
+
+def test_threads_grounding_answers_to_different_questions_keep_their_own_turn(
+    chat, image, monkeypatch
+):
+    """Two threads ground at once (the web page serves each request on its own thread): each
+    prompt holds its own question, however the threads interleave. A barrier holds both threads
+    inside the LMM's prompt building, so a question kept as shared state would be seen by both."""
+    barrier, seen, failed = threading.Barrier(2, timeout=60), {}, []
+    prompt = chat.lmm.prompt
+
+    def ground(question: str) -> None:
+        try:
+            chat.ground(image, "red", ["red"], question)
+        except Exception as err:  # noqa: BLE001 (reported by the assertion below)
+            failed.append(err)
+
+    def meeting(*args):
+        barrier.wait()
+        seen[threading.current_thread().name] = prompt(*args)[0]
+        return prompt(*args)
+
+    monkeypatch.setattr(chat.lmm, "prompt", meeting)
+    questions = {"a": "what colour is the circle?", "b": "where is the square?"}
+    threads = [
+        threading.Thread(target=ground, args=(q,), name=name) for name, q in questions.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failed, failed
+    for name, question in questions.items():
+        other = questions["b" if name == "a" else "a"]
+        assert question in seen[name] and other not in seen[name], (name, seen[name])
 
 
 def test_chat_grounds_given_phrases_in_the_answer(chat, image):

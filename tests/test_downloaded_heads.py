@@ -31,7 +31,7 @@ from flmm.files import umask
 from flmm.foundation.cache import SHIPPED
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
-from flmm.model import pretrained
+from flmm.model import loader
 from flmm.model.checkpoint import read_checkpoint
 from flmm.model.module import FLMM
 from flmm.model.pretrained import FLMMHead, head_config
@@ -102,7 +102,7 @@ def test_a_hub_head_never_turns_on_remote_code(trained, marker_lmm, monkeypatch)
     monkeypatch.setattr(
         hub_mixin, "hf_hub_download", lambda repo_id, filename, **kw: folder / filename
     )
-    monkeypatch.setattr(pretrained, "snapshot_download", lambda repo_id, **kw: str(folder))
+    monkeypatch.setattr(loader, "snapshot_download", lambda repo_id, **kw: str(folder))
     with pytest.raises(FlmmUserError, match=REFUSAL):
         FLMMHead.from_pretrained("someone/shared-head")
     assert not marker_lmm[1].exists()

@@ -12,16 +12,16 @@ from safetensors.torch import load_file, save_file
 
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
-from flmm.model.module import FLMM
+from flmm.model.network import FLMMModel
 from flmm.train import train
-from flmm.training.feature_cache import FeatureCache, attach, join_capture, split_capture
+from flmm.training.feature_cache import FeatureCache, join_capture, split_capture
 
 
 @pytest.fixture(scope="module")
 def model(tiny_llava_dir):
     torch.manual_seed(0)
     lmm = FrozenLMM.from_pretrained(str(tiny_llava_dir))
-    return FLMM.build(lmm, build_sam("tiny"), base_channels=8).eval()
+    return FLMMModel.build(lmm, build_sam("tiny"), base_channels=8).eval()
 
 
 def fp16_rounded(capture):
@@ -33,17 +33,16 @@ def test_cached_predictions_match_the_frozen_models(model, ragged_batch, tmp_pat
     with torch.no_grad():
         plain = model(ragged_batch)
         plain_loss = model.losses(ragged_batch, plain)["loss"]
-        cache = attach(model, tmp_path)
-        try:
-            filling = model(ragged_batch)  # computes and stores every entry
-            cached = model(ragged_batch)  # reads every entry back
-            rounded = model.predict(
-                ragged_batch,
-                fp16_rounded(model.lmm(ragged_batch)),
-                cache.embed_images(ragged_batch.images),
-            )
-        finally:
-            model.feature_cache = None
+        cache = FeatureCache(tmp_path, model.lmm, model.refiner)
+        heads = (model.mask_head, model.text_prompt, model.refiner)
+        with_cache = FLMMModel(model.lmm, *heads, feature_cache=cache)
+        filling = with_cache(ragged_batch)  # computes and stores every entry
+        cached = with_cache(ragged_batch)  # reads every entry back
+        rounded = model.decode(
+            ragged_batch,
+            fp16_rounded(model.lmm(ragged_batch)),
+            cache.embed_images(ragged_batch.images),
+        )
     assert cache.misses == {"lmm": 3, "sam": 3} and cache.hits == {"lmm": 3, "sam": 6}
     for a, b in zip(filling.refined, cached.refined):
         assert torch.equal(a, b)

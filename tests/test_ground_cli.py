@@ -104,7 +104,7 @@ def test_repetition_penalty_reaches_the_answer(saved, image_file, tmp_path, monk
 
 
 def test_a_bad_repetition_penalty_is_refused_before_models_load(image_file, capsys, monkeypatch):
-    monkeypatch.setattr(options, "_load_chat", lambda args: pytest.fail("models loaded"))
+    monkeypatch.setattr(options, "chosen_checkpoint", lambda given: pytest.fail("models loaded"))
     with pytest.raises(SystemExit):
         main([str(image_file), "what colour?", "--repetition-penalty", "0"])
     assert "--repetition-penalty must be positive" in capsys.readouterr().err

@@ -407,12 +407,13 @@ def with_hparams(good: bytes, **hparams) -> dict:
 
 @pytest.mark.parametrize("kind", sorted(BROKEN_CHECKPOINTS))
 def test_broken_checkpoint_is_one_line(tiny_run, tiny_models, tmp_path, capsys, kind):
-    from flmm.model.module import FLMM
+    from flmm.model import load
 
     make, message = BROKEN_CHECKPOINTS[kind]
     path = tmp_path / f"{kind}.ckpt"
     path.write_bytes(make(tiny_checkpoint(tiny_run).read_bytes()))
-    err = one_line_error(capsys, FLMM.from_checkpoint, str(path), *tiny_models)
+    lmm, sam = tiny_models
+    err = one_line_error(capsys, load, str(path), lmm=lmm, sam=sam)
     assert str(path) in err and re.search(message, err), err
 
 
@@ -452,7 +453,7 @@ def test_checkpoint_last_is_the_newest_runs_last_ckpt_not_a_hub_id(
         os.utime(last, (mtime, mtime))
     newest = Path("logs/train/runs/new/checkpoints/last.ckpt")
     loaded = []
-    stub = type("Chat", (), {"from_checkpoint": lambda *a, **k: loaded.append(a[1])})
+    stub = type("Chat", (), {"from_pretrained": lambda *a, **k: loaded.append(a[0])})
     monkeypatch.setattr(options, "GroundedChat", stub)  # no from_pretrained: no hub lookup
     options.load_chat(options_parser().parse_args(["--checkpoint", "last"]))
     assert loaded == [str(newest)]

@@ -216,6 +216,9 @@ def test_the_command_line_options_reach_the_lmm(tagged, monkeypatch):
         "attn_implementation": "eager",
         "device": None,
         "trust_remote_code": False,
+        "decoding": None,
+        "family": None,
+        "sam_variant": None,
     }
 
 
@@ -224,5 +227,5 @@ def test_flmm_evaluate_loads_a_head_folder_as_model_lmm_says(tagged, hub):
     overrides += [f"model.lmm.cache_dir={hub['cache_dir']}", "model.lmm.local_files_only=true"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("evaluate", overrides=overrides)
-    lmm = load_model(cfg).lmm
+    lmm = load_model(cfg).model.lmm
     assert (lmm.revision, lmm.quantization) == (V2, "int8")

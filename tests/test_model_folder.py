@@ -24,9 +24,9 @@ from flmm.errors import CheckpointMismatchError, FlmmUserError
 from flmm.evaluate import evaluate
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
-from flmm.model.checkpoint import read_checkpoint
-from flmm.model.module import FLMM
-from flmm.model.pretrained import FLMMHead, add_scores, portable, resolve
+from flmm.model import FLMMModel, FLMMPredictor, load, loader
+from flmm.model.checkpoint import portable, read_checkpoint, resolve
+from flmm.model.pretrained import FLMMHead, add_scores
 
 ROWS = {"refined (SAM)": "", "coarse (mask head)": "coarse_"}
 
@@ -49,9 +49,9 @@ def head(run) -> FLMMHead:
     return FLMMHead.from_pretrained(run[2])
 
 
-def ground(model: FLMM, sample):
+def ground(model: FLMMModel, sample):
     phrases = [sample.text[s:e] for s, e in sample.spans]
-    return model.ground(sample.image, sample.text, phrases)
+    return FLMMPredictor(model).ground(sample.image, sample.text, phrases)
 
 
 def assert_same_masks(a, b) -> None:
@@ -76,8 +76,22 @@ def test_training_writes_a_model_folder_from_the_best_checkpoint(run):
 def test_from_pretrained_gives_the_checkpoints_masks(run, head):
     _, cfg, _, best, sample = run
     lmm, sam = hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
-    reference = FLMM.from_checkpoint(str(best), lmm, sam)
+    reference = load(best, lmm=lmm, sam=sam)
     assert_same_masks(ground(head.model, sample), ground(reference, sample))
+
+
+def test_one_loader_serves_a_checkpoint_a_folder_and_a_hub_id_alike(run, monkeypatch):
+    """``flmm.model.load`` of the run's best ``.ckpt``, of its model folder and of a hub id
+    (served here from that folder) give the same masks, each with the LMM and SAM it records."""
+    _, _, folder, best, sample = run
+    asked = []
+    monkeypatch.setattr(
+        loader, "snapshot_download", lambda repo_id, **kw: asked.append(repo_id) or str(folder)
+    )
+    masks = [ground(load(source), sample) for source in (best, folder, "someone/shared-head")]
+    assert asked == ["someone/shared-head"]
+    for other in masks[1:]:
+        assert_same_masks(other, masks[0])
 
 
 def test_save_pretrained_round_trip(run, head, tmp_path):

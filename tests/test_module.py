@@ -3,7 +3,9 @@ hand, and evaluation's thresholds and per-phrase records against IoUs computed h
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +13,16 @@ import torch
 
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
-from flmm.model.module import FLMM, Predictions
+from flmm.model.module import FLMM
+from flmm.model.network import FLMMModel, Predictions
 from flmm.types import GroundingBatch, GroundingSample
 
 
 @pytest.fixture(scope="module")
-def model(tiny_llava_dir) -> FLMM:
+def model(tiny_llava_dir) -> FLMMModel:
     torch.manual_seed(0)
     lmm = FrozenLMM.from_pretrained(tiny_llava_dir)
-    return FLMM.build(lmm, build_sam("tiny"), base_channels=8).eval()
+    return FLMMModel.build(lmm, build_sam("tiny"), base_channels=8).eval()
 
 
 def test_each_phrase_prompts_sam_with_its_own_tokens(model, ragged_batch):
@@ -28,10 +31,10 @@ def test_each_phrase_prompts_sam_with_its_own_tokens(model, ragged_batch):
     with torch.no_grad():
         capture = model.lmm(ragged_batch)
         embedded = model.refiner.embed_images(ragged_batch.images)
-        before = model.predict(ragged_batch, capture, embedded)
+        before = model.decode(ragged_batch, capture, embedded)
         rows = capture.token_phrase[1] == 1
         capture.hidden[1, :, rows] += 3 * torch.randn_like(capture.hidden[1, :, rows])
-        after = model.predict(ragged_batch, capture, embedded)
+        after = model.decode(ragged_batch, capture, embedded)
     assert torch.equal(after.coarse, before.coarse)
     for b, (new, old) in enumerate(zip(after.refined, before.refined)):
         for k in range(len(old)):
@@ -121,23 +124,42 @@ def test_evaluation_thresholds_logits_at_zero_and_records_each_stages_iou(model,
     refined[1, 2:, 2:] = 0.7  # ... and its right half: IoU 1
     coarse_t = torch.from_numpy(coarse)
     pred = Predictions(coarse_t, [coarse_t], [torch.from_numpy(refined)])
-    monkeypatch.setattr(model, "forward", lambda batch: pred)
-    for metric in model.metrics.values():
+    module = FLMM(model)
+    monkeypatch.setattr(module, "forward", lambda batch: pred)
+    for metric in module.metrics.values():
         metric.reset()
-    model.on_test_epoch_start()
-    model.test_step(batch, 0)
+    module.on_test_epoch_start()
+    module.test_step(batch, 0)
     expected = {
         "iou_coarse": [iou(c > 0, t) for c, t in zip(coarse, target)],
         "iou_refined": [iou(r > 0, t) for r, t in zip(refined, target)],
     }
     assert expected == {"iou_coarse": [4 / 9, 0.5], "iou_refined": [1.0, 1.0]}
-    records = model.test_records
+    records = module.test_records
     assert [r["phrase"] for r in records] == ["a", "b"]
     for key, values in expected.items():
         assert [r[key] for r in records] == pytest.approx(values), key
         stage = key.removeprefix("iou_")
-        giou = model.metrics[f"test_{stage}"].compute()["gIoU"]
+        giou = module.metrics[f"test_{stage}"].compute()["gIoU"]
         assert float(giou) == pytest.approx(100 * np.mean(values)), stage
-    (predicted,) = model.predict_step(batch, 0)
+    (predicted,) = module.predict_step(batch, 0)
     assert np.array_equal(predicted["refined"].numpy(), refined > 0)
     assert np.array_equal(predicted["coarse"].numpy(), coarse > 0)
+
+
+# ----------------------------------------------------------------- checkpoints written before
+def test_checkpoints_keep_the_layout_written_before_the_split(tiny_llava_dir):
+    """The state keys and shapes, the metadata fields and the hyperparameters a training checkpoint
+    holds are those flmm wrote before FLMM was split into FLMMModel and the LightningModule
+    (fixtures/pre_split_checkpoint.json, read from a .ckpt that code wrote): loading is strict,
+    so old checkpoints load exactly when these agree."""
+    old = json.loads((Path(__file__).parent / "fixtures/pre_split_checkpoint.json").read_text())
+    lmm = FrozenLMM.from_pretrained(tiny_llava_dir)
+    module = FLMM.build(lmm, build_sam("tiny"), base_channels=8, target_size=8)
+    ckpt: dict = {"hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)
+    shapes = {k: "x".join(map(str, v.shape)) for k, v in ckpt["state_dict"].items()}
+    assert shapes == old["state_dict"]
+    assert sorted(ckpt["flmm"]) == old["flmm"] and sorted(ckpt["flmm"]["sam"]) == old["sam"]
+    assert ckpt["flmm"]["mask_head"] == old["mask_head"]
+    assert ckpt["hyper_parameters"] == old["hyper_parameters"]

@@ -207,11 +207,11 @@ def test_predict_is_a_command_with_help(capsys):
 def test_predict_step_gives_masks_at_image_size(tiny_run):
     import hydra
 
-    from flmm.model.module import FLMM
+    from flmm.model import FLMM, FLMMPredictor, load
 
     root, cfg, _ = tiny_run
     lmm, sam = hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
-    model = FLMM.from_checkpoint(str(root / "run" / "checkpoints" / "last.ckpt"), lmm, sam)
+    model = FLMM(load(root / "run" / "checkpoints" / "last.ckpt", lmm=lmm, sam=sam))
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("test")
     loader = datamodule.test_dataloader()
@@ -228,7 +228,7 @@ def test_predict_step_gives_masks_at_image_size(tiny_run):
         shape = (len(batch.spans[b]), *image.shape[:2])
         assert sample["refined"].shape == sample["coarse"].shape == shape
         assert sample["refined"].dtype == torch.bool
-        alone = model.ground(image, text, sample["phrases"])
+        alone = FLMMPredictor(model.model).ground(image, text, sample["phrases"])
         torch.testing.assert_close(sample["refined"], alone.masks)
         torch.testing.assert_close(sample["coarse"], alone.coarse > 0.5)
 

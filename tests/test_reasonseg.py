@@ -27,7 +27,7 @@ from flmm.data.synthetic import sample_scene
 from flmm.errors import FlmmUserError
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
-from flmm.model.module import FLMM
+from flmm.model.network import FLMMModel
 
 BOX = [[2, 2], [11, 2], [11, 7], [2, 7]]  # x 2..11, y 2..7: 10 x 6 pixels, outline included
 
@@ -123,7 +123,7 @@ def test_answer_then_ground_on_the_synthetic_world(tiny_llava_dir, tmp_path, cap
 
 def test_evaluate_scores_every_query(tiny_llava_dir, tmp_path):
     lmm = FrozenLMM.from_pretrained(tiny_llava_dir)
-    chat = GroundedChat(FLMM.build(lmm, build_sam("tiny"), base_channels=8))
+    chat = GroundedChat(FLMMModel.build(lmm, build_sam("tiny"), base_channels=8))
     write_item(tmp_path, "a", [{"label": "target", "points": BOX}], size=(24, 24))
     metrics, records = evaluate(chat, read_split(tmp_path), max_new_tokens=3)
     assert metrics["queries"] == 2 and len(records) == 2
@@ -139,7 +139,7 @@ def test_relevant_object_mode_segments_the_object_the_cot_step_names(
     its mask is what each query scores (the target is the whole image: IoU = the mask's area)."""
     torch.manual_seed(0)
     lmm = FrozenLMM.from_pretrained(tiny_llava_dir)
-    chat = GroundedChat(FLMM.build(lmm, build_sam("tiny"), base_channels=8))
+    chat = GroundedChat(FLMMModel.build(lmm, build_sam("tiny"), base_channels=8))
     whole = [[0, 0], [23, 0], [23, 23], [0, 23]]
     write_item(tmp_path, "a", [{"label": "target", "points": whole}], size=(24, 24))
     asked = []

@@ -25,6 +25,7 @@ from flmm.heads import build_sam
 from flmm.lmm import Family, FrozenLMM, get_family, list_lmms
 from flmm.lmm.grid_checks import GRID_CHECKS
 from flmm.lmm.grids import PARTS
+from flmm.model import load
 from flmm.model.module import FLMM
 from flmm.train import train
 from flmm.types import GroundingBatch
@@ -365,12 +366,12 @@ def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, ragge
     model = FLMM.build(lmm, build_sam("tiny"), base_channels=8, lr=1e-3)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    first = model.mask_head.encoder[0][0].convs[0].conv.weight.detach().clone()
-    loss = model.losses(ragged_batch, model(ragged_batch))["loss"]
+    first = model.model.mask_head.encoder[0][0].convs[0].conv.weight.detach().clone()
+    loss = model.model.losses(ragged_batch, model(ragged_batch))["loss"]
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss) and not torch.equal(
-        first, model.mask_head.encoder[0][0].convs[0].conv.weight
+        first, model.model.mask_head.encoder[0][0].convs[0].conv.weight
     )
     assert first.shape[1] == lmm.channels
     assert not any(p.grad is not None for p in lmm.parameters())
@@ -379,10 +380,10 @@ def test_registry_training_step_and_checkpoint_metadata(family, tiny_lmms, ragge
     assert ckpt["flmm"]["channels"] == lmm.channels and ckpt["flmm"]["grid"] == list(lmm.grid)
     assert ckpt["flmm"]["family"] == family
     torch.save(ckpt, tmp_path / "last.ckpt")
-    again = FLMM.from_checkpoint(str(tmp_path / "last.ckpt"), lmm, build_sam("tiny"))
+    again = load(tmp_path / "last.ckpt", lmm=lmm, sam=build_sam("tiny"))
     assert torch.equal(
         again.mask_head.encoder[0][0].convs[0].conv.weight,
-        model.mask_head.encoder[0][0].convs[0].conv.weight,
+        model.model.mask_head.encoder[0][0].convs[0].conv.weight,
     )
 
 

@@ -91,8 +91,7 @@ def test_train_selector_learns_the_grounded_words(tiny_llava_dir, tmp_path: Path
     selector = KeywordSelector.load(tmp_path / "run/selector.pt", lmm.hidden_size)
     text = "a large red circle at the top left. a blue square on the right."
     image = np.zeros((32, 32, 3), dtype=np.uint8)
-    with lmm.user_turn("please give me a description of the image."):
-        spans = selector.select(lmm, image, text)
+    spans = selector.select(lmm, image, text, "please give me a description of the image.")
     phrases = [text[s:e] for s, e in spans]
     # the nouns are picked; articles and punctuation never start or end a phrase
     assert any("large red circle" in p for p in phrases), phrases

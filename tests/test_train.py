@@ -198,11 +198,11 @@ def test_real_run_without_sam_weights_names_the_checkpoint(tmp_path):
 def test_trained_checkpoint_reloads_strictly_through_the_public_api(tiny_run):
     import hydra
 
-    from flmm.model.module import FLMM
+    from flmm.model import load
 
     root, cfg, _ = tiny_run
     lmm, sam = hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
-    model = FLMM.from_checkpoint(str(root / "run" / "checkpoints" / "last.ckpt"), lmm, sam)
+    model = load(root / "run" / "checkpoints" / "last.ckpt", lmm=lmm, sam=sam)
     saved = torch.load(
         root / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
@@ -224,11 +224,11 @@ def test_frozen_lmm_untouched_by_training(tiny_run):
 def test_ground_returns_masks_per_phrase_and_rejects_absent_phrases(tiny_run):
     import hydra
 
-    from flmm.model.module import FLMM
+    from flmm.model import FLMMPredictor, load
 
     root, cfg, _ = tiny_run
     lmm, sam = hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
-    model = FLMM.from_checkpoint(str(root / "run" / "checkpoints" / "last.ckpt"), lmm, sam)
+    model = FLMMPredictor(load(root / "run" / "checkpoints" / "last.ckpt", lmm=lmm, sam=sam))
     image = np.zeros((80, 96, 3), dtype=np.uint8)
     out = model.ground(
         image, "the red circle. the blue square.", ["the red circle", "the blue square"]
@@ -278,14 +278,14 @@ MISMATCHES = {  # a family-only mismatch, and a shape mismatch whose weights wou
 def test_checkpoint_for_another_lmm_is_refused_by_every_load_path(tiny_run, tmp_path, mismatch):
     import hydra
 
-    from flmm.model.module import FLMM
+    from flmm.model import load
 
     _, cfg, _ = tiny_run
     change, message = MISMATCHES[mismatch]
     path = forged_checkpoint(tiny_run, tmp_path, **change)
     lmm, sam = hydra.utils.instantiate(cfg.model.lmm), hydra.utils.instantiate(cfg.model.sam)
     with pytest.raises(CheckpointMismatchError, match=message):
-        FLMM.from_checkpoint(str(path), lmm, sam)
+        load(path, lmm=lmm, sam=sam)
     model = hydra.utils.instantiate(cfg.model)
     with pytest.raises(CheckpointMismatchError, match=message):
         tiny_trainer(tmp_path).fit(
@@ -299,7 +299,7 @@ class ChangeOneLMMWeight(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         if trainer.global_step == 1:
             with torch.no_grad():
-                next(pl_module.lmm.parameters()).view(-1)[0] += 1.0
+                next(pl_module.model.lmm.parameters()).view(-1)[0] += 1.0
 
 
 @pytest.mark.parametrize("change", [False, True], ids=["untouched", "one_weight_changed"])
@@ -310,7 +310,7 @@ def test_frozen_lmm_check_compares_before_with_after(tiny_run, tmp_path, change)
 
     _, cfg, _ = tiny_run
     model = hydra.utils.instantiate(cfg.model)
-    before = fingerprint(model.lmm)
+    before = fingerprint(model.model.lmm)
     check = FrozenLMMCheck(["what is in the image?"], num_images=1, max_new_tokens=2)
     callbacks = [check, ChangeOneLMMWeight()] if change else [check]
     trainer = tiny_trainer(tmp_path, callbacks)
@@ -321,6 +321,6 @@ def test_frozen_lmm_check_compares_before_with_after(tiny_run, tmp_path, change)
         assert not json.loads((tmp_path / "chat_check.json").read_text())["unchanged"]
         return
     trainer.fit(model, datamodule=datamodule)
-    assert trainer.global_step == 2 and fingerprint(model.lmm) == before
+    assert trainer.global_step == 2 and fingerprint(model.model.lmm) == before
     assert check.before["fingerprint"] == before
     assert json.loads((tmp_path / "chat_check.json").read_text())["unchanged"]

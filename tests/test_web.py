@@ -33,7 +33,7 @@ from flmm.chat.web import (
 )
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
-from flmm.model.module import FLMM
+from flmm.model.network import FLMMModel
 from flmm.overlay import phrase_colour
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -63,7 +63,7 @@ browser = pytest.mark.skipif(
 def chat(tiny_llava_dir) -> GroundedChat:
     torch.manual_seed(0)
     lmm = FrozenLMM.from_pretrained(tiny_llava_dir)
-    return GroundedChat(FLMM.build(lmm, build_sam("tiny"), base_channels=8))
+    return GroundedChat(FLMMModel.build(lmm, build_sam("tiny"), base_channels=8))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """`flmm evaluate checkpoint=... [overrides]`: score a trained F-LMM on every split.
 
 Instantiates the data and the frozen LMM + SAM, loads the checkpoint through
-:meth:`FLMM.from_checkpoint`, then runs one ``trainer.test`` per (split, protocol) of the
+:func:`flmm.model.load`, then runs one ``trainer.test`` per (split, protocol) of the
 dataset's evaluation sets: ``reference`` (first sentence per object, an image's objects in one
 sequence) and ``per_sentence`` (every sentence on its own); PNG has only ``reference`` (a
 narrative's segments in one sequence). Coarse (mask head) and refined (SAM) masks are both
@@ -43,8 +43,9 @@ from flmm.errors import USER_ERRORS, ConfigError, DataError, FlmmUserError, exit
 from flmm.files import write_text_atomic
 from flmm.lmm.loading import HOW
 from flmm.model.checkpoint import check_family, newest_last, read_checkpoint
+from flmm.model.loader import WEIGHTS, load_source
 from flmm.model.module import FLMM
-from flmm.model.pretrained import WEIGHTS, FLMMHead, add_scores
+from flmm.model.pretrained import add_scores
 from flmm.overlay import overlay_panel
 from flmm.training.callbacks import log_overlays, sample_masks, wandb_logger
 from flmm.training.run_folder import write_metrics
@@ -62,18 +63,20 @@ PNG_COLUMNS = ("all", "things", "stuff", "singular", "plural")
 
 def load_model(cfg: DictConfig) -> FLMM:
     """The frozen LMM and SAM of ``cfg.model`` with the trained state of ``cfg.checkpoint``; for
-    a head folder, the LMM and SAM its config.json names."""
+    a head folder, the LMM and SAM its config.json names (:func:`flmm.model.load`)."""
     check_checkpoint(cfg)
     if Path(cfg.checkpoint).is_dir():
         log.info("checkpoint is a head folder: LMM and SAM from its config.json, not model=...")
         # how to load it (quantization, placement; trust_remote_code) from the user's config only
         options = {k: cfg.model.lmm[k] for k in HOW if cfg.model.lmm.get(k) is not None}
-        return FLMMHead.from_pretrained(cfg.checkpoint, **options).model
-    saved = read_checkpoint(cfg.checkpoint).get("flmm")
-    check_family(saved, cfg.model.lmm.family, cfg.model.lmm.get("grid_size"), cfg.checkpoint)
-    sam = hydra.utils.instantiate(cfg.model.sam)
-    lmm = hydra.utils.instantiate(cfg.model.lmm)
-    return FLMM.from_checkpoint(str(cfg.checkpoint), lmm, sam)
+        loaded = load_source(cfg.checkpoint, **options)
+    else:
+        saved = read_checkpoint(cfg.checkpoint).get("flmm")
+        check_family(saved, cfg.model.lmm.family, cfg.model.lmm.get("grid_size"), cfg.checkpoint)
+        sam = hydra.utils.instantiate(cfg.model.sam)
+        lmm = hydra.utils.instantiate(cfg.model.lmm)
+        loaded = load_source(str(cfg.checkpoint), lmm=lmm, sam=sam)
+    return FLMM(loaded.model, **loaded.hyper_parameters)
 
 
 def resolve_last(cfg: DictConfig) -> None:

@@ -16,7 +16,6 @@ from flmm.data.distributed import gather_records
 from flmm.entry import hydra_entry
 from flmm.errors import exit_on_user_error
 from flmm.model.pretrained import save_run_head
-from flmm.training.feature_cache import attach
 from flmm.training.run_folder import (
     checkpoint_report,
     resolve_checkpoint,
@@ -36,12 +35,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
-    model = hydra.utils.instantiate(cfg.model)
-    attach(model, getattr(datamodule, "cache_dir", None))
+    # the frozen-feature cache (data.cache_dir=...) is one of the model's settings
+    model = hydra.utils.instantiate(cfg.model, cache_dir=getattr(datamodule, "cache_dir", None))
     trainer = build_trainer(cfg)
     if cfg.train:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
-        checkpoint_report(trainer, model)
+        checkpoint_report(trainer, model.model)
     metrics = dict(trainer.callback_metrics)
     records = []
     if cfg.test:

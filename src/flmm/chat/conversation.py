@@ -10,7 +10,6 @@ being generated. Phrases come from the user or from the keyword selector.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Thread
@@ -25,13 +24,10 @@ from flmm.data.masks import expand_box, largest_region, mask_box
 from flmm.data.synthetic.corpus import COT_ANSWER
 from flmm.data.synthetic.corpus import COT_QUESTION as COT_ASKED
 from flmm.errors import FlmmUserError
-from flmm.foundation.cache import shipped_tiny_sam
-from flmm.heads import SAM_VARIANTS, build_sam
 from flmm.lmm import FrozenLMM
-from flmm.lmm.loading import placed_dtype
-from flmm.model.checkpoint import read_checkpoint, resolve
-from flmm.model.module import FLMM, Grounding
-from flmm.model.pretrained import FLMMHead, head_device
+from flmm.model.loader import load_source
+from flmm.model.network import FLMMModel
+from flmm.model.predictor import FLMMPredictor, Grounding
 
 # the visual chain of thought's question and answer prefix: the tiny LLaVA's pretraining words
 # (flmm.data.synthetic.corpus), written as sentences after the user's question
@@ -101,13 +97,19 @@ class GroundedChat:
     chain of thought's steps keep the model's own decoding (and ``flmm pope`` sets none).
     """
 
-    cot_in_turn = False
-
-    def __init__(self, model: FLMM, selector: KeywordSelector | None = None) -> None:
+    def __init__(
+        self,
+        model: FLMMModel,
+        selector: KeywordSelector | None = None,
+        decoding: dict | None = None,
+        cot_in_turn: bool = False,
+    ) -> None:
         self.model = model.eval()
+        self.predictor = FLMMPredictor(model)
         self.lmm: FrozenLMM = model.lmm
         self.selector = selector
-        self.decoding: dict = {}
+        self.decoding: dict = dict(decoding or {})
+        self.cot_in_turn = cot_in_turn
 
     @classmethod
     def from_pretrained(
@@ -117,61 +119,59 @@ class GroundedChat:
         sam: str | None = None,
         selector: str | None = None,
         device: str | None = None,
+        decoding: dict | None = None,
+        cot_in_turn: bool = False,
         **kw,
     ) -> GroundedChat:
-        """Load a head folder (``save_pretrained``, or ``<run>/model`` of training) or hub id,
-        with the LMM and SAM its config.json names.
+        """Load a trained F-LMM with :func:`flmm.model.load`: a head folder (``save_pretrained``,
+        or ``<run>/model`` of training) or its hub id, with the LMM and SAM its config.json names,
+        or a training ``.ckpt``, with those its metadata names.
 
         Args:
             lmm, sam: replace the recorded LMM (hub id or folder) and SAM checkpoint.
-            selector: keyword selector file; None = ``selector.pt`` in the folder if any, else
-                beside the run's checkpoints (``<run>/checkpoints``) for a run's model folder.
+            selector: keyword selector file; None = ``selector.pt`` in the folder (beside the
+                ``.ckpt``) if any, else beside the run's checkpoints (``<run>/checkpoints``) for a
+                run's model folder.
             device: where the head goes (and the LMM, unless ``device_map`` places it); None:
                 where the LMM was loaded (the CPU unless ``device_map`` or bitsandbytes put it).
-            kw: :meth:`FLMMHead.from_pretrained`'s: the head's files (``revision``...), the
-                LMM's (``lmm_revision``, ``dtype``, ``device_map``, ``quantization``,
-                ``attn_implementation``, ``trust_remote_code``...), both (``cache_dir``...).
+            decoding, cot_in_turn: see :class:`GroundedChat`.
+            kw: :func:`flmm.model.loader.load_source`'s: the head's files (``revision``...), the
+                LMM's (``lmm_revision``, ``family``, ``dtype``, ``device_map``, ``quantization``,
+                ``attn_implementation``, ``trust_remote_code``...), both (``cache_dir``...),
+                ``sam_variant``.
         """
-        model = FLMMHead.from_pretrained(head, lmm=lmm, sam=sam, device=device, **kw).model
-        beside = [Path(head) / SELECTOR_FILE, Path(head).parent / "checkpoints" / SELECTOR_FILE]
-        return cls(model, load_selector(selector, beside, model, model.device))
+        loaded = load_source(head, lmm=lmm, sam=sam, device=device, **kw)
+        if loaded.folder is None:
+            beside = [Path(head).with_name(SELECTOR_FILE)]
+        else:
+            beside = [loaded.folder / SELECTOR_FILE]
+            beside.append(loaded.folder.parent / "checkpoints" / SELECTOR_FILE)
+        found = load_selector(selector, beside, loaded.model)
+        return cls(loaded.model, found, decoding, cot_in_turn)
 
     @classmethod
     def from_checkpoint(
         cls,
-        lmm: str,
+        lmm: str | None,
         checkpoint: str,
         sam: str | None = None,
         family: str | None = None,
         sam_variant: str | None = None,
-        selector: str | None = None,
-        device: str | None = None,
-        lmm_revision: str | None = None,
         **kw,
     ) -> GroundedChat:
-        """Load the frozen LMM (``lmm``: hub id or folder), SAM and an F-LMM ``checkpoint``.
+        """:meth:`from_pretrained` of a training ``checkpoint`` with the frozen LMM ``lmm`` (hub
+        id or folder; None: the one the checkpoint records).
 
         Args:
-            sam: SAM checkpoint; None = the one the checkpoint records (:func:`recorded_sam`).
+            sam: SAM checkpoint; None = the one the checkpoint records.
             family: the LMM family; None = the one the checkpoint records.
             sam_variant: ``vit_b|vit_l|vit_h|tiny``; None = recorded, or read from the file name.
-            selector: keyword selector file; None = ``selector.pt`` beside the checkpoint if any.
-            device: as in :meth:`from_pretrained`.
-            lmm_revision: the LMM's hub revision; None = the one the checkpoint records.
-            kw: :meth:`FrozenLMM.from_pretrained`'s (``dtype``: ``"auto"`` for ``device``,
-                ``device_map``, ``quantization``, ``cache_dir``, ``text_layers``...).
+            kw: :meth:`from_pretrained`'s (``selector``, ``device``, ``lmm_revision``,
+                ``dtype``: ``"auto"`` for ``device``, ``device_map``, ``quantization``...).
         """
-        saved = read_checkpoint(checkpoint).get("flmm") or {}
-        if sam is None:
-            sam, sam_variant = recorded_sam(saved, checkpoint, sam_variant)
-        family = family or saved.get("family", "llava")
-        recorded = saved.get("lmm_revision") if lmm == saved.get("lmm_id") else None
-        kw["dtype"] = placed_dtype(kw.get("dtype", "auto"), kw.get("device_map"), device)
-        frozen = FrozenLMM.from_pretrained(lmm, family, revision=lmm_revision or recorded, **kw)
-        sam_model = build_sam(sam_variant or sam_variant_of(sam), sam)
-        model = FLMM.from_checkpoint(checkpoint, frozen, sam_model).to(head_device(device, frozen))
-        beside = [Path(checkpoint).with_name(SELECTOR_FILE)]
-        return cls(model, load_selector(selector, beside, model, model.device))
+        return cls.from_pretrained(
+            checkpoint, lmm, sam, family=family, sam_variant=sam_variant, **kw
+        )
 
     # ---------------------------------------------------------------------------- answering
     def answer(
@@ -243,18 +243,14 @@ class GroundedChat:
         self, image: ImageLike, text: str, phrases: list[str], question: str | None = None
     ) -> Grounding:
         """Masks for ``phrases`` of ``text``; with ``question``, ``text`` is its answer turn."""
-        image = as_image(image)
-        if question is None:
-            return self.model.ground(image, text, phrases)
-        with self.lmm.user_turn(question):
-            return self.model.ground(image, text, phrases)
+        return self.predictor.ground(as_image(image), text, phrases, question)
 
     def ground_batch(
         self, images: list[ImageLike], texts: list[str], phrases: list[list[str]]
     ) -> list[Grounding]:
         """:meth:`ground` (no question) for several images in one batched model pass."""
         images = [as_image(image) for image in images]
-        return self.model.ground_batch(images, texts, phrases)
+        return self.predictor.ground_batch(images, texts, phrases)
 
     def keywords(self, image: ImageLike, question: str | None, answer: str) -> list[str]:
         """The key phrases of ``answer`` that the keyword selector picks (in order); with
@@ -267,8 +263,7 @@ class GroundedChat:
         """:meth:`keywords` for several images and answers, in one LMM forward."""
         selector = self.require_selector()
         images = [as_image(image) for image in images]
-        with self.lmm.user_turn(question) if question is not None else nullcontext():
-            spans = selector.select_many(self.lmm, images, answers)
+        spans = selector.select_many(self.lmm, images, answers, question)
         return [[a[s:e] for s, e in found] for a, found in zip(answers, spans)]
 
     def require_selector(self) -> KeywordSelector:
@@ -359,26 +354,13 @@ class GroundedChat:
         return VisualCoT(question, step.answer, mask, box, final)
 
 
-def load_selector(path: str | None, beside: list[Path], model: FLMM, device: str):
-    """The keyword selector at ``path``, else the first file of ``beside`` that exists, else None."""
+def load_selector(path: str | None, beside: list[Path], model: FLMMModel):
+    """The keyword selector at ``path``, else the first file of ``beside`` that exists, else None;
+    on ``model``'s device."""
     path = path or next((p for p in beside if p.is_file()), None)
-    return KeywordSelector.load(path, model.lmm.hidden_size).to(device) if path else None
-
-
-def recorded_sam(saved: dict, checkpoint: str, variant: str | None) -> tuple[str, str | None]:
-    """The SAM file and variant a checkpoint's metadata (``saved``) records; the synthetic
-    world's tiny SAM for a checkpoint from before SAM was recorded. A recorded file that is not
-    there is a :class:`FlmmUserError` naming it and ``--sam``."""
-    source = saved.get("sam") or {}
-    if not source.get("checkpoint"):
-        return shipped_tiny_sam(), variant
-    path = resolve(source["checkpoint"])
-    if not Path(path).is_file():
-        raise FlmmUserError(
-            f"{checkpoint} was trained with SAM {source['variant']} from {path}, which is not "
-            "there; pass the SAM checkpoint (--sam PATH, --sam-variant VARIANT)"
-        )
-    return path, variant or source["variant"]
+    if path is None:
+        return None
+    return KeywordSelector.load(path, model.lmm.hidden_size).to(model.device)
 
 
 def object_phrase(object_text: str) -> str:
@@ -391,15 +373,3 @@ def object_span(object_text: str) -> tuple[str, tuple[int, int]]:
     phrase = object_phrase(object_text)
     start = object_text.index(phrase, len(COT_PREFIX))
     return phrase, (start, start + len(phrase))
-
-
-def sam_variant_of(path: str) -> str:
-    """SAM variant named in a checkpoint file name (``sam_vit_l_0b3195.pth`` -> ``vit_l``)."""
-    name = Path(path).name
-    found = [v for v in SAM_VARIANTS if v in name]
-    if len(found) != 1:
-        raise FlmmUserError(
-            f"cannot tell the SAM variant from the file name {name!r}; pass sam_variant= "
-            f"(one of {', '.join(SAM_VARIANTS)})"
-        )
-    return found[0]

@@ -40,7 +40,7 @@ def build_chat(cfg: DictConfig) -> GroundedChat:
             f"F-LMM checkpoint {cfg.checkpoint!r} not found; pass checkpoint=... (a run's "
             "logs/train/runs/<time>/checkpoints/*.ckpt)"
         )
-    chat = GroundedChat.from_checkpoint(
+    return GroundedChat.from_checkpoint(
         resolve_path(cfg.model.lmm.name_or_path),
         cfg.checkpoint,
         resolve_path(cfg.model.sam.checkpoint),
@@ -48,10 +48,9 @@ def build_chat(cfg: DictConfig) -> GroundedChat:
         sam_variant=cfg.model.sam.variant,
         device=cfg.device,
         lmm_revision=cfg.model.lmm.get("revision"),
+        cot_in_turn=cfg.cot_in_turn,
         **{k: cfg.model.lmm[k] for k in ("dtype", *HOW) if k in cfg.model.lmm},
     )
-    chat.cot_in_turn = cfg.cot_in_turn
-    return chat
 
 
 def same_model(settings: dict) -> dict:

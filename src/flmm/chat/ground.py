@@ -22,7 +22,7 @@ from flmm.chat.images import load_image
 from flmm.chat.options import add_model_args, load_chat
 from flmm.chat.reasonseg import reason
 from flmm.errors import FlmmUserError, exit_on_user_error
-from flmm.model.module import phrase_spans
+from flmm.model.predictor import phrase_spans
 from flmm.overlay import phrase_colour, render_overlay
 
 MODES = ("auto", "chat", "ground", "cot", "reason")

@@ -14,7 +14,7 @@ from flmm.chat.conversation import GroundedChat
 from flmm.errors import FlmmUserError
 from flmm.heads import SAM_VARIANTS
 from flmm.lmm.loading import DTYPES, QUANTIZATIONS
-from flmm.model.checkpoint import check_family, newest_last, read_checkpoint
+from flmm.model.checkpoint import newest_last
 
 
 def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
@@ -80,38 +80,25 @@ def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
 
 
 def load_chat(args: argparse.Namespace) -> GroundedChat:
-    """The :class:`GroundedChat` the command-line arguments describe."""
+    """The :class:`GroundedChat` the command-line arguments describe (:func:`flmm.model.load`
+    reads the checkpoint, head folder or hub id)."""
     penalty = getattr(args, "repetition_penalty", None)
     if penalty is not None and not penalty > 0:
         raise FlmmUserError(
             f"--repetition-penalty must be positive (1.0: none, above 1: fewer repeats), "
             f"got {penalty}"
         )
-    chat = _load_chat(args)
-    if penalty is not None:
-        chat.decoding = {"repetition_penalty": penalty}
-    return chat
-
-
-def _load_chat(args: argparse.Namespace) -> GroundedChat:
     checkpoint = chosen_checkpoint(args.checkpoint)
     print(f"F-LMM checkpoint: {checkpoint}", file=sys.stderr)
-    options = lmm_options(args)
-    if checkpoint.suffix != ".ckpt" and not checkpoint.is_file():  # a head folder or hub id
-        return GroundedChat.from_pretrained(
-            str(checkpoint), args.lmm, args.sam, selector=args.selector, **options
-        )
-    saved = read_checkpoint(checkpoint).get("flmm")
-    if args.family:
-        check_family(saved, args.family, None, str(checkpoint))
-    return GroundedChat.from_checkpoint(
-        args.lmm or checkpoint_lmm(saved, checkpoint),
+    return GroundedChat.from_pretrained(
         str(checkpoint),
-        sam=args.sam,
-        family=args.family,
-        sam_variant=args.sam_variant,
+        args.lmm,
+        args.sam,
         selector=args.selector,
-        **options,
+        decoding={"repetition_penalty": penalty} if penalty is not None else None,
+        family=getattr(args, "family", None),
+        sam_variant=getattr(args, "sam_variant", None),
+        **lmm_options(args),
     )
 
 
@@ -152,10 +139,3 @@ def default_checkpoint() -> Path:
         )
     newest = max(found, key=lambda p: p.stat().st_mtime)
     return newest.parent if newest.name == "config.json" else newest
-
-
-def checkpoint_lmm(saved: dict | None, checkpoint: Path) -> str:
-    """The LMM (hub id or folder) recorded in the metadata ``saved`` of an F-LMM checkpoint."""
-    if "lmm_id" not in (saved or {}):
-        raise FlmmUserError(f"{checkpoint} has no LMM id in its metadata; pass --lmm")
-    return saved["lmm_id"]

@@ -38,7 +38,7 @@ from flmm.chat.options import add_model_args, load_chat
 from flmm.data.masks import mask_to_rle, phrase_record
 from flmm.errors import FlmmUserError, exit_on_user_error
 from flmm.files import remove_orphans, write_atomic, write_text_atomic
-from flmm.model.module import Grounding, phrase_spans
+from flmm.model.predictor import Grounding, phrase_spans
 from flmm.overlay import render_overlay
 
 # exit status when some images were skipped (unreadable, or refused by the model) and the others

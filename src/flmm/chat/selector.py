@@ -29,11 +29,13 @@ def word_spans(text: str) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def word_states(lmm, images: list[np.ndarray], texts: list[str]) -> list[torch.Tensor]:
+def word_states(
+    lmm, images: list[np.ndarray], texts: list[str], question: str | None = None
+) -> list[torch.Tensor]:
     """Per text, ``W x D`` last-layer hidden states of its words (mean over each word's tokens).
 
     ``lmm`` is a :class:`flmm.lmm.FrozenLMM`; the texts are its assistant turns (teacher forcing)
-    after the current user turn (see :meth:`FrozenLMM.user_turn`).
+    answering ``question`` (None: the grounding instruction, :meth:`FrozenLMM.prompt`).
     """
     samples = []
     for image, text in zip(images, texts):
@@ -41,7 +43,7 @@ def word_states(lmm, images: list[np.ndarray], texts: list[str]) -> list[torch.T
         empty = np.zeros((len(spans), 1, 1), dtype=bool)
         samples.append(GroundingSample(image, text, spans, empty))
     batch = GroundingBatch.collate(samples)
-    out = lmm(batch)
+    out = lmm(batch, question)
     states = []
     for b, spans in enumerate(batch.spans):
         rows = out.token_phrase[b]
@@ -85,20 +87,24 @@ class KeywordSelector(nn.Module):
         """``W x D`` word states -> ``W`` logits."""
         return self.linear(states.float()).squeeze(-1)
 
-    def select(self, lmm, image: np.ndarray, text: str) -> list[tuple[int, int]]:
-        """Character spans of the key phrases of ``text`` (an assistant turn about ``image``)."""
-        return self.select_many(lmm, [image], [text])[0]
+    def select(
+        self, lmm, image: np.ndarray, text: str, question: str | None = None
+    ) -> list[tuple[int, int]]:
+        """Character spans of the key phrases of ``text`` (an assistant turn about ``image``,
+        answering ``question``)."""
+        return self.select_many(lmm, [image], [text], question)[0]
 
     @torch.no_grad()
     def select_many(
-        self, lmm, images: list[np.ndarray], texts: list[str]
+        self, lmm, images: list[np.ndarray], texts: list[str], question: str | None = None
     ) -> list[list[tuple[int, int]]]:
-        """:meth:`select` for several images and texts, in one LMM forward."""
+        """:meth:`select` for several images and texts (answers to ``question``, None: the
+        grounding instruction), in one LMM forward."""
         todo = [i for i, text in enumerate(texts) if WORD.search(text)]
         found: list[list[tuple[int, int]]] = [[] for _ in texts]
         if not todo:
             return found
-        states = word_states(lmm, [images[i] for i in todo], [texts[i] for i in todo])
+        states = word_states(lmm, [images[i] for i in todo], [texts[i] for i in todo], question)
         for i, words in zip(todo, states):
             spans = word_spans(texts[i])
             keep = (self(words.to(self.linear.weight.device)).sigmoid() > self.threshold).tolist()

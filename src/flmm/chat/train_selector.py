@@ -58,11 +58,10 @@ def split_data(
     scenes = [sample_scene(rng, image_size) for _ in range(n)]
     captions = [grounded_caption(scene, rng) for scene in scenes]
     states, labels = [], []
-    with lmm.user_turn(CAPTION_PROMPT):
-        for i in range(0, n, batch_size):
-            part = slice(i, i + batch_size)
-            images = [s.image for s in scenes[part]]
-            states += word_states(lmm, images, [t for t, _ in captions[part]])
+    for i in range(0, n, batch_size):
+        part = slice(i, i + batch_size)
+        images = [s.image for s in scenes[part]]
+        states += word_states(lmm, images, [t for t, _ in captions[part]], CAPTION_PROMPT)
     labels = [word_labels(text, spans) for text, spans in captions]
     return torch.cat(states), torch.cat(labels)
 

@@ -75,9 +75,7 @@ class GroundingDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.cache_dir = (
-            cache_dir  # frozen-feature cache; flmm.train attaches flmm.training.feature_cache
-        )
+        self.cache_dir = cache_dir  # frozen-feature cache; flmm.train passes it to the model
         self.train_split = train_split
         self.val_splits, self.test_splits = _as_list(val_split), _as_list(test_split)
         self.eval_splits = _as_list(eval_splits) or list(self.test_splits)

@@ -3,6 +3,7 @@ recipes and tests) and load its checkpoint strictly."""
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 from pathlib import Path
 
@@ -84,6 +85,8 @@ SAM_BUILDERS = {
 }
 SAM_VARIANTS = tuple(SAM_BUILDERS)
 MAX_KEYS_SHOWN = 5
+# what build_sam built each live SAM from, kept beside segment-anything's objects (never on them)
+SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def build_sam(variant: str, checkpoint: str | Path | None = None, **tiny_sizes: int) -> Sam:
@@ -99,9 +102,14 @@ def build_sam(variant: str, checkpoint: str | Path | None = None, **tiny_sizes: 
     sam = SAM_BUILDERS[variant](**tiny_sizes)
     if checkpoint is not None:
         load_sam_checkpoint(sam, checkpoint, variant)
-    # what a head folder records to rebuild this SAM (flmm.model.pretrained)
-    sam.flmm_source = {"variant": variant, "checkpoint": checkpoint and str(checkpoint)}
+    SOURCES[sam] = {"variant": variant, "checkpoint": checkpoint and str(checkpoint)}
     return sam.eval()
+
+
+def built_from(sam: Sam) -> dict:
+    """``{"variant", "checkpoint"}`` :func:`build_sam` built ``sam`` from (both None for a SAM
+    built elsewhere): what a checkpoint or head folder records to rebuild it."""
+    return SOURCES.get(sam) or {"variant": None, "checkpoint": None}
 
 
 def load_sam_checkpoint(sam: Sam, checkpoint: str | Path, variant: str) -> None:

@@ -8,7 +8,7 @@ phrase-to-image attention of every layer and the phrase tokens' hidden states of
 from __future__ import annotations
 
 import operator
-from contextlib import contextmanager
+import threading
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ class FrozenLMM(nn.Module):
         merge: ``"mean"`` or ``"max"`` over the tokens of a phrase.
         instruction: user-turn instruction (the family's default when None).
         grid_size: side ``F`` of the output attention grid (the family's rule when None).
+        trust_remote_code, revision, quantization, placed: how :meth:`from_pretrained` loaded it
+            (head folders and checkpoints record them): whether it could run the checkpoint's
+            code, the hub commit, the quantization, whether a ``device_map`` placed it.
     """
 
     def __init__(
@@ -49,16 +52,17 @@ class FrozenLMM(nn.Module):
         merge: str = "mean",
         instruction: str | None = None,
         grid_size: int | None = None,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        quantization: str | None = None,
+        placed: bool = False,
     ) -> None:
         super().__init__()
         self.model, self.processor, self.family, self._model_id = model, processor, family, model_id
         self.merge = merge
         self.instruction = instruction or family.instruction
-        # how from_pretrained loaded it (head folders and checkpoints record them): whether it
-        # could run the checkpoint's code, the hub commit, the quantization, whether a
-        # device_map placed it
-        self.trust_remote_code, self.revision, self.quantization = False, None, None
-        self.placed = False
+        self.trust_remote_code, self.revision = trust_remote_code, revision
+        self.quantization, self.placed = quantization, placed
         self.layers = operator.attrgetter(family.decoder_layers)(model)
         self.final_norm = operator.attrgetter(family.final_norm)(model)
         self.text_config = getattr(model.config, family.text_config)
@@ -142,14 +146,21 @@ class FrozenLMM(nn.Module):
 
         def build(row: Family) -> FrozenLMM:
             return cls(
-                model, processor, row, name_or_path, text_layers, merge, instruction, grid_size
+                model,
+                processor,
+                row,
+                name_or_path,
+                text_layers,
+                merge,
+                instruction,
+                grid_size,
+                trust_remote_code=trust_remote_code,
+                revision=loading.hub_commit(name_or_path, revision, cache_dir),
+                quantization=quantization,
+                placed=device_map is not None,
             )
 
-        lmm = derive.serve(name_or_path, fam, model, processor, build)
-        lmm.trust_remote_code, lmm.quantization = trust_remote_code, quantization
-        lmm.revision = loading.hub_commit(name_or_path, revision, cache_dir)
-        lmm.placed = device_map is not None
-        return lmm
+        return derive.serve(name_or_path, fam, model, processor, build)
 
     def train(self, mode: bool = True) -> FrozenLMM:
         """Always stays in eval mode: the LMM is frozen."""
@@ -223,14 +234,17 @@ class FrozenLMM(nn.Module):
             out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         )
 
-    def prompt(self, text: str) -> tuple[str, int]:
-        """The chat prompt with ``text`` as the assistant turn, and where ``text`` starts in it."""
+    def prompt(self, text: str, question: str | None = None) -> tuple[str, int]:
+        """The chat prompt with ``text`` as the assistant turn, and where ``text`` starts in it.
+
+        The user turn holds the image and ``question`` (None: the grounding instruction)."""
+        user_text = self.instruction if question is None else question
 
         def rendered(answer: str) -> str:
             conversation = [
                 {
                     "role": "user",
-                    "content": [{"type": "image"}, {"type": "text", "text": self.instruction}],
+                    "content": [{"type": "image"}, {"type": "text", "text": user_text}],
                 },
                 {"role": "assistant", "content": [{"type": "text", "text": answer}]},
             ]
@@ -327,11 +341,11 @@ class FrozenLMM(nn.Module):
             ]
         )
 
-    def encode(self, batch: GroundingBatch) -> dict[str, torch.Tensor]:
+    def encode(self, batch: GroundingBatch, question: str | None = None) -> dict[str, torch.Tensor]:
         """Model inputs (right-padded ``input_ids``, ``attention_mask``, ``pixel_values`` and the
         family's extras) on the model's device, plus ``token_phrase`` (``B x N``, -1 outside
-        phrases) and ``region`` (``B x 4``)."""
-        prompts = [self.prompt(text) for text in batch.texts]
+        phrases) and ``region`` (``B x 4``); ``question`` as in :meth:`prompt`."""
+        prompts = [self.prompt(text, question) for text in batch.texts]
         images, region = self._images(batch.images)
         enc = self._process(images, [p for p, _ in prompts])
         self.check_length(enc, batch.texts)
@@ -349,9 +363,13 @@ class FrozenLMM(nn.Module):
         }
 
     @torch.no_grad()
-    def forward(self, batch: GroundingBatch) -> CaptureOutput:
-        """One frozen forward over the batch; see :class:`flmm.types.CaptureOutput` for shapes."""
-        inputs = self.encode(batch)
+    def forward(self, batch: GroundingBatch, question: str | None = None) -> CaptureOutput:
+        """One frozen forward over the batch; see :class:`flmm.types.CaptureOutput` for shapes.
+
+        ``question``: the user turn the texts answer (None: the grounding instruction), so the
+        attention of an actual conversation is captured; an argument of the call, never state
+        shared between threads."""
+        inputs = self.encode(batch, question)
         token_phrase, region = inputs.pop("token_phrase"), inputs.pop("region")
         rows, row_phrase = phrase_rows(token_phrase)
         num_phrases = max(batch.num_phrases)
@@ -387,9 +405,13 @@ class FrozenLMM(nn.Module):
 
     @staticmethod
     def _hidden_hook(rows: torch.Tensor, store: list[torch.Tensor]):
-        """Forward hook keeping only the phrase rows (``B x R x D``) of a decoder layer's output."""
+        """Forward hook keeping only the phrase rows (``B x R x D``) of a decoder layer's output,
+        in the calling thread's forward alone (hooks are shared by every thread using the LMM)."""
+        owner = threading.get_ident()
 
         def hook(module, args, output):
+            if threading.get_ident() != owner:
+                return
             states = output[0] if isinstance(output, tuple) else output
             index = rows.to(states.device)[..., None].expand(-1, -1, states.shape[-1])
             store.append(states.gather(1, index).to(rows.device))
@@ -445,13 +467,3 @@ class FrozenLMM(nn.Module):
         out = self.model.generate(**inputs, **gen)
         new = out[0, inputs["input_ids"].shape[1] :]
         return self.processor.decode(new, skip_special_tokens=True)
-
-    @contextmanager
-    def user_turn(self, question: str):
-        """Within the block, prompts put ``question`` in the user turn instead of the instruction,
-        so :meth:`forward` captures the attention of an actual conversation (not thread-safe)."""
-        saved, self.instruction = self.instruction, question
-        try:
-            yield self
-        finally:
-            self.instruction = saved

@@ -14,6 +14,7 @@ from torch import nn
 import flmm
 from flmm.errors import CheckpointMismatchError, DataError, FlmmUserError
 from flmm.files import flmm_home, load_torch_file, write_atomic
+from flmm.heads.sam_build import built_from
 
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(flmm.__file__).resolve().parent
@@ -54,8 +55,22 @@ def checkpoint_metadata(lmm, sam: nn.Module) -> dict:
 def sam_source(sam: nn.Module) -> dict:
     """The SAM variant and checkpoint file (:func:`portable`) ``sam`` was built from (``None``
     when not recorded)."""
-    source = getattr(sam, "flmm_source", None) or {"variant": None, "checkpoint": None}
+    source = built_from(sam)
     return source | {"checkpoint": source["checkpoint"] and portable(source["checkpoint"])}
+
+
+def written_metadata(model) -> dict:
+    """The ``flmm`` record a training checkpoint of ``model`` (an
+    :class:`~flmm.model.network.FLMMModel`) holds: :func:`checkpoint_metadata`, the SAM it was
+    built from and the mask head's settings."""
+    sam = model.refiner.sam
+    return checkpoint_metadata(model.lmm, sam) | {
+        "sam": sam_source(sam),
+        "mask_head": {
+            "base_channels": model.mask_head.base_channels,
+            "target_size": model.mask_head.target_size,
+        },
+    }
 
 
 def portable(path: str) -> str:

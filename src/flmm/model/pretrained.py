@@ -14,50 +14,36 @@ import json
 import logging
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from huggingface_hub import ModelCard, ModelHubMixin
+from safetensors.torch import save_file
 from torch import nn
 
-from flmm.errors import CheckpointMismatchError, DataError, FlmmUserError
+from flmm.errors import FlmmUserError
 from flmm.files import write_atomic, write_text_atomic
-from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
-from flmm.lmm.loading import DTYPES, HUB_ID, placed_dtype
+from flmm.lmm.loading import DTYPES
 from flmm.model.card import render_card
-from flmm.model.checkpoint import (
-    check_metadata,
-    checkpoint_metadata,
-    flmm_version,
-    portable,
-    read_checkpoint,
-    resolve,
-    sam_source,
+from flmm.model.checkpoint import flmm_version, portable, sam_source
+from flmm.model.loader import (
+    CARD,
+    CONFIG,
+    FORMAT,
+    WEIGHTS,
+    load_source,
+    portable_metadata,
+    restore,
 )
 from flmm.model.module import FLMM, HYPER_PARAMETERS
 
 log = logging.getLogger(__name__)
 
-WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
-FORMAT = 1  # bump when config.json changes meaning
 TEST_METRICS = ("giou", "ciou", "coarse_giou", "coarse_ciou", "loss")
-REQUIRED = ("lmm", "sam", "mask_head", "hyper_parameters", "metadata")  # config.json's sections
-DAMAGED = "the head folder is damaged: copy it again, or write it anew with save_pretrained"
-# the LMM settings a head folder's config.json may pass to FrozenLMM.from_pretrained (its
-# "revision" only to the LMM it records)
-RECORDED_SETTINGS = (
-    "family",
-    "dtype",
-    "grid_size",
-    "text_layers",
-    "merge",
-    "instruction",
-    "revision",
-)
 
 
-def head_config(model: FLMM, training: dict | None = None, scores: dict | None = None) -> dict:
-    """What ``config.json`` records about ``model`` (the LMM and SAM it fits, its heads)."""
+def head_config(module: FLMM, training: dict | None = None, scores: dict | None = None) -> dict:
+    """What ``config.json`` records about ``module`` (the LMM and SAM its model fits, its heads,
+    its optimizer's settings)."""
+    model = module.model
     lmm, sam = model.lmm, model.refiner.sam
     source = sam_source(sam)
     return {
@@ -86,18 +72,12 @@ def head_config(model: FLMM, training: dict | None = None, scores: dict | None =
             "base_channels": model.mask_head.base_channels,
             "target_size": model.mask_head.target_size,
         },
-        "hyper_parameters": {k: model.hparams[k] for k in HYPER_PARAMETERS},
+        "hyper_parameters": {k: module.hparams[k] for k in HYPER_PARAMETERS},
         "metadata": portable_metadata(lmm, sam),
         "parameters": model.parameter_counts()["trainable"],
         "training": training,
         "scores": scores or {},
     }
-
-
-def portable_metadata(lmm: FrozenLMM, sam: nn.Module) -> dict:
-    """:func:`checkpoint_metadata` with the LMM id as :func:`portable` records it."""
-    metadata = checkpoint_metadata(lmm, sam)
-    return metadata | {"lmm_id": portable(metadata["lmm_id"])}
 
 
 class FLMMHead(
@@ -108,13 +88,15 @@ class FLMMHead(
     paper_url="https://arxiv.org/abs/2406.05821",
     tags=["flmm", "referring-segmentation"],
 ):
-    """A trained F-LMM (``model``) and its folder's ``config`` (see :func:`head_config`).
+    """A trained F-LMM (``model``: an :class:`~flmm.model.network.FLMMModel`, or the
+    :class:`FLMM` training it) and its folder's ``config`` (see :func:`head_config`).
 
-    ``FLMMHead(model, head_config(model)).save_pretrained(dir)`` writes a folder;
-    :meth:`from_pretrained` loads one with the LMM and SAM its config names.
+    ``FLMMHead(module, head_config(module)).save_pretrained(dir)`` writes a folder;
+    :meth:`from_pretrained` loads one with the LMM and SAM its config names
+    (:func:`flmm.model.load`).
     """
 
-    def __init__(self, model: FLMM, config: dict) -> None:
+    def __init__(self, model, config: dict) -> None:
         self.model, self.config = model, config
 
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -162,123 +144,25 @@ class FLMMHead(
                 :meth:`FrozenLMM.from_pretrained` (``dtype``, ``device_map``, ``quantization``,
                 ``attn_implementation``, ``trust_remote_code``...).
         """
-        shared = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
-        folder = head_folder(
-            str(pretrained_model_name_or_path),
+        loaded = load_source(
+            pretrained_model_name_or_path,
+            lmm=lmm,
+            sam=sam,
+            device=device,
             revision=revision,
             force_download=force_download,
-            **shared,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            lmm_revision=lmm_revision,
+            **lmm_kwargs,
         )
-        config = read_config(folder)
-        sam = sam if isinstance(sam, nn.Module) else load_sam(config["sam"], sam)
-        if not isinstance(lmm, FrozenLMM):
-            options = lmm_options(lmm_kwargs, shared, lmm_revision, device)
-            lmm = load_lmm(config["lmm"], lmm, **options)
-        try:
-            check_metadata(config["metadata"], portable_metadata(lmm, sam))
-        except CheckpointMismatchError as err:
-            raise CheckpointMismatchError(f"head folder {folder}: {err}") from None
-        model = FLMM.build(lmm, sam, **config["mask_head"], **config["hyper_parameters"])
-        model.load_state_dict(read_weights(folder / WEIGHTS))
-        return cls(model.eval().to(head_device(device, lmm)), config)
-
-
-def lmm_options(options: dict, shared: dict, revision: str | None, device: str | None) -> dict:
-    """The LMM's loading ``options`` with the hub options it ``shared`` with the head, its own
-    ``revision`` if given, and a ``"auto"`` dtype resolved for ``device``."""
-    options = shared | ({"revision": revision} if revision is not None else {}) | options
-    if "dtype" in options:
-        options["dtype"] = placed_dtype(options["dtype"], options.get("device_map"), device)
-    return options
-
-
-def head_device(device: str | None, lmm: FrozenLMM) -> str:
-    """``device``, or (None) where the LMM was loaded: the CPU, or where ``device_map`` or a
-    bitsandbytes quantization put it."""
-    return device or str(lmm.device)
-
-
-def head_folder(where: str, **hub) -> Path:
-    """The local folder of a head: ``where`` itself, or the hub snapshot of the id ``where``."""
-    looks_local = where.startswith(("/", ".", "~")) or not HUB_ID.match(where)
-    folder = Path(where).expanduser()
-    if folder.is_dir():
-        return folder
-    if looks_local:
-        raise FileNotFoundError(
-            f"F-LMM head folder not found: {where}; pass a folder written by training "
-            "(<run>/model) or save_pretrained, or a hub id"
-        )
-    return Path(snapshot_download(where, **hub))
-
-
-def read_config(folder: Path) -> dict:
-    """The folder's ``config.json``, after checking it is an flmm head config of a format we read;
-    a damaged file is a one-line :class:`DataError` naming it."""
-    path = folder / CONFIG
-    if not path.is_file() or not (folder / WEIGHTS).is_file():
-        raise FlmmUserError(
-            f"{folder} is not an F-LMM head folder (it needs {CONFIG} and {WEIGHTS}); "
-            "training writes one into <run>/model"
-        )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path} is not valid JSON ({err}); {DAMAGED}") from None
-    if not isinstance(config, dict):
-        raise DataError(
-            f"{path} holds a JSON {type(config).__name__}, not a head config; {DAMAGED}"
-        )
-    if config.get("format") != FORMAT:
-        raise CheckpointMismatchError(
-            f"{path} has format {config.get('format')!r}, this flmm reads {FORMAT}; "
-            "load it with the flmm version that wrote it"
-        )
-    missing = [k for k in REQUIRED if not isinstance(config.get(k), dict)]
-    if missing or "id" not in config["lmm"]:
-        raise DataError(f"{path} lacks {missing or ['lmm.id']}; {DAMAGED}")
-    return config
-
-
-def read_weights(path: Path) -> dict:
-    """The head's trainable tensors; a truncated or foreign file is a one-line :class:`DataError`."""
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise DataError(
-            f"{path} is truncated or not a safetensors file ({err}); {DAMAGED}"
-        ) from None
-
-
-def load_sam(recorded: dict, checkpoint: str | None):
-    """The recorded SAM variant, from ``checkpoint`` or the recorded checkpoint file."""
-    path = checkpoint or (recorded["checkpoint"] and resolve(recorded["checkpoint"]))
-    if recorded["variant"] is None or path is None:
-        raise FlmmUserError("the head folder does not name its SAM; pass sam=<SAM checkpoint>")
-    return build_sam(recorded["variant"], path)
-
-
-def load_lmm(
-    recorded: dict, name_or_path: str | None, trust_remote_code: bool = False, **overrides
-) -> FrozenLMM:
-    """The recorded LMM (or ``name_or_path``) with the recorded settings, ``overrides`` applied
-    (loading options of :meth:`FrozenLMM.from_pretrained` among them).
-
-    Only :data:`RECORDED_SETTINGS` are read from the folder: whether the LMM's own code may run
-    comes from the caller's ``trust_remote_code`` alone, never from a downloaded file.
-    """
-    source = name_or_path or resolve(recorded["id"])
-    if recorded.get("remote_code") and not trust_remote_code:
-        raise FlmmUserError(
-            f"the head folder's LMM {source!r} needs code shipped with its checkpoint, and flmm "
-            "runs no code because a downloaded file asks: read that code, then pass "
-            "trust_remote_code=True (--trust-remote-code, model.lmm.trust_remote_code=true)"
-        )
-    settings = {k: v for k, v in recorded.items() if k in RECORDED_SETTINGS}
-    if name_or_path and name_or_path != resolve(recorded["id"]):
-        settings.pop("revision", None)  # a revision of the recorded LMM's repository only
-    settings |= overrides
-    return FrozenLMM.from_pretrained(source, trust_remote_code=trust_remote_code, **settings)
+        if loaded.config is None:
+            raise FlmmUserError(
+                f"{pretrained_model_name_or_path} is a training checkpoint, not a head folder; "
+                "load it with flmm.model.load"
+            )
+        return cls(loaded.model, loaded.config)
 
 
 def write_folder_text(folder: Path, config: dict) -> None:
@@ -303,7 +187,7 @@ def save_run_head(cfg, trainer, model: FLMM, metrics: dict) -> Path | None:
     if not best:
         log.info("no checkpoint written: no model folder")
         return None
-    model.load_state_dict(read_checkpoint(best)["state_dict"])
+    restore(model.model, best)
     run = Path(cfg.paths.output_dir)
     training = training_record(cfg, trainer, Path(best), run)
     config = head_config(model, training, {"test": split_scores(metrics, "test")})

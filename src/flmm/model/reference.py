@@ -322,7 +322,7 @@ def metadata(target: Target, state: dict[str, torch.Tensor], target_size: int, s
 
 
 def convert(path: str | Path, target: Target, target_size: int = TARGET_SIZE) -> dict:
-    """A checkpoint ``FLMM.from_checkpoint`` (and ``checkpoint=``) loads strictly, from the reference
+    """A checkpoint ``flmm.model.load`` (and ``checkpoint=``) loads strictly, from the reference
     checkpoint file ``path``."""
     state = convert_state(read_reference(path), target, target_size)
     return {

@@ -17,7 +17,8 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
 from flmm.data.distributed import gather_records
-from flmm.model.module import Predictions, phrase_records, upsample_logits
+from flmm.model.module import phrase_records
+from flmm.model.network import Predictions, upsample_logits
 from flmm.overlay import PANEL_COLUMNS, as_array, disjoint, overlay_panel
 from flmm.training.plots import line_charts
 from flmm.types import GroundingBatch
@@ -57,12 +58,12 @@ class FrozenLMMCheck(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # every rank takes part: with trainer=fsdp the LMM's layers are gathered collectively
-        self.before = self.snapshot(trainer, pl_module.lmm)
+        self.before = self.snapshot(trainer, pl_module.model.lmm)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.before is None:
             return
-        after = self.snapshot(trainer, pl_module.lmm)
+        after = self.snapshot(trainer, pl_module.model.lmm)
         unchanged = after == self.before
         if not trainer.is_global_zero:
             if not unchanged:

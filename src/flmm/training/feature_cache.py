@@ -314,18 +314,3 @@ def _widest(entries: list[dict[str, torch.Tensor]], name: str) -> torch.dtype:
     """float32 if any entry stored ``name`` as float32 (fp16 would overflow), else fp16."""
     dtypes = {e[name].dtype for e in entries}
     return torch.float32 if torch.float32 in dtypes else torch.float16
-
-
-def attach(model, cache_dir: str | Path | None) -> FeatureCache | None:
-    """Give ``model`` (an :class:`~flmm.model.module.FLMM`) a feature cache at ``cache_dir``
-    (None or empty: no cache)."""
-    if not cache_dir:
-        return None
-    model.feature_cache = FeatureCache(cache_dir, model.lmm, model.refiner)
-    log.info(
-        "frozen-feature cache at %s (LMM %s, SAM %s)",
-        cache_dir,
-        model.feature_cache.lmm_store.folder.name,
-        model.feature_cache.sam_store.folder.name,
-    )
-    return model.feature_cache
