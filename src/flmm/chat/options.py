@@ -14,6 +14,7 @@ from flmm.chat.conversation import GroundedChat
 from flmm.errors import FlmmUserError
 from flmm.lmm.loading import DTYPES, QUANTIZATIONS
 from flmm.model.checkpoint import check_family, newest_last, read_checkpoint
+from flmm.model.runs import newest_real
 
 
 def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
@@ -139,7 +140,7 @@ def lmm_options(args: argparse.Namespace) -> dict:
 
 def default_checkpoint() -> Path:
     """The newest trained F-LMM under ``logs/`` of the current folder (where ``flmm train``
-    writes its runs): a run's model folder (``<run>/model``, which names its LMM, family and SAM),
+    writes its runs), debug runs skipped (:func:`flmm.model.runs.newest_real`): a run's model folder (``<run>/model``, which names its LMM, family and SAM),
     or the checkpoint of a run that has none yet (still training, or killed); a clear error if
     there is neither."""
     logs = Path("logs")
@@ -149,7 +150,7 @@ def default_checkpoint() -> Path:
             f"no F-LMM checkpoint under {logs.resolve()}; train one on the synthetic world "
             "with `flmm train` (`make run`) in this folder, or pass --checkpoint PATH"
         )
-    newest = max(found, key=lambda p: p.stat().st_mtime)
+    newest = newest_real(found, logs)
     return newest.parent if newest.name == "config.json" else newest
 
 
