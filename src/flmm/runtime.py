@@ -26,6 +26,7 @@ from rich.table import Table
 
 from flmm.data.distributed import LoaderPosition
 from flmm.errors import ConfigError, MissingExtraError, exit_on_user_error
+from flmm.extras import check_extras
 from flmm.files import check_writable, flmm_home, write_text_atomic
 from flmm.lmm import get_family, list_lmms
 from flmm.model.checkpoint import (
@@ -92,7 +93,7 @@ def check_spellings(config_name: str, overrides: list[str]) -> None:
 
 def hydra_entry(config_name: str) -> Callable:
     """``@hydra.main`` with the package's config ``config_name``, after
-    :func:`check_spellings` of the command line."""
+    :func:`check_spellings` and :func:`flmm.extras.check_extras` of the command line."""
 
     def decorate(task: Callable) -> Callable:
         run = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)
@@ -100,6 +101,7 @@ def hydra_entry(config_name: str) -> Callable:
         @functools.wraps(task)
         def main():
             exit_on_user_error(check_spellings, config_name, sys.argv[1:])
+            exit_on_user_error(check_extras, sys.argv[1:])
             return run()
 
         return main

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
+from omegaconf import OmegaConf
 
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
@@ -27,10 +27,11 @@ def run_folder(path: Path) -> Path:
 
 
 def read_yaml(path: Path):
-    """``path``'s YAML (plain data, never code); None where it is missing or unreadable."""
+    """``path``'s YAML as plain data (interpolations left unresolved); None where it is missing
+    or unreadable."""
     try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:  # noqa: BLE001 (any unreadable record: the run is taken as a real one)
         return None
 
 
