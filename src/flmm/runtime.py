@@ -37,6 +37,7 @@ from flmm.model.checkpoint import (
     resumable_last,
 )
 from flmm.training.stopping import CheckpointOnSigterm
+from flmm.training.wandb_files import keep_in_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,8 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     """Instantiate ``cfg.trainer`` with the configured callbacks and loggers."""
     group_sweep_runs(cfg)
     callbacks = [*instantiate_group(cfg.get("callbacks")), LoaderPosition(), CheckpointOnSigterm()]
+    if (cfg.get("logger") or {}).get("wandb") is not None:
+        keep_in_run_folder(cfg.paths.output_dir)
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning raises)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
