@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 from flmm import cli
 from flmm.chat.options import default_checkpoint
+from flmm.files import flmm_home
 from flmm.model import checkpoint
 from flmm.model.checkpoint import LAST
-from flmm.files import flmm_home
 from flmm.runtime import CONFIG_PATH
 
 ROOT = Path(__file__).resolve().parents[1]

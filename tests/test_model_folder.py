@@ -149,9 +149,9 @@ def test_the_cards_chat_snippet_grounds_noun_phrases_without_a_selector(run, tmp
     config["lmm"]["id"] = portable(str(SHIPPED["tiny_llava"]))
     (folder / "config.json").write_text(json.dumps(config))
     card = (folder / "README.md").read_text()
-    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
     scope = {"image": sample.image}
-    exec(snippet.replace("path/to/this/folder", str(folder)), scope)
+    exec(snippet.replace("path/to/this/folder", str(folder)), scope)  # noqa: S102 (flmm's own card)
     result = scope["result"]
     assert result.phrases_from == NOUN_RULE and result.phrases == noun_phrases(result.answer)
     assert result.phrases, f"no noun phrase in the answer {result.answer!r}"

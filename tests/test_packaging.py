@@ -130,7 +130,9 @@ def hide(monkeypatch, module: str) -> None:
     """Simulate a missing optional package: ``find_spec`` does not find ``module``."""
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == module else find_spec(name, *a),
     )
 
 
@@ -152,9 +154,9 @@ def test_hydra_alone_cannot_compose_a_search_without_the_sweeper(no_optuna_sweep
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
 
-    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
-        with pytest.raises(MissingConfigException, match="Could not find 'hydra/sweeper/optuna'"):
-            compose("train", overrides=["hparams_search=optuna"])
+    missing = pytest.raises(MissingConfigException, match="Could not find 'hydra/sweeper/optuna'")
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"), missing:
+        compose("train", overrides=["hparams_search=optuna"])
 
 
 @pytest.mark.parametrize(
@@ -178,8 +180,10 @@ def test_a_missing_extra_stops_flmm_train_in_one_line_before_anything_runs(
         train.main()
     assert stop.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"flmm: error: {override} needs {package}, which is not installed: "
-        f"pip install 'flmm[{extra}]'"
+        (
+            f"flmm: error: {override} needs {package}, which is not installed: "
+            f"pip install 'flmm[{extra}]'"
+        )
     ]
 
 
@@ -188,7 +192,9 @@ def test_flmm_web_without_gradio_is_one_line():
     import subprocess
 
     code = "import sys; sys.modules['gradio'] = None; from flmm import cli; cli.main(['web'])"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         "flmm: error: the web page needs gradio, which is not installed: pip install 'flmm[web]'"

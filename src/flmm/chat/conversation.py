@@ -99,7 +99,7 @@ class GroundedChat:
 
     ``cot_in_turn``: the visual chain of thought grounds the object it names inside its own
     turn instead of as a referring expression (POPE vcot on the synthetic world, shipped models:
-    docs/tiny_llava.md, "Grounding the named object as F-LMM was trained to").
+    docs/development/tiny_llava.md, "Grounding the named object as F-LMM was trained to").
 
     ``decoding``: HF ``generate`` settings for the answers of :meth:`answer`, :meth:`stream` and
     :meth:`chat` (e.g. ``{"repetition_penalty": 1.2}``; a call's own settings win). The visual

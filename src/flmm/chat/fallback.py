@@ -18,15 +18,21 @@ from __future__ import annotations
 
 from flmm.chat.selector import runs, word_spans
 
-AUXILIARIES = frozenset("is are was were am be been being has have had do does did".split())
-FUNCTION_WORDS = AUXILIARIES | frozenset(
+
+def words(text: str) -> frozenset[str]:
+    """The set of the whitespace-separated words of ``text``."""
+    return frozenset(text.split())
+
+
+AUXILIARIES = words("is are was were am be been being has have had do does did")
+FUNCTION_WORDS = AUXILIARIES | words(
     """a an the this that these those some any each every no not yes there here it its they them
     their he him his she her we us our you your i me my one ones which who whom whose what where
     when why how and or but nor so as if than then of in on at by for from with without to into
     onto over under above below behind beside between near next up down out off about around
     across along through can could will would shall should may might must also very too just
     only all both many much more most few several other another same such top bottom left right
-    middle center centre corner side front back image picture photo scene""".split()
+    middle center centre corner side front back image picture photo scene"""
 )
 
 

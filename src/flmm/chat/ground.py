@@ -49,7 +49,9 @@ def transcript(result: ChatResult, out: Path | None) -> str:
         )
     lines += [f"  not in the answer, not grounded: {p!r}" for p in result.missing]
     if result.phrases_from == NOUN_RULE:
-        lines.append(f"phrases: the answer's noun phrases ({NOUN_RULE}; no keyword selector loaded)")
+        lines.append(
+            f"phrases: the answer's noun phrases ({NOUN_RULE}; no keyword selector loaded)"
+        )
     if out is not None:
         lines.append(f"overlay: {out}")
     return "\n".join(lines)
