@@ -21,7 +21,7 @@ The model is not saved. Measured on the shipped model (one thread): ``text`` and
 to a loss near 0 within 100 steps (0.012, 0.003). ``match`` sits on the chance plateau for about
 100-150 steps, then falls (0.22-0.07 by step 400, 0.046 at 600, depending on the sample order):
 run it with ``--steps 400`` or more; 150 steps only show the plateau. ``exist`` stays at 0.35
-for longer (docs/tiny_llava.md, "The existence plateau").
+for longer (docs/development/tiny_llava.md, "The existence plateau").
 """
 
 from __future__ import annotations

@@ -230,6 +230,33 @@ def test_wandb_images_have_mask_toggles_and_test_table_one_row_per_phrase(
     logger.experiment.finish()
 
 
+def test_wandb_follows_a_users_wandb_mode_else_stays_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert compose_cfg(tmp_path, ["logger=wandb"]).logger.wandb.offline is True
+    monkeypatch.setenv("WANDB_MODE", "online")  # W&B itself reads it when offline is false
+    assert compose_cfg(tmp_path, ["logger=wandb"]).logger.wandb.offline is False
+
+
+def test_wandb_table_images_are_written_inside_the_run_folder(tmp_path, monkeypatch, offline_wandb):
+    """W&B stages a logged table's images in its data folder (~/.local/share/wandb by default);
+    a run's are under <run>/wandb/."""
+    import wandb
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR"):
+        monkeypatch.setenv(name, "unset by the test")  # restored afterwards
+        monkeypatch.delenv(name)
+    trainer = build_trainer(compose_cfg(tmp_path, ["logger=wandb"]))
+    image = wandb.Image(np.full((8, 8, 3), 200, dtype=np.uint8))
+    trainer.logger.log_table(key="evaluation", columns=["overlay"], data=[[image]])
+    finish_loggers(trainer)
+    staged = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.read_bytes().startswith(b"\x89PNG") for p in staged if "staging" in p.parts)
+    assert not list((tmp_path / "home").rglob("*.png")) and not list(
+        (tmp_path / "home").rglob("staging/*")
+    )
+
+
 def test_wandb_run_is_named_by_its_overrides_and_logs_the_config(tmp_path, offline_wandb):
     cfg = compose_cfg(tmp_path, ["logger=wandb", "model.lr=0.003", "seed=3"])
     trainer = build_trainer(cfg)

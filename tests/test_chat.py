@@ -14,11 +14,13 @@ from transformers import LlavaForConditionalGeneration
 from flmm.chat.conversation import (
     COT_PREFIX,
     COT_QUESTION,
+    NOUN_RULE,
     ChatResult,
     GroundedChat,
     expand_box,
     mask_box,
 )
+from flmm.chat.fallback import noun_phrases
 from flmm.chat.selector import KeywordSelector, word_spans
 from flmm.data.masks import largest_region
 from flmm.errors import FlmmUserError
@@ -175,10 +177,11 @@ def test_chat_grounds_given_phrases_in_the_answer(chat, image):
     assert result.masks.shape == (1, *image.shape[:2]) and result.masks.dtype == bool
 
 
-def test_chat_uses_the_keyword_selector(chat, image):
+def test_chat_uses_the_keyword_selector_else_the_noun_phrase_rule(chat, image):
     answer = chat.answer(image, QUESTION, max_new_tokens=12)
-    with pytest.raises(FlmmUserError, match="train_selector"):
-        chat.chat(image, QUESTION, max_new_tokens=12)
+    alone = chat.chat(image, QUESTION, max_new_tokens=12)  # no selector: the answer's noun phrases
+    assert (alone.phrases, alone.phrases_from) == (noun_phrases(answer), NOUN_RULE)
+    assert alone.masks.shape == (len(alone.phrases), *image.shape[:2])
     selector = KeywordSelector(chat.lmm.hidden_size)
     torch.nn.init.zeros_(selector.linear.weight)
     torch.nn.init.constant_(selector.linear.bias, 5.0)  # every word is a key word
@@ -189,6 +192,7 @@ def test_chat_uses_the_keyword_selector(chat, image):
         chat.selector = None
     words = [answer[s:e] for s, e in word_spans(answer) if answer[s].isalnum()]
     assert " ".join(result.phrases).split() == words  # every word, punctuation never
+    assert result.phrases_from == "keyword selector"
     assert result.masks.shape == (1, *image.shape[:2])
 
 

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from flmm import cli
 from flmm.chat.options import default_checkpoint
 from flmm.entry import CONFIG_PATH
 from flmm.files import flmm_home
+from flmm.model import checkpoint
+from flmm.model.checkpoint import LAST
 
 ROOT = Path(__file__).resolve().parents[1]
 # the options each command has, per concept: checkpoint, device, dtype, output folder / file
@@ -114,6 +117,39 @@ def test_default_checkpoint_is_the_newest_run_under_this_folders_logs(monkeypatc
     assert default_checkpoint() == Path("logs/train/runs/b/model")
     os.utime(tmp_path / "logs/train/runs/a/checkpoints/last.ckpt", (4, 4))  # a resumed run
     assert default_checkpoint() == Path("logs/train/runs/a/checkpoints/last.ckpt")
+
+
+def recorded_run(root: Path, name: str, overrides: list[str], mtime: int) -> Path:
+    """A run folder under ``root/logs`` with the ``.hydra/`` record Hydra writes (the composed
+    config, unresolved, and the command line's overrides) and a ``last.ckpt`` dated ``mtime``."""
+    run = root / "logs" / "train" / "runs" / name
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / LAST).touch()
+    os.utime(run / "checkpoints" / LAST, (mtime, mtime))
+    return run
+
+
+def test_the_newest_run_taken_by_default_is_not_a_debug_run(monkeypatch, tmp_path, capsys):
+    """Newer debug runs (debug=..., fast_dev_run, limit_train_batches) are passed over, for
+    the default checkpoint and for `last`; the run taken is printed in one line."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint, "resumable_last", lambda folder, option: folder / LAST)
+    recorded_run(tmp_path, "real", ["model.lr=0.001"], 1)
+    recorded_run(tmp_path, "debug", ["debug=fdr"], 2)
+    recorded_run(tmp_path, "limit", ["trainer.limit_train_batches=4"], 3)
+    real = Path("logs/train/runs/real")
+    assert default_checkpoint() == real / "checkpoints" / LAST
+    assert checkpoint.newest_last(Path("logs")) == real / "checkpoints" / LAST
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"run: {real} (the newest under logs; skipped 2 debug run(s))"] * 2
+    shutil.rmtree(real)  # only debug runs: the newest of them, said so
+    assert default_checkpoint() == Path("logs/train/runs/limit/checkpoints") / LAST
+    assert "only debug runs there (trainer.limit_train_batches=4)" in capsys.readouterr().err
 
 
 def test_conf_local_of_the_current_folder_sets_a_users_paths(tmp_path):

@@ -11,8 +11,8 @@ from PIL import Image
 
 from flmm.chat import ground as ground_cli
 from flmm.chat import options
-from flmm.chat.conversation import ChatResult
-from flmm.chat.ground import load_image, main, marked
+from flmm.chat.conversation import NOUN_RULE, ChatResult
+from flmm.chat.ground import load_image, main, marked, transcript
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
 from flmm.model.module import FLMM
@@ -142,6 +142,15 @@ def test_overlay_and_marking():
     np.testing.assert_array_equal(picture[19, 39], [0, 0, 0])
     result = ChatResult("q", "a dog and a cat", ["dog", "cat"], [(2, 5), (12, 15)], masks)
     assert marked(result) == "a [dog]{1} and a [cat]{2}"
+
+
+def test_the_transcript_says_when_the_noun_phrase_rule_chose_the_phrases():
+    masks = np.zeros((1, 4, 4), dtype=bool)
+    result = ChatResult("q?", "a dog", ["dog"], [(2, 5)], masks, phrases_from=NOUN_RULE)
+    said = "phrases: the answer's noun phrases (noun-phrase rule; no keyword selector loaded)"
+    assert said in transcript(result, None).splitlines()
+    result.phrases_from = "keyword selector"
+    assert "phrases:" not in transcript(result, None)
 
 
 def test_bad_image_file_is_a_clear_error(tmp_path, capsys):

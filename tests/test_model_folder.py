@@ -18,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from safetensors.torch import load_file
 
-from flmm.chat.conversation import GroundedChat
+from flmm.chat.conversation import NOUN_RULE, GroundedChat
+from flmm.chat.fallback import noun_phrases
 from flmm.chat.options import load_chat
 from flmm.errors import CheckpointMismatchError, FlmmUserError
 from flmm.evaluate import evaluate
@@ -149,6 +150,27 @@ def test_grounded_chat_and_the_cli_load_a_folder_alone(run, head, tmp_path, monk
     monkeypatch.chdir(tmp_path)  # no --checkpoint: the newest run's model folder under logs/
     args.checkpoint = None
     assert_same_masks(ground(load_chat(args).model, sample), ground(head.model, sample))
+
+
+def test_the_cards_chat_snippet_grounds_noun_phrases_without_a_selector(run, tmp_path):
+    """The card's own snippet on a folder fresh from training (no keyword selector trained):
+    the answer's noun phrases are grounded, and the result says so. The folder names the
+    shipped tiny LLaVA (the default run's; the tiny run's own LMM, pretrained for 2 steps,
+    answers "left left ...", which has no noun phrase)."""
+    _, _, trained, _, sample = run
+    folder = Path(shutil.copytree(trained, tmp_path / "model"))
+    config = json.loads((folder / "config.json").read_text())
+    config["lmm"]["id"] = portable(str(SHIPPED["tiny_llava"]))
+    (folder / "config.json").write_text(json.dumps(config))
+    card = (folder / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
+    scope = {"image": sample.image}
+    exec(snippet.replace("path/to/this/folder", str(folder)), scope)  # noqa: S102 (flmm's own card)
+    result = scope["result"]
+    assert result.phrases_from == NOUN_RULE and result.phrases == noun_phrases(result.answer)
+    assert result.phrases, f"no noun phrase in the answer {result.answer!r}"
+    assert all(result.answer[s:e] == p for p, (s, e) in zip(result.phrases, result.spans))
+    assert result.masks.shape == (len(result.phrases), *sample.image.shape[:2])
 
 
 def test_a_checkpoint_alone_names_its_sam_and_family(run, head, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import importlib.util
 import re
 import sys
 from graphlib import TopologicalSorter
@@ -186,6 +187,81 @@ def test_missing_wandb_extra_is_one_line(monkeypatch):
     group = OmegaConf.create({"wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger"}})
     with pytest.raises(MissingExtraError, match=r"pip install 'flmm\[wandb\]'"):
         trainer.instantiate_group(group)
+
+
+def hide(monkeypatch, module: str) -> None:
+    """Simulate a missing optional package: ``find_spec`` does not find ``module``."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == module else find_spec(name, *a),
+    )
+
+
+@pytest.fixture
+def no_optuna_sweeper(monkeypatch):
+    """The sweep extra's Optuna sweeper missing, for Hydra too: its config is gone from Hydra's
+    config store (where the plugin put it), so composing hparams_search=optuna fails as it does
+    without the package."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        compose("train")  # Hydra has scanned its plugins: the sweeper's config is stored
+    monkeypatch.delitem(ConfigStore.instance().repo["hydra"]["sweeper"], "optuna.yaml")
+    hide(monkeypatch, "hydra_plugins.hydra_optuna_sweeper")
+
+
+def test_hydra_alone_cannot_compose_a_search_without_the_sweeper(no_optuna_sweeper):
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    missing = pytest.raises(MissingConfigException, match="Could not find 'hydra/sweeper/optuna'")
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"), missing:
+        compose("train", overrides=["hparams_search=optuna"])
+
+
+@pytest.mark.parametrize(
+    "override, package, extra",
+    [
+        ("hparams_search=optuna", "hydra-optuna-sweeper", "sweep"),
+        ("hydra/launcher=slurm", "hydra-submitit-launcher", "sweep"),
+        ("logger=wandb", "wandb", "wandb"),
+    ],
+)
+def test_a_missing_extra_stops_flmm_train_in_one_line_before_anything_runs(
+    override, package, extra, no_optuna_sweeper, monkeypatch, capsys
+):
+    from flmm import train
+
+    hide(monkeypatch, "hydra_plugins.hydra_submitit_launcher")
+    hide(monkeypatch, "wandb")
+    monkeypatch.setattr(train, "train", lambda cfg: pytest.fail("the run started"))
+    monkeypatch.setattr(sys, "argv", ["flmm train", "-m", override])
+    with pytest.raises(SystemExit) as stop:
+        train.main()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        (
+            f"flmm: error: {override} needs {package}, which is not installed: "
+            f"pip install 'flmm[{extra}]'"
+        )
+    ]
+
+
+def test_flmm_web_without_gradio_is_one_line():
+    """gradio unimportable (``sys.modules`` entry None) when ``flmm web`` starts."""
+    import subprocess
+
+    code = "import sys; sys.modules['gradio'] = None; from flmm import cli; cli.main(['web'])"
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "flmm: error: the web page needs gradio, which is not installed: pip install 'flmm[web]'"
+    ]
 
 
 @pytest.mark.slow

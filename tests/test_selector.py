@@ -13,12 +13,28 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from flmm.chat.fallback import noun_phrase_spans, noun_phrases
 from flmm.chat.selector import KeywordSelector, f1_scores, runs, word_spans
 from flmm.chat.train_selector import grounded_caption, train_selector, word_labels
 from flmm.data.synthetic import sample_scene
 from flmm.entry import CONFIG_PATH
 from flmm.errors import CheckpointMismatchError
 from flmm.lmm import FrozenLMM
+
+
+@pytest.mark.parametrize(
+    "answer, phrases",
+    [
+        ("A large red circle at the top left. A blue square.", ["large red circle", "blue square"]),
+        ("The dog is sitting on a couch next to two cats.", ["dog", "couch", "two cats"]),
+        ("There is a purple triangle, and it is red.", ["purple triangle"]),
+        ("Yes, there is.", []),
+    ],
+)
+def test_without_a_selector_the_noun_phrases_are_runs_of_content_words(answer, phrases):
+    """Function words, punctuation and the word after an auxiliary verb end a phrase."""
+    assert noun_phrases(answer) == phrases
+    assert [answer[s:e] for s, e in noun_phrase_spans(answer)] == phrases
 
 
 def test_word_spans_and_runs():

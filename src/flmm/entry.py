@@ -10,6 +10,7 @@ them does.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import DictConfig, OmegaConf
 
 from flmm.errors import ConfigError, exit_on_user_error
+from flmm.extras import check_extras
 from flmm.files import check_writable, flmm_home
 from flmm.lmm import get_family, list_lmms
 
@@ -72,13 +74,20 @@ def run_name(task_name: str, overrides: str) -> str:
     return f"{task_name}:{overrides}" if overrides else task_name
 
 
+def wandb_offline() -> bool:
+    """``logger.wandb.offline``: True unless the user set ``WANDB_MODE`` (W&B then obeys it), so
+    a run never reaches the network unasked."""
+    return "WANDB_MODE" not in os.environ
+
+
 def setup_configs() -> None:
     """Make the configs compose as the commands do: the ``<family>_tiny`` models, the ``flmm.run_name``
-    and ``flmm.home`` resolvers, ``./conf`` searched first. Call it before ``compose`` or
+    and ``flmm.home`` and ``flmm.wandb_offline`` resolvers, ``./conf`` searched first. Call it before ``compose`` or
     ``@hydra.main``; calling it again changes nothing."""
     register_tiny_configs()
     OmegaConf.register_new_resolver("flmm.run_name", run_name, replace=True)
     OmegaConf.register_new_resolver("flmm.home", lambda: str(flmm_home()), replace=True)
+    OmegaConf.register_new_resolver("flmm.wandb_offline", wandb_offline, replace=True)
     Plugins.instance().register(UserConfFirst)
 
 
@@ -94,8 +103,8 @@ def check_spellings(config_name: str, overrides: list[str]) -> None:
 
 
 def hydra_entry(config_name: str) -> Callable:
-    """``@hydra.main`` with the package's config ``config_name``, after :func:`setup_configs` and
-    :func:`check_spellings` of the command line."""
+    """``@hydra.main`` with the package's config ``config_name``, after :func:`setup_configs`,
+    :func:`check_spellings` and :func:`flmm.extras.check_extras` of the command line."""
 
     def decorate(task: Callable) -> Callable:
         run = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)
@@ -104,6 +113,7 @@ def hydra_entry(config_name: str) -> Callable:
         def main():
             setup_configs()
             exit_on_user_error(check_spellings, config_name, sys.argv[1:])
+            exit_on_user_error(check_extras, sys.argv[1:])
             return run()
 
         return main

@@ -4,7 +4,8 @@
 text is exactly what ``generate`` gives), then runs one teacher-forced forward of the whole
 conversation (user: image + question, assistant: answer) with attention capture. The decoder is
 causal, so the rows of the answer tokens in that forward are the attention those tokens had while
-being generated. Phrases come from the user or from the keyword selector.
+being generated. Phrases come from the user, from the keyword selector, or, with no selector
+loaded, from the noun-phrase rule of :mod:`flmm.chat.fallback`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from transformers import TextIteratorStreamer, TextStreamer
 
+from flmm.chat.fallback import noun_phrase_spans
 from flmm.chat.images import ImageLike, as_image
 from flmm.chat.selector import SELECTOR_FILE, KeywordSelector
 from flmm.data.masks import expand_box, largest_region, mask_box
@@ -33,6 +35,8 @@ from flmm.model.predictor import FLMMPredictor, Grounding
 # (flmm.data.synthetic.corpus), written as sentences after the user's question
 COT_QUESTION = f"{{question}} {COT_ASKED.capitalize()}"
 COT_PREFIX = COT_ANSWER.capitalize()
+# where the grounded phrases of an answer come from (ChatResult.phrases_from)
+GIVEN, SELECTOR, NOUN_RULE = "given", "keyword selector", "noun-phrase rule"
 
 
 @dataclass
@@ -44,6 +48,9 @@ class ChatResult:
         phrases, spans: the grounded phrases and their character spans in ``answer``.
         masks: ``K x H x W`` bool, one per phrase.
         missing: user phrases that the answer does not contain (not grounded).
+        phrases_from: who chose the phrases: ``given`` (the caller), ``keyword selector``, or
+            ``noun-phrase rule`` (no selector loaded: :mod:`flmm.chat.fallback`); empty where
+            no answer was grounded by :meth:`GroundedChat.chat`.
     """
 
     question: str
@@ -52,6 +59,7 @@ class ChatResult:
     spans: list[tuple[int, int]]
     masks: np.ndarray
     missing: list[str] = field(default_factory=list)
+    phrases_from: str = ""
 
 
 @dataclass
@@ -90,7 +98,7 @@ class GroundedChat:
 
     ``cot_in_turn``: the visual chain of thought grounds the object it names inside its own
     turn instead of as a referring expression (POPE vcot on the synthetic world, shipped models:
-    docs/tiny_llava.md, "Grounding the named object as F-LMM was trained to").
+    docs/development/tiny_llava.md, "Grounding the named object as F-LMM was trained to").
 
     ``decoding``: HF ``generate`` settings for the answers of :meth:`answer`, :meth:`stream` and
     :meth:`chat` (e.g. ``{"repetition_penalty": 1.2}``; a call's own settings win). The visual
@@ -253,17 +261,20 @@ class GroundedChat:
         return self.predictor.ground_batch(images, texts, phrases)
 
     def keywords(self, image: ImageLike, question: str | None, answer: str) -> list[str]:
-        """The key phrases of ``answer`` that the keyword selector picks (in order); with
-        ``question`` None, ``answer`` follows the grounding instruction (as in :meth:`ground`)."""
+        """The key phrases of ``answer`` that the keyword selector picks (in order), its noun
+        phrases (:mod:`flmm.chat.fallback`) when no selector is loaded; with ``question`` None,
+        ``answer`` follows the grounding instruction (as in :meth:`ground`)."""
         return self.keywords_batch([image], question, [answer])[0]
 
     def keywords_batch(
         self, images: list[ImageLike], question: str | None, answers: list[str]
     ) -> list[list[str]]:
         """:meth:`keywords` for several images and answers, in one LMM forward."""
-        selector = self.require_selector()
+        if self.selector is None:
+            spans = [noun_phrase_spans(answer) for answer in answers]
+            return [[a[s:e] for s, e in found] for a, found in zip(answers, spans)]
         images = [as_image(image) for image in images]
-        spans = selector.select_many(self.lmm, images, answers, question)
+        spans = self.selector.select_many(self.lmm, images, answers, question)
         return [[a[s:e] for s, e in found] for a, found in zip(answers, spans)]
 
     def require_selector(self) -> KeywordSelector:
@@ -271,8 +282,8 @@ class GroundedChat:
         if self.selector is None:
             raise FlmmUserError(
                 "no keyword selector is loaded: pass phrases explicitly (--phrases ...), or train "
-                f"one with `python -m flmm.chat.train_selector` and put {SELECTOR_FILE} beside the "
-                "F-LMM checkpoint"
+                f"one with `flmm train-selector` and put {SELECTOR_FILE} beside the F-LMM "
+                "checkpoint or in its head folder"
             )
         return self.selector
 
@@ -286,7 +297,9 @@ class GroundedChat:
         on_text: Callable[[str], None] | None = None,
         **gen,
     ) -> ChatResult:
-        """Answer ``question``, then ground ``phrases`` of the answer (the selector's if None).
+        """Answer ``question``, then ground ``phrases`` of the answer (if None: the keyword
+        selector's, or the answer's noun phrases where none is loaded; ``phrases_from`` of the
+        result says which).
 
         ``on_text`` receives the answer's text pieces while it is generated; ``seed=`` fixes the
         sampling; other ``gen`` settings go to HF ``generate``.
@@ -295,13 +308,21 @@ class GroundedChat:
         if on_text is not None:
             gen["streamer"] = _CallbackStreamer(self.lmm.processor.tokenizer, on_text)
         text = self.answer(image, question, max_new_tokens, do_sample, **gen)
-        return self.grounded(image, question, text, *self.pick(image, question, text, phrases))
+        result = self.grounded(image, question, text, *self.pick(image, question, text, phrases))
+        result.phrases_from = self.phrase_source(phrases)
+        return result
+
+    def phrase_source(self, phrases: list[str] | None) -> str:
+        """Who chooses the phrases of an answer when :meth:`pick` is given ``phrases``."""
+        if phrases is not None:
+            return GIVEN
+        return SELECTOR if self.selector is not None else NOUN_RULE
 
     def pick(
         self, image: ImageLike, question: str, answer: str, phrases: list[str] | None
     ) -> tuple[list[str], list[str]]:
-        """The ``phrases`` found in ``answer`` (in its order; the selector's if None) and those
-        missing from it."""
+        """The ``phrases`` found in ``answer`` (in its order; :meth:`keywords` if None) and
+        those missing from it."""
         if phrases is None:
             return self.keywords(image, question, answer), []
         found = sorted((p for p in phrases if p and p in answer), key=answer.find)

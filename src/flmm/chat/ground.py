@@ -1,7 +1,7 @@
 """`python -m flmm.chat.ground IMAGE "question or phrase" [--phrases ...]`: grounded answers on the CLI.
 
 Modes: ``chat`` answers the question and grounds phrases of the answer (``--phrases``, else the
-keyword selector's); ``ground`` grounds ``--phrases`` of the given text (the whole text without
+keyword selector's, or the answer's noun phrases where no selector is loaded); ``ground`` grounds ``--phrases`` of the given text (the whole text without
 them); ``cot`` runs the visual chain of thought; ``reason`` answers, then segments what the answer
 names (ReasonSeg style); ``auto`` (default) is ``chat`` for a question (ending in "?"), else
 ``ground``. Prints the answer with the grounded phrases marked and writes an overlay PNG (one
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flmm.chat.conversation import ChatResult, GroundedChat, VisualCoT, object_span
+from flmm.chat.conversation import NOUN_RULE, ChatResult, GroundedChat, VisualCoT, object_span
 from flmm.chat.images import load_image
 from flmm.chat.options import add_model_args, load_chat
 from flmm.chat.reasonseg import reason
@@ -48,6 +48,10 @@ def transcript(result: ChatResult, out: Path | None) -> str:
             f"  {k}. {phrase!r} chars {span[0]}-{span[1]}: {int(mask.sum())} px {box} rgb({rgb})"
         )
     lines += [f"  not in the answer, not grounded: {p!r}" for p in result.missing]
+    if result.phrases_from == NOUN_RULE:
+        lines.append(
+            f"phrases: the answer's noun phrases ({NOUN_RULE}; no keyword selector loaded)"
+        )
     if out is not None:
         lines.append(f"overlay: {out}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from flmm.errors import FlmmUserError
 from flmm.heads import SAM_VARIANTS
 from flmm.lmm.loading import DTYPES, QUANTIZATIONS
 from flmm.model.checkpoint import newest_last
+from flmm.model.runs import newest_real
 
 
 def add_model_args(p: argparse.ArgumentParser, generates: bool = True) -> None:
@@ -127,7 +128,7 @@ def lmm_options(args: argparse.Namespace) -> dict:
 
 def default_checkpoint() -> Path:
     """The newest trained F-LMM under ``logs/`` of the current folder (where ``flmm train``
-    writes its runs): a run's model folder (``<run>/model``, which names its LMM, family and SAM),
+    writes its runs), debug runs skipped (:func:`flmm.model.runs.newest_real`): a run's model folder (``<run>/model``, which names its LMM, family and SAM),
     or the checkpoint of a run that has none yet (still training, or killed); a clear error if
     there is neither."""
     logs = Path("logs")
@@ -137,5 +138,5 @@ def default_checkpoint() -> Path:
             f"no F-LMM checkpoint under {logs.resolve()}; train one on the synthetic world "
             "with `flmm train` (`make run`) in this folder, or pass --checkpoint PATH"
         )
-    newest = max(found, key=lambda p: p.stat().st_mtime)
+    newest = newest_real(found, logs)
     return newest.parent if newest.name == "config.json" else newest

@@ -35,7 +35,7 @@ TINY_VERSION = 3
 # the synthetic world's tiny LLaVA: a 2-layer vision tower read at its penultimate layer, as
 # LLaVA-1.5 reads CLIP's (F-LMM test gIoU 43.0; the last of 3 layers: 35.3), 128 wide (at 64 a
 # linear probe reads shape on 55.7% of object patches after the vision stage, at 128 on 86.3%;
-# docs/tiny_llava.md, "A wider vision tower")
+# docs/development/tiny_llava.md, "A wider vision tower")
 WORLD_LLAVA = {"vision_layers": 2, "vision_feature_layer": -2, "vision_hidden": 128}
 SHIPPED_DIR = Path(__file__).with_name("shipped")
 SHIPPED = {"tiny_llava": SHIPPED_DIR / "tiny_llava", "tiny_sam": SHIPPED_DIR / "tiny_sam.pth"}

@@ -177,8 +177,9 @@ def pretrain_vision_tower(
     model back: a :class:`PatchProbe` on the layer the projector reads learns each patch's
     colour and shape shares from the scenes' exact masks, as CLIP is trained before LLaVA.
 
-    Language training alone never teaches the tower shape (docs/tiny_llava.md, "The vision
-    tower sees no shape"). Scenes come from their own RNG stream (``[seed, Stream.VISION]``);
+    Language training alone never teaches the tower shape (docs/development/tiny_llava.md,
+    "The vision tower sees no shape"). Scenes come from their own RNG stream
+    (``[seed, Stream.VISION]``);
     CUDA when available."""
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

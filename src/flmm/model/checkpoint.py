@@ -15,6 +15,7 @@ import flmm
 from flmm.errors import CheckpointMismatchError, DataError, FlmmUserError
 from flmm.files import flmm_home, load_torch_file, write_atomic
 from flmm.heads.sam_build import built_from
+from flmm.model.runs import newest_real
 
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(flmm.__file__).resolve().parent
@@ -206,10 +207,11 @@ def resumable_last(folder: Path, option: str = "checkpoint=") -> Path | None:
 
 def newest_last(logs: Path, option: str = "checkpoint=") -> Path:
     """What ``last`` names where no run folder is given (``flmm evaluate``, ``flmm ground``...):
-    the ``last.ckpt`` written most recently under ``logs``, checked by :func:`resumable_last`;
+    the ``last.ckpt`` written most recently under ``logs`` outside debug runs
+    (:func:`flmm.model.runs.newest_real`), checked by :func:`resumable_last`;
     a :class:`FileNotFoundError` when no run there wrote one."""
-    found = sorted(Path(logs).glob(f"**/{LAST}"), key=lambda p: p.stat().st_mtime)
-    last = resumable_last(found[-1].parent, option) if found else None
+    newest = newest_real(list(Path(logs).glob(f"**/{LAST}")), Path(logs))
+    last = resumable_last(newest.parent, option) if newest else None
     if last is None:
         raise FileNotFoundError(
             f"{option}last: no training run under {Path(logs).resolve()} has written a {LAST}; "

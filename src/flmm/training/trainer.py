@@ -18,6 +18,7 @@ from flmm.data.distributed import LoaderPosition
 from flmm.errors import MissingExtraError
 from flmm.model.checkpoint import AtomicCheckpointIO
 from flmm.training.stopping import CheckpointOnSigterm
+from flmm.training.wandb_files import keep_in_run_folder
 
 # config entries whose ``_target_`` needs an optional dependency: (module, extra, what needs it)
 EXTRAS = {"WandbLogger": ("wandb", "wandb", "logger=wandb")}
@@ -73,6 +74,8 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     """Instantiate ``cfg.trainer`` with the configured callbacks and loggers."""
     group_sweep_runs(cfg)
     callbacks = [*instantiate_group(cfg.get("callbacks")), LoaderPosition(), CheckpointOnSigterm()]
+    if (cfg.get("logger") or {}).get("wandb") is not None:
+        keep_in_run_folder(cfg.paths.output_dir)
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning raises)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
