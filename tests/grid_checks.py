@@ -127,7 +127,27 @@ def tiles(lmm, enc, cols, counts, layouts) -> None:
     assert first == enc["pixel_values"].shape[0]
 
 
-GRID_CHECKS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles}
+def native(lmm, enc, cols, counts, layouts) -> None:
+    """Pixtral's grid: the model's own merged feature of each image sits at the grid's cells, row
+    by row (the patch merger's ``image_sizes // patch_size`` patches, 2x2 merged, row-major), and
+    in the sequence each grid row is followed by ``[IMG_BREAK]``, the last by ``[IMG_END]``."""
+    seen = decoder_input(lmm, enc)
+    with torch.no_grad():
+        features = lmm.model.model.get_image_features(
+            pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"], return_dict=True
+        ).pooler_output
+    processor = lmm.processor
+    for b, (layout, count) in enumerate(zip(layouts, counts)):
+        ((grid, index),) = layout
+        assert grid.height * grid.width == count == features[b].shape[0]
+        assert torch.equal(seen[b, cols[b, :count][index]], features[b].to(seen))
+        last = cols[b, :count][index].view(grid.height, grid.width)[:, -1]
+        after = enc["input_ids"][b, last + 1]
+        closing = [processor.image_break_token_id] * (grid.height - 1)
+        assert after.tolist() == [*closing, processor.image_end_token_id]
+
+
+GRID_CHECKS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles, "native": native}
 
 
 def check_grids(lmm, enc: dict) -> list:

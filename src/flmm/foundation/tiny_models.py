@@ -16,6 +16,7 @@ import transformers
 from transformers import PreTrainedTokenizerFast
 
 from flmm.data.synthetic.corpus import vocabulary
+from flmm.foundation import tiny_mistral
 from flmm.foundation.cache import TINY_VERSION, _build_once
 from flmm.foundation.tiny_llava import (
     CHAT_TEMPLATE as LLAVA_TEMPLATE,
@@ -69,6 +70,7 @@ SPECIAL_TOKENS = {
     },
     "deepseek_vl": {"image_token": "<image_placeholder>"},
     "deepseek_vl_hybrid": {"image_token": "<image_placeholder>"},
+    "mistral3": tiny_mistral.MISTRAL3_TOKENS,
 }
 CHAT_TEMPLATES = {
     "llava": LLAVA_TEMPLATE,
@@ -83,6 +85,7 @@ CHAT_TEMPLATES = {
     "internvl": chat_template(IM_TEMPLATE[0], "<IMG_CONTEXT>\n", IM_TEMPLATE[2], IM_TEMPLATE[1]),
     "deepseek_vl": chat_template(*DEEPSEEK),
     "deepseek_vl_hybrid": chat_template(*DEEPSEEK),
+    "mistral3": chat_template(*tiny_mistral.MISTRAL3_CHAT),
 }
 
 
@@ -306,6 +309,14 @@ def tiny_deepseek_vl_hybrid(words: list[str] | None, image_size: int = 32, patch
     return transformers.DeepseekVLHybridForConditionalGeneration(config), processor
 
 
+def with_tokenizer(family: str, builder):
+    """A ``words -> (model, processor)`` builder from one that takes the family's tokenizer and
+    chat template (the builders of :mod:`flmm.foundation.tiny_mistral`)."""
+    return lambda words: builder(
+        family_tokenizer(SPECIAL_TOKENS[family], words), CHAT_TEMPLATES[family]
+    )
+
+
 BUILDERS = {
     "llava_next": tiny_llava_next,
     "llava_onevision": tiny_llava_onevision,
@@ -313,6 +324,7 @@ BUILDERS = {
     "internvl": tiny_internvl,
     "deepseek_vl": tiny_deepseek_vl,
     "deepseek_vl_hybrid": tiny_deepseek_vl_hybrid,
+    "mistral3": with_tokenizer("mistral3", tiny_mistral.tiny_mistral3),
 }
 
 

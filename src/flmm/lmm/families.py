@@ -30,13 +30,14 @@ class Family:
             :data:`flmm.lmm.grids.GRIDS`): ``"square"`` one ``S x S`` grid, ``S^2`` = the image
             tokens the processor inserts; ``"anyres"`` the base ``S x S`` grid plus the unpadded
             high-res grid without its newline tokens; ``"thw"`` the merged ``image_grid_thw`` grid;
-            ``"tiles"`` InternVL's mosaic of tiles plus its thumbnail.
+            ``"tiles"`` InternVL's mosaic of tiles plus its thumbnail; ``"native"`` Pixtral's
+            ``image_sizes`` grid, its row-break tokens left out.
         pad_to_square: pad images to a centred square before the processor, so that its
             resize/crop keeps the whole image and the grid covers the square frame; otherwise the
             grids cover the image itself and are resampled onto its region of the frame.
         fine_scale: any-res: the output grid side is ``fine_scale`` x the base grid side.
         grid_size: the output grid side when the token grid has no fixed size (``"thw"``,
-            ``"tiles"``).
+            ``"tiles"``, ``"native"``).
         processor_kwargs: keyword arguments for every processor call.
         text_config: name of the text sub-config (the decoder that gets ``"flmm_capture"``).
         decoder_layers: attribute path from the full model to its decoder layer list.
@@ -65,7 +66,7 @@ class Family:
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise ValueError(f"family {self.name!r}: grid must be one of {sorted(GRIDS)}")
-        if self.grid in ("thw", "tiles") and not self.grid_size:
+        if self.grid in ("thw", "tiles", "native") and not self.grid_size:
             raise ValueError(f"family {self.name!r}: the {self.grid!r} grid rule needs a grid_size")
 
 
@@ -135,6 +136,22 @@ FAMILIES: dict[str, Family] = {
             "DeepseekVLHybridForConditionalGeneration",
             "DeepseekVLHybridProcessor",
             ("deepseek-community/deepseek-vl-7b-chat",),
+        ),
+        Family(
+            "mistral3",
+            "Mistral3ForConditionalGeneration",
+            "PixtralProcessor",
+            (
+                "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+                "mistralai/Mistral-Small-3.2-24B-Instruct-2506",
+            ),
+            # Pixtral at the image's own resolution (longest edge <= 1540 px), 28 px a token:
+            # up to 55 x 55 tokens
+            grid="native",
+            pad_to_square=False,
+            grid_size=32,
+            # its tiny model: a 96 px image is 6 x 6 merged tokens, resampled onto 12 x 12
+            tiny_grid_size=12,
         ),
     )
 }

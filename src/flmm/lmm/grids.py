@@ -129,8 +129,18 @@ def thw(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
     return [TokenGrid(height // merge, width // merge)]
 
 
-GRIDS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles}
-PARTS = {"square": 1, "anyres": 2, "thw": 1, "tiles": 2}
+def native(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
+    """Mistral 3 (Pixtral): the image at its own resolution, ``image_sizes`` (the resized, unpadded
+    ``height x width`` pixels) over ``patch_size x spatial_merge_size`` pixels a token. Each token
+    row is closed by an ``[IMG_BREAK]`` (the last by ``[IMG_END]``), which are not image tokens:
+    the image tokens alone form a plain row-major ``h x w`` grid."""
+    height, width = (int(v) for v in enc["image_sizes"][b])
+    pixels = lmm.processor.patch_size * lmm.processor.spatial_merge_size
+    return [TokenGrid(height // pixels, width // pixels)]
+
+
+GRIDS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles, "native": native}
+PARTS = {"square": 1, "anyres": 2, "thw": 1, "tiles": 2, "native": 1}
 
 
 def base_side(config) -> int:
