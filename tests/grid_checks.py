@@ -113,7 +113,7 @@ def tiles(lmm, enc, cols, counts, layouts) -> None:
         (mosaic, fine), (thumb, coarse) = layout
         rows, cols_ = mosaic.tiles
         tiles = rows * cols_ + (rows * cols_ > 1)
-        assert count == tiles * lmm.processor.image_seq_length and len(layout) == 2
+        assert count == tiles * side * side and len(layout) == 2
         height, width = enc["image_sizes"][b].tolist()
         assert rows == cols_ or (rows > cols_) == (height > width)
         embeds = seen[b, cols[b, :count]]

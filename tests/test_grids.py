@@ -2,8 +2,9 @@
 shapes (processors and configs only, no weights), and InternVL's tile mosaic against its pixels.
 
 LLaVA-NeXT (``llava-v1.6-*-hf``: 336 px tiles, patch 14, five pinpoints), LLaVA-OneVision
-(``llava-onevision-qwen2-*-ov-hf``: 384 px, patch 14, 1x1..6x6 pinpoints, ``anyres_max_9``) and
-InternVL3 (``InternVL3-*-hf``: 448 px tiles, 1-12 of them, 256 tokens each) and Mistral 3
+(``llava-onevision-qwen2-*-ov-hf``: 384 px, patch 14, 1x1..6x6 pinpoints, ``anyres_max_9``),
+InternVL3 (``InternVL3-*-hf``: 448 px tiles, 1-12 of them, 256 tokens each), Aya Vision
+(``aya-vision-8b``: 364 px tiles, 1-12 of them, 169 tokens each) and Mistral 3
 (``Mistral-Small-3.1-*``: Pixtral up to 1540 px, 28 px a token), over 40 image sizes
 from 1 x 1 to 2000 x 2000 pixels and aspect ratios up to 40:1.
 """
@@ -107,7 +108,15 @@ def mistral3() -> tuple:
     return real_processor("mistral3", family_tokenizer(SPECIAL_TOKENS["mistral3"], None)), None
 
 
+def aya_vision() -> tuple:
+    """Aya Vision's processor as ``CohereLabs/aya-vision-8b`` publishes it (364 px tiles, 1-12 of
+    them, 169 tokens each); its grid rule reads no config."""
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["aya_vision"], None)
+    return real_processor("aya_vision", tokenizer), None
+
+
 REAL = {
+    "aya_vision": aya_vision,
     "llava_next": llava_next,
     "llava_onevision": llava_onevision,
     "internvl": internvl,

@@ -38,7 +38,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SUB_CONFIGS = ("text_config", "vision_config", "high_res_vision_config")
 LAYER_INDEX_KEYS = ("fullatt_block_indexes", "global_attn_indexes")
 # config fields holding a special token's id, where the name is not "<tokenizer attribute>_id"
-CONFIG_ID_FIELD = {"context_image_token": "image_token_id"}
+CONFIG_ID_FIELD = {"context_image_token": "image_token_id", "img_patch_token": "image_token_id"}
 
 
 def published(family: str) -> dict:

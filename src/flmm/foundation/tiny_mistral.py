@@ -8,6 +8,7 @@ registered in its ``BUILDERS``.
 from __future__ import annotations
 
 import transformers
+from tokenizers import AddedToken
 
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2}
@@ -66,3 +67,64 @@ def tiny_mistral3(tokenizer, chat_template: str, max_side: int = 96, patch_size:
         tie_word_embeddings=False,
     )
     return transformers.Mistral3ForConditionalGeneration(config), processor
+
+
+# Aya Vision's image tokens (tokenizer attribute -> string): the processor expands ``<image>``
+# into ``<|START_OF_IMG|>``, per tile ``TILE_i`` (plain text) and its ``<|IMG_PATCH|>`` tokens,
+# ``TILE_GLOBAL`` and the thumbnail's, then ``<|END_OF_IMG|>``
+AYA_VISION_TOKENS = {
+    "start_of_img_token": "<|START_OF_IMG|>",
+    "end_of_img_token": "<|END_OF_IMG|>",
+    "img_patch_token": "<|IMG_PATCH|>",
+    "img_line_break_token": "<|IMG_LINE_BREAK|>",
+}
+# Cohere's turns: ``<|START_OF_TURN_TOKEN|><|USER_TOKEN|>`` ... ``<|END_OF_TURN_TOKEN|>``
+AYA_VISION_CHAT = (
+    "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>",
+    "<image>",
+    "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+    "<|END_OF_TURN_TOKEN|>",
+)
+# its turn tokens (added, not special, tokens of the hub tokenizer) and the tile labels (words
+# of its vocabulary), one token each
+AYA_VISION_CONTROL = (
+    "<|START_OF_TURN_TOKEN|>",
+    "<|USER_TOKEN|>",
+    "<|CHATBOT_TOKEN|>",
+    "<|END_OF_TURN_TOKEN|>",
+    "TILE",
+    "TILE_GLOBAL",
+)
+
+
+def tiny_aya_vision(tokenizer, chat_template: str, image_size: int = 64, patch_size: int = 8):
+    """Aya Vision 8B (SigLIP tower, pixel shuffle 2, Cohere2 decoder with sliding-window and
+    full-attention layers): GOT-OCR2's dynamic tiling into 1-6 tiles of ``image_size`` plus a
+    thumbnail, ``(image_size / 2 patch_size)^2`` tokens a tile. The sliding window (32 tokens) is
+    shorter than a prompt, so the capture must follow the sliding layers' own mask."""
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t in AYA_VISION_CONTROL])
+    image_processor = transformers.GotOcr2ImageProcessor(
+        size={"height": image_size, "width": image_size}, crop_to_patches=True, max_patches=6
+    )
+    processor = transformers.AyaVisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=2 * patch_size,
+        img_size=image_size,
+        chat_template=chat_template,
+    )
+    text = transformers.Cohere2Config(
+        **TEXT, **HEADS, max_position_embeddings=2048, **text_ids(tokenizer),
+        sliding_window=32,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    config = transformers.AyaVisionConfig(
+        vision_config=transformers.SiglipVisionConfig(
+            image_size=image_size, patch_size=patch_size, num_attention_heads=2, **VISION
+        ),
+        text_config=text,
+        image_token_index=tokenizer.img_patch_token_id,
+        downsample_factor=2,
+        alignment_intermediate_size=2 * TEXT["hidden_size"],
+    )
+    return transformers.AyaVisionForConditionalGeneration(config), processor

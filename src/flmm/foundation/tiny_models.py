@@ -71,6 +71,7 @@ SPECIAL_TOKENS = {
     "deepseek_vl": {"image_token": "<image_placeholder>"},
     "deepseek_vl_hybrid": {"image_token": "<image_placeholder>"},
     "mistral3": tiny_mistral.MISTRAL3_TOKENS,
+    "aya_vision": tiny_mistral.AYA_VISION_TOKENS,
 }
 CHAT_TEMPLATES = {
     "llava": LLAVA_TEMPLATE,
@@ -86,6 +87,7 @@ CHAT_TEMPLATES = {
     "deepseek_vl": chat_template(*DEEPSEEK),
     "deepseek_vl_hybrid": chat_template(*DEEPSEEK),
     "mistral3": chat_template(*tiny_mistral.MISTRAL3_CHAT),
+    "aya_vision": chat_template(*tiny_mistral.AYA_VISION_CHAT),
 }
 
 
@@ -325,6 +327,7 @@ BUILDERS = {
     "deepseek_vl": tiny_deepseek_vl,
     "deepseek_vl_hybrid": tiny_deepseek_vl_hybrid,
     "mistral3": with_tokenizer("mistral3", tiny_mistral.tiny_mistral3),
+    "aya_vision": with_tokenizer("aya_vision", tiny_mistral.tiny_aya_vision),
 }
 
 

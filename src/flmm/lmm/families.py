@@ -153,6 +153,20 @@ FAMILIES: dict[str, Family] = {
             # its tiny model: a 96 px image is 6 x 6 merged tokens, resampled onto 12 x 12
             tiny_grid_size=12,
         ),
+        Family(
+            "aya_vision",
+            "AyaVisionForConditionalGeneration",
+            "AyaVisionProcessor",
+            ("CohereLabs/aya-vision-8b", "CohereLabs/aya-vision-32b"),
+            # InternVL's layout: 1-12 tiles of 364 px (13 x 13 tokens after the pixel shuffle)
+            # by aspect ratio, plus a thumbnail
+            grid="tiles",
+            pad_to_square=False,
+            grid_size=26,
+            processor_kwargs={"crop_to_patches": True},
+            # its tiny model: 64 px tiles of 4 x 4 tokens
+            tiny_grid_size=8,
+        ),
     )
 }
 

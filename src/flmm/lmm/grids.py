@@ -96,16 +96,24 @@ def anyres_max(rows: int, cols: int, side: int, config) -> tuple[int, int]:
 
 
 def tiles(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
-    """InternVL's dynamic tiling: the image resized to ``rows x cols`` tiles (:func:`tile_canvas`),
-    each tile ``S x S`` tokens (``S^2`` = the processor's ``image_seq_length``), in row-major tile
+    """InternVL's (and Aya Vision's) dynamic tiling: the image resized to ``rows x cols`` tiles
+    (:func:`tile_canvas`), each tile ``S x S`` tokens (:func:`tile_side`), in row-major tile
     order: one ``rows*S x cols*S`` mosaic over the image; then the thumbnail (the whole image in
     one tile), a second ``S x S`` grid. An image the processor keeps in one tile gets no thumbnail
     (that tile is the whole image): one grid, which :func:`layout` uses as both parts."""
-    side = math.isqrt(lmm.processor.image_seq_length)
+    side = tile_side(lmm.processor)
     cols, rows = tile_canvas(lmm, enc["image_sizes"][b])
     if rows * cols == 1:
         return [TokenGrid(side, side)]
     return [TokenGrid(rows * side, cols * side, tiles=(rows, cols)), TokenGrid(side, side)]
+
+
+def tile_side(processor) -> int:
+    """Tokens per side of one tile: InternVL's processor puts ``image_seq_length`` tokens in a
+    tile, Aya Vision's ``(img_size / patch_size)^2`` (its ``patch_size`` the pixels of one token
+    after the pixel shuffle)."""
+    count = getattr(processor, "image_seq_length", None)
+    return math.isqrt(count or (processor.img_size // processor.patch_size) ** 2)
 
 
 def tile_canvas(lmm, size: torch.Tensor) -> tuple[int, int]:
