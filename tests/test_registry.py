@@ -77,7 +77,9 @@ def test_registry_loads_frozen_with_contract_shapes(family, tiny_lmms, ragged_ba
     config = lmm.model.config.text_config
     parts = PARTS[get_family(family).grid]
     assert lmm.channels == parts * config.num_hidden_layers * config.num_attention_heads
-    assert parts == (2 if family in ("llava_next", "llava_onevision", "internvl", "aya_vision") else 1)
+    assert parts == (
+        2 if family in ("llava_next", "llava_onevision", "internvl", "aya_vision") else 1
+    )
     assert not any(p.requires_grad for p in lmm.parameters()) and not lmm.training
     out = lmm(ragged_batch)
     assert out.maps.shape == (3, 3, lmm.channels, *lmm.grid)
@@ -257,7 +259,9 @@ def test_registry_capture_follows_sliding_window_layers(tiny_lmms):
     zero to the image tokens a window or more before every phrase token, the full layer does not
     (with capture equal to eager above, the capture follows each layer's own mask)."""
     lmm = tiny_lmms("aya_vision")
-    inputs = lmm.encode(GroundingBatch.collate([make_sample("a red circle", ["red circle"], 60, 90)]))
+    inputs = lmm.encode(
+        GroundingBatch.collate([make_sample("a red circle", ["red circle"], 60, 90)])
+    )
     token_phrase = inputs.pop("token_phrase")
     inputs.pop("region")
     cols, _ = lmm.image_columns(inputs["input_ids"])

@@ -56,7 +56,11 @@ def tiny_mistral3(tokenizer, chat_template: str, max_side: int = 96, patch_size:
             image_size=max_side, patch_size=patch_size, num_attention_heads=2, head_dim=16, **VISION
         ),
         text_config=transformers.MistralConfig(
-            **TEXT, **HEADS, head_dim=16, max_position_embeddings=2048, **text_ids(tokenizer),
+            **TEXT,
+            **HEADS,
+            head_dim=16,
+            max_position_embeddings=2048,
+            **text_ids(tokenizer),
             sliding_window=None,  # as Mistral Small 3.1's text_config
         ),
         image_token_index=tokenizer.image_token_id,
@@ -114,7 +118,10 @@ def tiny_aya_vision(tokenizer, chat_template: str, image_size: int = 64, patch_s
         chat_template=chat_template,
     )
     text = transformers.Cohere2Config(
-        **TEXT, **HEADS, max_position_embeddings=2048, **text_ids(tokenizer),
+        **TEXT,
+        **HEADS,
+        max_position_embeddings=2048,
+        **text_ids(tokenizer),
         sliding_window=32,
         layer_types=["sliding_attention", "full_attention"],
     )
