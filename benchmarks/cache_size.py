@@ -59,6 +59,7 @@ class Shape:
 # after pixel shuffle 0.5: 16; Qwen2.5-VL the family's fixed 32; OneVision 2 x SigLIP 384/14 = 27;
 # SmolVLM2 / SmolVLM (Idefics3) crops: the families' fixed 32.
 # Gemma 3 SigLIP 896/14 = 64 pooled 4 x 4: 16; PaliGemma 2 SigLIP 448/14: 32.
+# Mistral 3 (Pixtral) its fixed 32; Aya Vision its fixed 26 (2 x 364 / 28).
 HEADLINE = {
     "llava": Shape("llava-hf/llava-1.5-7b-hf", 32, 32, 4096, 24),
     "llava_next": Shape("llava-hf/llava-v1.6-vicuna-7b-hf", 32, 32, 4096, 48, 2),
@@ -71,6 +72,8 @@ HEADLINE = {
     "idefics3": Shape("HuggingFaceTB/SmolVLM-256M-Instruct", 30, 9, 576, 32, 2),
     "gemma3": Shape("google/gemma-3-4b-it", 34, 8, 2560, 16),
     "paligemma": Shape("google/paligemma2-3b-mix-448", 26, 8, 2304, 32),
+    "mistral3": Shape("mistralai/Mistral-Small-3.1-24B-Instruct-2503", 40, 32, 5120, 32),
+    "aya_vision": Shape("CohereLabs/aya-vision-8b", 32, 32, 4096, 26, 2),
 }
 
 

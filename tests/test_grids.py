@@ -2,8 +2,10 @@
 shapes (processors and configs only, no weights), and InternVL's tile mosaic against its pixels.
 
 LLaVA-NeXT (``llava-v1.6-*-hf``: 336 px tiles, patch 14, five pinpoints), LLaVA-OneVision
-(``llava-onevision-qwen2-*-ov-hf``: 384 px, patch 14, 1x1..6x6 pinpoints, ``anyres_max_9``) and
-InternVL3 (``InternVL3-*-hf``: 448 px tiles, 1-12 of them, 256 tokens each), over 40 image sizes
+(``llava-onevision-qwen2-*-ov-hf``: 384 px, patch 14, 1x1..6x6 pinpoints, ``anyres_max_9``),
+InternVL3 (``InternVL3-*-hf``: 448 px tiles, 1-12 of them, 256 tokens each), Aya Vision
+(``aya-vision-8b``: 364 px tiles, 1-12 of them, 169 tokens each) and Mistral 3
+(``Mistral-Small-3.1-*``: Pixtral up to 1540 px, 28 px a token), over 40 image sizes
 from 1 x 1 to 2000 x 2000 pixels and aspect ratios up to 40:1.
 """
 
@@ -16,7 +18,8 @@ import pytest
 import torch
 import transformers
 
-from flmm.foundation.tiny_models import family_tokenizer, tiny_internvl
+from flmm.foundation.real_shape import real_processor
+from flmm.foundation.tiny_models import SPECIAL_TOKENS, family_tokenizer, tiny_internvl
 from flmm.lmm import FrozenLMM, get_family
 from flmm.lmm.grids import GRIDS, TokenGrid, layout
 from flmm.lmm.processing import process
@@ -99,7 +102,26 @@ def internvl() -> tuple:
     return processor, config
 
 
-REAL = {"llava_next": llava_next, "llava_onevision": llava_onevision, "internvl": internvl}
+def mistral3() -> tuple:
+    """Mistral 3's processor as ``Mistral-Small-3.1-24B-Instruct-2503`` publishes it (Pixtral,
+    longest edge 1540 px, 14 px patches merged 2 x 2); its grid rule reads no config."""
+    return real_processor("mistral3", family_tokenizer(SPECIAL_TOKENS["mistral3"], None)), None
+
+
+def aya_vision() -> tuple:
+    """Aya Vision's processor as ``CohereLabs/aya-vision-8b`` publishes it (364 px tiles, 1-12 of
+    them, 169 tokens each); its grid rule reads no config."""
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["aya_vision"], None)
+    return real_processor("aya_vision", tokenizer), None
+
+
+REAL = {
+    "aya_vision": aya_vision,
+    "llava_next": llava_next,
+    "llava_onevision": llava_onevision,
+    "internvl": internvl,
+    "mistral3": mistral3,
+}
 
 
 @pytest.fixture(scope="module")

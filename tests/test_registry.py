@@ -17,7 +17,7 @@ from conftest import CONF, TINY, compose_cfg, make_sample
 from omegaconf import OmegaConf
 
 from flmm import frame
-from flmm.attention.capture import phrase_rows
+from flmm.attention.capture import capture, phrase_rows
 from flmm.attention.eager_reference import eager_maps
 from flmm.errors import ConfigError, ModelLoadError
 from flmm.foundation.tiny_models import BUILDERS, build_tiny_lmm
@@ -93,7 +93,10 @@ def test_registry_loads_frozen_with_contract_shapes(family, tiny_lmms, ragged_ba
     parts = PARTS[get_family(family).grid]
     assert lmm.channels == parts * config.num_hidden_layers * config.num_attention_heads
     assert parts == (
-        2 if family in ("llava_next", "llava_onevision", "internvl", "smolvlm", "idefics3") else 1
+        2
+        if family
+        in ("llava_next", "llava_onevision", "internvl", "smolvlm", "idefics3", "aya_vision")
+        else 1
     )
     assert not any(p.requires_grad for p in lmm.parameters()) and not lmm.training
     out = lmm(ragged_batch)
@@ -138,7 +141,7 @@ def test_registry_image_tokens_match_processor_and_model(family, tiny_lmms, ragg
         )
         grid = layout[-1][0]
         height, width = ragged_batch.images[b].shape[:2]
-        if get_family(family).grid in ("anyres", "thw"):  # the grid has the image's aspect
+        if get_family(family).grid in ("anyres", "thw", "native"):  # the grid has its aspect
             assert (grid.height > grid.width) == (height > width)
             assert (grid.height < grid.width) == (height < width)
     GRID_CHECKS[get_family(family).grid](lmm, enc, cols, counts, layouts)
@@ -274,6 +277,30 @@ def test_registry_capture_matches_eager(family, tiny_lmms, ragged_batch):
     maps = lmm(ragged_batch).maps
     assert maps.shape == expected.shape
     assert (maps - expected).abs().max() <= 1e-5
+
+
+def test_registry_capture_follows_sliding_window_layers(tiny_lmms):
+    """Aya Vision's tiny Cohere2 decoder has a sliding-window layer (a 32-token window, shorter
+    than the prompt) and a full-attention one: in the capture, the sliding layer gives exactly
+    zero to the image tokens a window or more before every phrase token, the full layer does not
+    (with capture equal to eager above, the capture follows each layer's own mask)."""
+    lmm = tiny_lmms("aya_vision")
+    inputs = lmm.encode(
+        GroundingBatch.collate([make_sample("a red circle", ["red circle"], 60, 90)])
+    )
+    token_phrase = inputs.pop("token_phrase")
+    inputs.pop("region")
+    cols, _ = lmm.image_columns(inputs["input_ids"])
+    rows, row_phrase = phrase_rows(token_phrase)
+    with torch.no_grad(), capture(rows, row_phrase, cols, 1) as state:
+        lmm.model(**inputs, logits_to_keep=1)
+    maps = state.stacked()[0, 0]  # L x H x P
+    far = cols[0] <= rows[0].min() - lmm.text_config.sliding_window
+    kinds = lmm.text_config.layer_types
+    sliding, full = kinds.index("sliding_attention"), kinds.index("full_attention")
+    assert far.any() and not far.all()
+    assert (maps[sliding][:, far] == 0).all() and (maps[sliding][:, ~far] > 0).any()
+    assert (maps[full][:, far] > 0).all()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -33,10 +33,8 @@ import transformers
 from flmm.errors import ConfigError
 from flmm.foundation.tiny_models import (
     CHAT_TEMPLATES,
-    EXTRA_TOKENS,
-    EXTRA_WORDS,
     SPECIAL_TOKENS,
-    family_tokenizer,
+    tokenizer_for,
 )
 from flmm.lmm.families import get_family
 
@@ -44,7 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SUB_CONFIGS = ("text_config", "vision_config", "high_res_vision_config")
 LAYER_INDEX_KEYS = ("fullatt_block_indexes", "global_attn_indexes")
 # config fields holding a special token's id, where the name is not "<tokenizer attribute>_id"
-CONFIG_ID_FIELD = {"context_image_token": "image_token_id"}
+CONFIG_ID_FIELD = {"context_image_token": "image_token_id", "img_patch_token": "image_token_id"}
 
 
 def published(family: str) -> dict:
@@ -168,9 +166,7 @@ def build_real_shape(
     model_class = getattr(transformers, get_family(family).model_class)  # a ConfigError if unknown
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    tokenizer = family_tokenizer(
-        SPECIAL_TOKENS[family], None, EXTRA_TOKENS.get(family, ()), EXTRA_WORDS.get(family, ())
-    )
+    tokenizer = tokenizer_for(family, None)
     config = real_shape_config(family, tokenizer, text_layers, vision_layers)
     processor = real_processor(family, tokenizer)
     torch.manual_seed(seed)

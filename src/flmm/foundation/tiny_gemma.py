@@ -39,17 +39,9 @@ TINY_SOFTCAP = 0.02
 def tiny_gemma3(words: list[str] | None, image_size: int = 32, patch_size: int = 4):
     """Gemma 3 (SigLIP tower, ``image_size / patch_size`` patches a side average-pooled to 4 x 4
     soft tokens; a sliding-window layer then a global layer; bidirectional image tokens)."""
-    from flmm.foundation.tiny_models import (
-        EXTRA_TOKENS,
-        EXTRA_WORDS,
-        SPECIAL_TOKENS,
-        _text,
-        family_tokenizer,
-    )
+    from flmm.foundation.tiny_models import _text, tokenizer_for
 
-    tokenizer = family_tokenizer(
-        SPECIAL_TOKENS["gemma3"], words, EXTRA_TOKENS["gemma3"], EXTRA_WORDS["gemma3"]
-    )
+    tokenizer = tokenizer_for("gemma3", words)
     tokens = 16
     image_processor = transformers.Gemma3ImageProcessor(
         size={"height": image_size, "width": image_size},

@@ -41,14 +41,13 @@ def tiny_smolvlm(words: list[str] | None, image_size: int = 64, patch_size: int 
     ``image_size`` plus the global image, as SmolVLM2-500M's 4 per side of 512 px)."""
     from flmm.foundation.tiny_models import (
         CHAT_TEMPLATES,
-        SPECIAL_TOKENS,
         VISION,
         VISION_HEADS,
         _text,
-        family_tokenizer,
+        tokenizer_for,
     )
 
-    tokenizer = family_tokenizer(SPECIAL_TOKENS["smolvlm"], words, CROP_MARKERS)
+    tokenizer = tokenizer_for("smolvlm", words)
     processor = transformers.SmolVLMProcessor(
         image_processor=transformers.SmolVLMImageProcessor(**crop_settings(image_size, 3)),
         tokenizer=tokenizer,
@@ -71,14 +70,13 @@ def tiny_idefics3(words: list[str] | None, image_size: int = 64, patch_size: int
     """Idefics3 (SigLIP tower, pixel shuffle 2, Llama 3 decoder; SmolVLM's crops)."""
     from flmm.foundation.tiny_models import (
         CHAT_TEMPLATES,
-        SPECIAL_TOKENS,
         VISION,
         VISION_HEADS,
         _text,
-        family_tokenizer,
+        tokenizer_for,
     )
 
-    tokenizer = family_tokenizer(SPECIAL_TOKENS["idefics3"], words, IDEFICS3_EXTRA)
+    tokenizer = tokenizer_for("idefics3", words)
     processor = transformers.Idefics3Processor(
         image_processor=transformers.Idefics3ImageProcessor(**crop_settings(image_size, 3)),
         tokenizer=tokenizer,

@@ -16,7 +16,7 @@ import transformers
 from transformers import PreTrainedTokenizerFast
 
 from flmm.data.synthetic.corpus import vocabulary
-from flmm.foundation import tiny_idefics
+from flmm.foundation import tiny_idefics, tiny_mistral
 from flmm.foundation.cache import TINY_VERSION, _build_once
 from flmm.foundation.tiny_gemma import (
     GEMMA3_TEMPLATE,
@@ -84,6 +84,8 @@ SPECIAL_TOKENS = {
         "image_token": "<image_soft_token>",
     },
     "paligemma": {"image_token": "<image>"},
+    "mistral3": tiny_mistral.MISTRAL3_TOKENS,
+    "aya_vision": tiny_mistral.AYA_VISION_TOKENS,
 }
 # a family's further special tokens that name no attribute (crop markers, chat-turn tokens), and
 # plain words its chat format needs (Gemma 3's role ``model``)
@@ -110,6 +112,8 @@ CHAT_TEMPLATES = {
     "idefics3": tiny_idefics.IDEFICS3_TEMPLATE,
     "gemma3": GEMMA3_TEMPLATE,
     "paligemma": None,  # as its checkpoints: flmm renders its prefix-LM prompt
+    "mistral3": chat_template(*tiny_mistral.MISTRAL3_CHAT),
+    "aya_vision": chat_template(*tiny_mistral.AYA_VISION_CHAT),
 }
 
 
@@ -342,6 +346,18 @@ def tiny_deepseek_vl_hybrid(words: list[str] | None, image_size: int = 32, patch
     return transformers.DeepseekVLHybridForConditionalGeneration(config), processor
 
 
+def tokenizer_for(family: str, words: list[str] | None) -> PreTrainedTokenizerFast:
+    """:func:`family_tokenizer` with ``family``'s special tokens, extra tokens and extra words."""
+    extra = EXTRA_TOKENS.get(family, ()), EXTRA_WORDS.get(family, ())
+    return family_tokenizer(SPECIAL_TOKENS[family], words, *extra)
+
+
+def with_tokenizer(family: str, builder):
+    """A ``words -> (model, processor)`` builder from one that takes the family's tokenizer and
+    chat template (the builders of :mod:`flmm.foundation.tiny_mistral`)."""
+    return lambda words: builder(tokenizer_for(family, words), CHAT_TEMPLATES[family])
+
+
 BUILDERS = {
     "llava_next": tiny_llava_next,
     "llava_onevision": tiny_llava_onevision,
@@ -353,6 +369,8 @@ BUILDERS = {
     "idefics3": tiny_idefics.tiny_idefics3,
     "gemma3": tiny_gemma3,
     "paligemma": tiny_paligemma,
+    "mistral3": with_tokenizer("mistral3", tiny_mistral.tiny_mistral3),
+    "aya_vision": with_tokenizer("aya_vision", tiny_mistral.tiny_aya_vision),
 }
 
 

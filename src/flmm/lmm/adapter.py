@@ -72,9 +72,11 @@ class FrozenLMM(nn.Module):
             raise ConfigError(f"model.lmm.text_layers must be in [1, {total}], got {text_layers}")
         if merge not in MERGES:
             raise ConfigError(f"model.lmm.merge must be one of {MERGES}, got {merge!r}")
-        # the id the model reads image features into; a prompt holds the processor's placeholder
-        # (the same token, except Gemma 3's <start_of_image> that expands to soft tokens)
+        # the id the model reads image features into (Gemma 3's <image_soft_token>)
         self.image_token_id = model.config.image_token_id
+        # the image's token in a prompt before the processor expands it: the same token, except
+        # Gemma 3's <start_of_image> and Aya Vision's "<image>" (expanded into <|IMG_PATCH|>)
+        self.placeholder_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         processor.tokenizer.padding_side = "right"
         side = self._default_grid_side() if grid_size is None else grid_size
         if side < 1:
@@ -278,8 +280,8 @@ class FrozenLMM(nn.Module):
     ) -> torch.Tensor:
         """``B x N`` phrase index of every processor token (-1 outside phrases).
 
-        Offsets come from tokenising the unexpanded prompt; its tokens after the last image token
-        are the tail of the processor's (image-expanded) sequence.
+        Offsets come from tokenising the unexpanded prompt; its tokens after the last image
+        placeholder are the tail of the processor's (image-expanded) sequence.
         """
         tok = self.processor.tokenizer(
             [p for p, _ in prompts], return_offsets_mapping=True, add_special_tokens=False
@@ -288,7 +290,7 @@ class FrozenLMM(nn.Module):
         lengths = enc["attention_mask"].sum(1).tolist()
         for b, ((_, start), spans) in enumerate(zip(prompts, batch.spans)):
             ids, offsets = tok["input_ids"][b], tok["offset_mapping"][b]
-            first = max(i for i, t in enumerate(ids) if t == self.processor.image_token_id) + 1
+            first = max(i for i, t in enumerate(ids) if t == self.placeholder_id) + 1
             tail, n = ids[first:], lengths[b]
             if enc["input_ids"][b, n - len(tail) : n].tolist() != tail:
                 raise RuntimeError("processor and tokenizer disagree on the text after the image")

@@ -33,13 +33,14 @@ class Family:
             high-res grid without its newline tokens; ``"thw"`` the merged ``image_grid_thw`` grid;
             ``"tiles"`` InternVL's mosaic of tiles plus its thumbnail; ``"crops"`` SmolVLM's and
             Idefics3's mosaic of crops (read from the processor's row/column markers) plus the
-            global image.
+            global image; ``"native"`` Pixtral's ``image_sizes`` grid, its row-break tokens left
+            out.
         pad_to_square: pad images to a centred square before the processor, so that its
             resize/crop keeps the whole image and the grid covers the square frame; otherwise the
             grids cover the image itself and are resampled onto its region of the frame.
         fine_scale: any-res: the output grid side is ``fine_scale`` x the base grid side.
         grid_size: the output grid side when the token grid has no fixed size (``"thw"``,
-            ``"tiles"``, ``"crops"``).
+            ``"tiles"``, ``"crops"``, ``"native"``).
         processor_kwargs: keyword arguments for every processor call.
         text_config: name of the text sub-config (the decoder that gets ``"flmm_capture"``).
         decoder_layers: attribute path from the full model to its decoder layer list.
@@ -74,7 +75,7 @@ class Family:
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise ValueError(f"family {self.name!r}: grid must be one of {sorted(GRIDS)}")
-        if self.grid in ("thw", "tiles", "crops") and not self.grid_size:
+        if self.grid in ("thw", "tiles", "crops", "native") and not self.grid_size:
             raise ValueError(f"family {self.name!r}: the {self.grid!r} grid rule needs a grid_size")
 
 
@@ -204,6 +205,36 @@ FAMILIES: dict[str, Family] = {
             pad_to_square=False,
             prefix_lm=True,
             instruction="caption en",
+        ),
+        Family(
+            "mistral3",
+            "Mistral3ForConditionalGeneration",
+            "PixtralProcessor",
+            (
+                "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+                "mistralai/Mistral-Small-3.2-24B-Instruct-2506",
+            ),
+            # Pixtral at the image's own resolution (longest edge <= 1540 px), 28 px a token:
+            # up to 55 x 55 tokens
+            grid="native",
+            pad_to_square=False,
+            grid_size=32,
+            # its tiny model: a 96 px image is 6 x 6 merged tokens, resampled onto 12 x 12
+            tiny_grid_size=12,
+        ),
+        Family(
+            "aya_vision",
+            "AyaVisionForConditionalGeneration",
+            "AyaVisionProcessor",
+            ("CohereLabs/aya-vision-8b", "CohereLabs/aya-vision-32b"),
+            # InternVL's layout: 1-12 tiles of 364 px (13 x 13 tokens after the pixel shuffle)
+            # by aspect ratio, plus a thumbnail
+            grid="tiles",
+            pad_to_square=False,
+            grid_size=26,
+            processor_kwargs={"crop_to_patches": True},
+            # its tiny model: 64 px tiles of 4 x 4 tokens
+            tiny_grid_size=8,
         ),
     )
 }

@@ -163,7 +163,7 @@ def tiles(lmm, enc, cols, counts, layouts) -> None:
         (mosaic, fine), (thumb, coarse) = layout
         rows, cols_ = mosaic.tiles
         tiles = rows * cols_ + (rows * cols_ > 1)
-        require("tile count", count == tiles * lmm.processor.image_seq_length and len(layout) == 2)
+        require("tile count", count == tiles * side * side and len(layout) == 2)
         height, width = enc["image_sizes"][b].tolist()
         require("tile canvas aspect", rows == cols_ or (rows > cols_) == (height > width))
         embeds = seen[b, cols[b, :count]]
@@ -198,16 +198,60 @@ def crops(lmm, enc, cols, counts, layouts) -> None:
         features = own[b].unflatten(0, (-1, side, side))
         rows, cols_ = mosaic.tiles
         split = len(features) > 1
-        assert len(features) == rows * cols_ * split + 1 and count == len(features) * side**2
+        require(
+            "crop count",
+            len(features) == rows * cols_ * split + 1 and count == len(features) * side**2,
+        )
         embeds = seen[b, cols[b, :count]]
         if split:
             tiles = features[:-1].unflatten(0, (rows, cols_)).permute(0, 2, 1, 3, 4)
-            assert torch.equal(embeds[fine], tiles.reshape(rows * side * cols_ * side, -1))
-        assert torch.equal(embeds[coarse], features[-1].flatten(0, 1))
-        assert (glob.height, glob.width) == (side, side)
+            mosaic_features = tiles.reshape(rows * side * cols_ * side, -1)
+            require(
+                "mosaic tokens = the model's crop features",
+                torch.equal(embeds[fine], mosaic_features),
+            )
+        require(
+            "global tokens = the model's global-image features",
+            torch.equal(embeds[coarse], features[-1].flatten(0, 1)),
+        )
+        require("global grid side", (glob.height, glob.width) == (side, side))
 
 
-GRID_CHECKS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles, "crops": crops}
+def native(lmm, enc, cols, counts, layouts) -> None:
+    """Pixtral's grid: the model's own merged feature of each image sits at the grid's cells, row
+    by row (the patch merger's ``image_sizes // patch_size`` patches, 2x2 merged, row-major), and
+    in the sequence each grid row is followed by ``[IMG_BREAK]``, the last by ``[IMG_END]``."""
+    seen = decoder_input(lmm, enc)
+    with torch.no_grad():
+        features = lmm.model.model.get_image_features(
+            pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"], return_dict=True
+        ).pooler_output
+    processor = lmm.processor
+    for b, (layout, count) in enumerate(zip(layouts, counts)):
+        ((grid, index),) = layout
+        require(
+            "native grid = image tokens", grid.height * grid.width == count == features[b].shape[0]
+        )
+        require(
+            "grid tokens = the model's merged features",
+            torch.equal(seen[b, cols[b, :count][index]], features[b].to(seen)),
+        )
+        last = cols[b, :count][index].view(grid.height, grid.width)[:, -1]
+        after = enc["input_ids"][b, last + 1]
+        closing = [processor.image_break_token_id] * (grid.height - 1)
+        require(
+            "[IMG_BREAK] after each row", after.tolist() == [*closing, processor.image_end_token_id]
+        )
+
+
+GRID_CHECKS = {
+    "square": square,
+    "anyres": anyres,
+    "thw": thw,
+    "tiles": tiles,
+    "crops": crops,
+    "native": native,
+}
 
 
 def check_grids(lmm, enc: dict) -> list:

@@ -97,16 +97,24 @@ def anyres_max(rows: int, cols: int, side: int, config) -> tuple[int, int]:
 
 
 def tiles(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
-    """InternVL's dynamic tiling: the image resized to ``rows x cols`` tiles (:func:`tile_canvas`),
-    each tile ``S x S`` tokens (``S^2`` = the processor's ``image_seq_length``), in row-major tile
+    """InternVL's (and Aya Vision's) dynamic tiling: the image resized to ``rows x cols`` tiles
+    (:func:`tile_canvas`), each tile ``S x S`` tokens (:func:`tile_side`), in row-major tile
     order: one ``rows*S x cols*S`` mosaic over the image; then the thumbnail (the whole image in
     one tile), a second ``S x S`` grid. An image the processor keeps in one tile gets no thumbnail
     (that tile is the whole image): one grid, which :func:`layout` uses as both parts."""
-    side = math.isqrt(lmm.processor.image_seq_length)
+    side = tile_side(lmm.processor)
     cols, rows = tile_canvas(lmm, enc["image_sizes"][b])
     if rows * cols == 1:
         return [TokenGrid(side, side)]
     return [TokenGrid(rows * side, cols * side, tiles=(rows, cols)), TokenGrid(side, side)]
+
+
+def tile_side(processor) -> int:
+    """Tokens per side of one tile: InternVL's processor puts ``image_seq_length`` tokens in a
+    tile, Aya Vision's ``(img_size / patch_size)^2`` (its ``patch_size`` the pixels of one token
+    after the pixel shuffle)."""
+    count = getattr(processor, "image_seq_length", None)
+    return math.isqrt(count or (processor.img_size // processor.patch_size) ** 2)
 
 
 def tile_canvas(lmm, size: torch.Tensor) -> tuple[int, int]:
@@ -169,8 +177,25 @@ def crop_canvas(lmm, ids: torch.Tensor, per_crop: int) -> tuple[int, int]:
     return rows, cols
 
 
-GRIDS = {"square": square, "anyres": anyres, "thw": thw, "tiles": tiles, "crops": crops}
-PARTS = {"square": 1, "anyres": 2, "thw": 1, "tiles": 2, "crops": 2}
+def native(lmm, enc: dict, b: int, num_tokens: int) -> list[TokenGrid]:
+    """Mistral 3 (Pixtral): the image at its own resolution, ``image_sizes`` (the resized, unpadded
+    ``height x width`` pixels) over ``patch_size x spatial_merge_size`` pixels a token. Each token
+    row is closed by an ``[IMG_BREAK]`` (the last by ``[IMG_END]``), which are not image tokens:
+    the image tokens alone form a plain row-major ``h x w`` grid."""
+    height, width = (int(v) for v in enc["image_sizes"][b])
+    pixels = lmm.processor.patch_size * lmm.processor.spatial_merge_size
+    return [TokenGrid(height // pixels, width // pixels)]
+
+
+GRIDS = {
+    "square": square,
+    "anyres": anyres,
+    "thw": thw,
+    "tiles": tiles,
+    "crops": crops,
+    "native": native,
+}
+PARTS = {"square": 1, "anyres": 2, "thw": 1, "tiles": 2, "crops": 2, "native": 1}
 
 
 def base_side(config) -> int:
