@@ -33,6 +33,7 @@ CUT = {
     "layer_types",
     "fullatt_block_indexes",
     "global_attn_indexes",
+    "deepstack_visual_indexes",
     "vocab_size",
     "bos_token_id",
     "eos_token_id",
@@ -105,6 +106,12 @@ def test_cut_depth_keeps_the_pattern_of_the_last_layers():
         "global_attn_indexes": [0, 3],
         "layer_types": [8, 9, 10, 11],
     }
+    deepstack = {"depth": 27, "deepstack_visual_indexes": [8, 16, 24]}
+    cut_depth(deepstack, 2)  # DeepStack stays active: the taps move to the first kept layer
+    assert deepstack == {"depth": 2, "deepstack_visual_indexes": [0]}
+    deepstack = {"depth": 27, "deepstack_visual_indexes": [8, 16, 24]}
+    cut_depth(deepstack, 12)
+    assert deepstack == {"depth": 12, "deepstack_visual_indexes": [0, 1, 9]}
     whole = {"num_hidden_layers": 3}
     cut_depth(whole, None)
     assert whole == {"num_hidden_layers": 3}

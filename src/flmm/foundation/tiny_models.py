@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from flmm.data.synthetic.corpus import vocabulary
 from flmm.foundation.cache import TINY_VERSION, _build_once
+from flmm.foundation import tiny_qwen3
 from flmm.foundation.tiny_llava import (
     CHAT_TEMPLATE as LLAVA_TEMPLATE,
 )
@@ -69,6 +70,7 @@ SPECIAL_TOKENS = {
     },
     "deepseek_vl": {"image_token": "<image_placeholder>"},
     "deepseek_vl_hybrid": {"image_token": "<image_placeholder>"},
+    **tiny_qwen3.SPECIAL_TOKENS,
 }
 CHAT_TEMPLATES = {
     "llava": LLAVA_TEMPLATE,
@@ -83,6 +85,10 @@ CHAT_TEMPLATES = {
     "internvl": chat_template(IM_TEMPLATE[0], "<IMG_CONTEXT>\n", IM_TEMPLATE[2], IM_TEMPLATE[1]),
     "deepseek_vl": chat_template(*DEEPSEEK),
     "deepseek_vl_hybrid": chat_template(*DEEPSEEK),
+    **{
+        family: chat_template(IM_TEMPLATE[0], image, IM_TEMPLATE[2], IM_TEMPLATE[1])
+        for family, image in tiny_qwen3.IMAGE_PLACEHOLDERS.items()
+    },
 }
 
 
@@ -313,6 +319,7 @@ BUILDERS = {
     "internvl": tiny_internvl,
     "deepseek_vl": tiny_deepseek_vl,
     "deepseek_vl_hybrid": tiny_deepseek_vl_hybrid,
+    "qwen3_vl": tiny_qwen3.tiny_qwen3_vl,
 }
 
 

@@ -111,6 +111,18 @@ FAMILIES: dict[str, Family] = {
             tiny_grid_size=12,
         ),
         Family(
+            "qwen3_vl",
+            "Qwen3VLForConditionalGeneration",
+            "Qwen3VLProcessor",
+            ("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-2B-Instruct"),
+            # 16 px patches merged 2x2: one token per 32 px; DeepStack adds visual features
+            # into the first decoder layers at the image tokens (their positions stay the grid's)
+            grid="thw",
+            pad_to_square=False,
+            grid_size=32,
+            tiny_grid_size=12,
+        ),
+        Family(
             "internvl",
             "InternVLForConditionalGeneration",
             "InternVLProcessor",
