@@ -40,6 +40,7 @@ CUT = {
     "pad_token_id",
 }
 TOKEN_IDS = {"image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"}
+TOKEN_IDS |= {f"{kind}_{end}_token_id" for kind in ("image", "video") for end in ("start", "end")}
 
 
 def config_class(family: str):

@@ -86,8 +86,8 @@ CHAT_TEMPLATES = {
     "deepseek_vl": chat_template(*DEEPSEEK),
     "deepseek_vl_hybrid": chat_template(*DEEPSEEK),
     **{
-        family: chat_template(IM_TEMPLATE[0], image, IM_TEMPLATE[2], IM_TEMPLATE[1])
-        for family, image in tiny_qwen3.IMAGE_PLACEHOLDERS.items()
+        family: tiny_qwen3.CHAT_PREFIXES.get(family, "") + chat_template(*chat)
+        for family, chat in tiny_qwen3.CHAT_FORMATS.items()
     },
 }
 
@@ -320,6 +320,7 @@ BUILDERS = {
     "deepseek_vl": tiny_deepseek_vl,
     "deepseek_vl_hybrid": tiny_deepseek_vl_hybrid,
     "qwen3_vl": tiny_qwen3.tiny_qwen3_vl,
+    "glm4v": tiny_qwen3.tiny_glm4v,
 }
 
 

@@ -17,13 +17,38 @@ QWEN3_TOKENS = {
     "vision_start_token": "<|vision_start|>",
     "vision_end_token": "<|vision_end|>",
 }
-# Each family's special tokens (tokenizer attribute -> the hub tokenizer's string).
-SPECIAL_TOKENS = {"qwen3_vl": QWEN3_TOKENS, "qwen3_vl_moe": QWEN3_TOKENS}
-# Each family's user-turn image placeholder (the chat format is im_start's).
-IMAGE_PLACEHOLDERS = {
-    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
+GLM4V_TOKENS = {
+    "image_token": "<|image|>",
+    "video_token": "<|video|>",
+    "image_start_token": "<|begin_of_image|>",
+    "image_end_token": "<|end_of_image|>",
+    "video_start_token": "<|begin_of_video|>",
+    "video_end_token": "<|end_of_video|>",
+    # the chat format's own tokens (added tokens of the hub tokenizer, named here so that the
+    # word-level tokenizer keeps each one whole)
+    "gmask_token": "[gMASK]",
+    "sop_token": "<sop>",
+    "user_token": "<|user|>",
+    "assistant_token": "<|assistant|>",
 }
+# Each family's special tokens (tokenizer attribute -> the hub tokenizer's string).
+SPECIAL_TOKENS = {
+    "qwen3_vl": QWEN3_TOKENS,
+    "qwen3_vl_moe": QWEN3_TOKENS,
+    "glm4v": GLM4V_TOKENS,
+    "glm4v_moe": GLM4V_TOKENS,
+}
+QWEN3_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# Each family's chat format as ``chat_template`` arguments: user turn, image placeholder,
+# assistant turn, end of turn; GLM-4V ends no turn (the next role token does) and prefixes
+# every conversation with ``[gMASK]<sop>``.
+CHAT_FORMATS = {
+    "qwen3_vl": ("<|im_start|>user\n", QWEN3_IMAGE, "<|im_start|>assistant\n", "<|im_end|>\n"),
+    "qwen3_vl_moe": ("<|im_start|>user\n", QWEN3_IMAGE, "<|im_start|>assistant\n", "<|im_end|>\n"),
+    "glm4v": ("<|user|>\n", "<|begin_of_image|><|image|><|end_of_image|>", "<|assistant|>\n", ""),
+    "glm4v_moe": ("<|user|>\n", "<|begin_of_image|><|image|><|end_of_image|>", "<|assistant|>\n", ""),
+}
+CHAT_PREFIXES = {"glm4v": "[gMASK]<sop>", "glm4v_moe": "[gMASK]<sop>"}
 
 
 def _qwen3_processor(family: str, tokenizer, max_side: int, patch_size: int):
@@ -94,3 +119,72 @@ def tiny_qwen3_vl(words: list[str] | None, max_side: int = 96, patch_size: int =
     )
     processor = _qwen3_processor("qwen3_vl", tokenizer, max_side, patch_size)
     return transformers.Qwen3VLForConditionalGeneration(config), processor
+
+
+def _glm4v_processor(family: str, tokenizer, max_side: int, patch_size: int):
+    """GLM-4V's processor: its own image processor (2x2 merging; its pixel budget counts the two
+    temporal frames an image is repeated into: at most ``max_side``^2 pixels) and video
+    processor."""
+    from flmm.foundation.tiny_models import CHAT_TEMPLATES
+
+    factor = 2 * patch_size
+    size = {"shortest_edge": 2 * 4 * factor * factor, "longest_edge": 2 * max_side * max_side}
+    settings = {"patch_size": patch_size, "merge_size": 2, "temporal_patch_size": 2, "size": size}
+    return transformers.Glm4vProcessor(
+        image_processor=transformers.Glm4vImageProcessor(**settings),
+        tokenizer=tokenizer,
+        video_processor=transformers.Glm4vVideoProcessor(**settings),
+        chat_template=CHAT_TEMPLATES[family],
+    )
+
+
+def _glm4v_vision(max_side: int, patch_size: int) -> dict:
+    """GLM-4V's vision tower: learned positions for a ``max_side`` image, resampled per image."""
+    from flmm.foundation.tiny_models import TEXT
+
+    return {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "image_size": max_side,
+        "patch_size": patch_size,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": TEXT["hidden_size"],
+    }
+
+
+# partial rotary (half the 16-wide head dimension): mrope over its 4 frequencies, as the 9B's
+# [8, 12, 12] of 32
+GLM4V_ROPE = {
+    "rope_type": "default",
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.5,
+    "mrope_section": [2, 1, 1],
+}
+
+
+def _glm4v_ids(tokenizer) -> dict:
+    return {
+        "image_token_id": tokenizer.image_token_id,
+        "video_token_id": tokenizer.video_token_id,
+        "image_start_token_id": tokenizer.image_start_token_id,
+        "image_end_token_id": tokenizer.image_end_token_id,
+        "video_start_token_id": tokenizer.video_start_token_id,
+        "video_end_token_id": tokenizer.video_end_token_id,
+    }
+
+
+def tiny_glm4v(words: list[str] | None, max_side: int = 96, patch_size: int = 8):
+    """GLM-4.1V (native resolution, 2x2 merging, partial-rotary mrope, GLM-4 decoder)."""
+    from flmm.foundation.tiny_models import _text, family_tokenizer
+
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["glm4v"], words)
+    config = transformers.Glm4vConfig(
+        text_config=_text(tokenizer, rope_parameters=GLM4V_ROPE),
+        vision_config=_glm4v_vision(max_side, patch_size),
+        **_glm4v_ids(tokenizer),
+    )
+    processor = _glm4v_processor("glm4v", tokenizer, max_side, patch_size)
+    return transformers.Glm4vForConditionalGeneration(config), processor

@@ -123,6 +123,18 @@ FAMILIES: dict[str, Family] = {
             tiny_grid_size=12,
         ),
         Family(
+            "glm4v",
+            "Glm4vForConditionalGeneration",
+            "Glm4vProcessor",
+            ("zai-org/GLM-4.1V-9B-Thinking",),
+            # 14 px patches merged 2x2; the image tokens sit between <|begin_of_image|> and
+            # <|end_of_image|>, one per merged token
+            grid="thw",
+            pad_to_square=False,
+            grid_size=32,
+            tiny_grid_size=12,
+        ),
+        Family(
             "internvl",
             "InternVLForConditionalGeneration",
             "InternVLProcessor",
