@@ -15,6 +15,9 @@ processor setting. What is cut:
   keeps the layer pattern of its last layers (Qwen2.5-VL's full-attention blocks, SAM's global
   attention blocks); Qwen3-VL's DeepStack stays active: its taps before the kept layers move to
   the first kept one.
+- with the depth, the experts of a mixture-of-experts decoder: the first
+  ``2 x num_experts_per_tok`` are kept (:func:`cut_experts`), so routing still chooses among them
+  and every expert keeps its shape.
 - the vocabulary: no tokenizer can be downloaded here, so the word-level tokenizer of the tiny
   models (:func:`flmm.foundation.tiny_models.family_tokenizer`, with the family's real
   special-token strings and chat format) stands in, the embedding and LM head have its size and the
@@ -39,6 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SUB_CONFIGS = ("text_config", "vision_config", "high_res_vision_config")
 LAYER_INDEX_KEYS = ("fullatt_block_indexes", "global_attn_indexes")
 DEEPSTACK_KEY = "deepstack_visual_indexes"
+EXPERT_KEYS = ("num_local_experts", "n_routed_experts")
 # config fields holding a special token's id, where the name is not "<tokenizer attribute>_id"
 CONFIG_ID_FIELD = {"context_image_token": "image_token_id"}
 
@@ -77,13 +81,25 @@ def cut_depth(sub: dict, layers: int | None, name: str = "layers") -> None:
     sub[key] = keep
 
 
+def cut_experts(sub: dict) -> None:
+    """Keep ``2 x num_experts_per_tok`` routed experts of a text sub-config dict (in place).
+
+    The count is ``num_local_experts`` (Qwen3-VL-MoE's ``num_experts``) or GLM-4.5V's
+    ``n_routed_experts``; a dense config is untouched.
+    """
+    for key in EXPERT_KEYS:
+        if sub.get(key) and sub.get("num_experts_per_tok"):
+            sub[key] = min(sub[key], 2 * sub["num_experts_per_tok"])
+
+
 def real_shape_config(
     family: str,
     tokenizer: transformers.PreTrainedTokenizerBase,
     text_layers: int | None = 2,
     vision_layers: int | None = 2,
 ):
-    """The family's HF config from its published ``config.json``, depth and vocabulary cut.
+    """The family's HF config from its published ``config.json``, depth, experts and vocabulary
+    cut.
 
     The published dict goes through the config class first, so omitted fields get the class
     defaults and legacy keys are read exactly as when the hub checkpoint loads.
@@ -96,6 +112,8 @@ def real_shape_config(
             text = name == fam.text_config
             layers, arg = (text_layers, "text_layers") if text else (vision_layers, "vision_layers")
             cut_depth(raw[name], layers, f"{family} {arg} ({name})")
+    if text_layers is not None:  # a full-depth build keeps every expert too
+        cut_experts(raw[fam.text_config])
     raw[fam.text_config].update(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,

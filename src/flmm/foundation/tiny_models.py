@@ -321,6 +321,7 @@ BUILDERS = {
     "deepseek_vl_hybrid": tiny_deepseek_vl_hybrid,
     "qwen3_vl": tiny_qwen3.tiny_qwen3_vl,
     "glm4v": tiny_qwen3.tiny_glm4v,
+    "qwen3_vl_moe": tiny_qwen3.tiny_qwen3_vl_moe,
 }
 
 

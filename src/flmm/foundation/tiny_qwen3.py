@@ -188,3 +188,20 @@ def tiny_glm4v(words: list[str] | None, max_side: int = 96, patch_size: int = 8)
     )
     processor = _glm4v_processor("glm4v", tokenizer, max_side, patch_size)
     return transformers.Glm4vForConditionalGeneration(config), processor
+
+
+# the text decoder's mixture of experts: every layer sparse, 2 of 4 experts per token
+TINY_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+
+
+def tiny_qwen3_vl_moe(words: list[str] | None, max_side: int = 96, patch_size: int = 8):
+    """Qwen3-VL-MoE (Qwen3-VL with a mixture-of-experts decoder; DeepStack active)."""
+    from flmm.foundation.tiny_models import _text, family_tokenizer
+
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["qwen3_vl_moe"], words)
+    text = _text(tokenizer, head_dim=16, rope_parameters=QWEN3_ROPE, **TINY_MOE)
+    config = transformers.Qwen3VLMoeConfig(
+        text_config=text, vision_config=_qwen3_vision(max_side, patch_size), **_qwen3_ids(tokenizer)
+    )
+    processor = _qwen3_processor("qwen3_vl_moe", tokenizer, max_side, patch_size)
+    return transformers.Qwen3VLMoeForConditionalGeneration(config), processor

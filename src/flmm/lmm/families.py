@@ -123,6 +123,17 @@ FAMILIES: dict[str, Family] = {
             tiny_grid_size=12,
         ),
         Family(
+            "qwen3_vl_moe",
+            "Qwen3VLMoeForConditionalGeneration",
+            "Qwen3VLProcessor",
+            ("Qwen/Qwen3-VL-30B-A3B-Instruct",),
+            # Qwen3-VL's image side (DeepStack included) before a mixture-of-experts decoder
+            grid="thw",
+            pad_to_square=False,
+            grid_size=32,
+            tiny_grid_size=12,
+        ),
+        Family(
             "glm4v",
             "Glm4vForConditionalGeneration",
             "Glm4vProcessor",
