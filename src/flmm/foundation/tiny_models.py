@@ -322,6 +322,7 @@ BUILDERS = {
     "qwen3_vl": tiny_qwen3.tiny_qwen3_vl,
     "glm4v": tiny_qwen3.tiny_glm4v,
     "qwen3_vl_moe": tiny_qwen3.tiny_qwen3_vl_moe,
+    "glm4v_moe": tiny_qwen3.tiny_glm4v_moe,
 }
 
 

@@ -205,3 +205,20 @@ def tiny_qwen3_vl_moe(words: list[str] | None, max_side: int = 96, patch_size: i
     )
     processor = _qwen3_processor("qwen3_vl_moe", tokenizer, max_side, patch_size)
     return transformers.Qwen3VLMoeForConditionalGeneration(config), processor
+
+
+def tiny_glm4v_moe(words: list[str] | None, max_side: int = 96, patch_size: int = 8):
+    """GLM-4.5V (GLM-4.1V's image side before a mixture-of-experts decoder: its first layer
+    dense, then 2 of 4 routed experts plus a shared one per token)."""
+    from flmm.foundation.tiny_models import _text, family_tokenizer
+
+    tokenizer = family_tokenizer(SPECIAL_TOKENS["glm4v_moe"], words)
+    moe = {"n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1}
+    moe |= {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+    config = transformers.Glm4vMoeConfig(
+        text_config=_text(tokenizer, rope_parameters=GLM4V_ROPE, **moe),
+        vision_config=_glm4v_vision(max_side, patch_size),
+        **_glm4v_ids(tokenizer),
+    )
+    processor = _glm4v_processor("glm4v_moe", tokenizer, max_side, patch_size)
+    return transformers.Glm4vMoeForConditionalGeneration(config), processor

@@ -146,6 +146,17 @@ FAMILIES: dict[str, Family] = {
             tiny_grid_size=12,
         ),
         Family(
+            "glm4v_moe",
+            "Glm4vMoeForConditionalGeneration",
+            "Glm4vProcessor",
+            ("zai-org/GLM-4.5V",),
+            # GLM-4.1V's image side before a mixture-of-experts decoder
+            grid="thw",
+            pad_to_square=False,
+            grid_size=32,
+            tiny_grid_size=12,
+        ),
+        Family(
             "internvl",
             "InternVLForConditionalGeneration",
             "InternVLProcessor",
