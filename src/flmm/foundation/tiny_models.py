@@ -16,8 +16,8 @@ import transformers
 from transformers import PreTrainedTokenizerFast
 
 from flmm.data.synthetic.corpus import vocabulary
-from flmm.foundation.cache import TINY_VERSION, _build_once
 from flmm.foundation import tiny_qwen3
+from flmm.foundation.cache import TINY_VERSION, _build_once
 from flmm.foundation.tiny_llava import (
     CHAT_TEMPLATE as LLAVA_TEMPLATE,
 )

@@ -38,15 +38,21 @@ SPECIAL_TOKENS = {
     "glm4v": GLM4V_TOKENS,
     "glm4v_moe": GLM4V_TOKENS,
 }
-QWEN3_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN3_CHAT = (
+    "<|im_start|>user\n",
+    "<|vision_start|><|image_pad|><|vision_end|>",
+    "<|im_start|>assistant\n",
+    "<|im_end|>\n",
+)
+GLM4V_CHAT = ("<|user|>\n", "<|begin_of_image|><|image|><|end_of_image|>", "<|assistant|>\n", "")
 # Each family's chat format as ``chat_template`` arguments: user turn, image placeholder,
 # assistant turn, end of turn; GLM-4V ends no turn (the next role token does) and prefixes
 # every conversation with ``[gMASK]<sop>``.
 CHAT_FORMATS = {
-    "qwen3_vl": ("<|im_start|>user\n", QWEN3_IMAGE, "<|im_start|>assistant\n", "<|im_end|>\n"),
-    "qwen3_vl_moe": ("<|im_start|>user\n", QWEN3_IMAGE, "<|im_start|>assistant\n", "<|im_end|>\n"),
-    "glm4v": ("<|user|>\n", "<|begin_of_image|><|image|><|end_of_image|>", "<|assistant|>\n", ""),
-    "glm4v_moe": ("<|user|>\n", "<|begin_of_image|><|image|><|end_of_image|>", "<|assistant|>\n", ""),
+    "qwen3_vl": QWEN3_CHAT,
+    "qwen3_vl_moe": QWEN3_CHAT,
+    "glm4v": GLM4V_CHAT,
+    "glm4v_moe": GLM4V_CHAT,
 }
 CHAT_PREFIXES = {"glm4v": "[gMASK]<sop>", "glm4v_moe": "[gMASK]<sop>"}
 
