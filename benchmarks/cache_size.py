@@ -56,7 +56,8 @@ class Shape:
 # Each headline checkpoint's config.json (text decoder: num_hidden_layers, num_attention_heads,
 # hidden_size) and its family's frame rule (flmm.lmm.grids): LLaVA-1.5 CLIP-L/336 24 x 24 tokens;
 # NeXT 2 x its 24 base side; DeepSeek-VL SigLIP-L/384 at patch 16: 24; InternVL3 448 px / 14
-# after pixel shuffle 0.5: 16; Qwen2.5-VL the family's fixed 32; OneVision 2 x SigLIP 384/14 = 27.
+# after pixel shuffle 0.5: 16; Qwen2.5-VL, Qwen3-VL and GLM-4V the family's fixed 32; OneVision
+# 2 x SigLIP 384/14 = 27.
 HEADLINE = {
     "llava": Shape("llava-hf/llava-1.5-7b-hf", 32, 32, 4096, 24),
     "llava_next": Shape("llava-hf/llava-v1.6-vicuna-7b-hf", 32, 32, 4096, 48, 2),
@@ -65,6 +66,10 @@ HEADLINE = {
     "qwen2_5_vl": Shape("Qwen/Qwen2.5-VL-7B-Instruct", 28, 28, 3584, 32),
     "internvl": Shape("OpenGVLab/InternVL3-8B-hf", 28, 28, 3584, 32, 2),
     "llava_onevision": Shape("llava-hf/llava-onevision-qwen2-7b-ov-hf", 28, 28, 3584, 54, 2),
+    "qwen3_vl": Shape("Qwen/Qwen3-VL-8B-Instruct", 36, 32, 4096, 32),
+    "qwen3_vl_moe": Shape("Qwen/Qwen3-VL-30B-A3B-Instruct", 48, 32, 2048, 32),
+    "glm4v": Shape("zai-org/GLM-4.1V-9B-Thinking", 40, 32, 4096, 32),
+    "glm4v_moe": Shape("zai-org/GLM-4.5V", 46, 96, 4096, 32),
 }
 
 
