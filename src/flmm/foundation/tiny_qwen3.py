@@ -5,6 +5,9 @@ synthetic world's word-level tokenizer with the family's special tokens and chat
 registers these builders in its ``BUILDERS``. Qwen3-VL's tiny model keeps DeepStack active: the
 vision tower's ``deepstack_visual_indexes`` feed extra visual features into the first decoder
 layer's output at the image tokens, so what the second layer attends to depends on them.
+
+``tiny_models`` imports this module to register the builders, so the builders import its shared
+helpers (the tokenizer, the text widths, the chat templates) when they run, not at import.
 """
 
 from __future__ import annotations
