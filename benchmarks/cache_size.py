@@ -56,7 +56,7 @@ class Shape:
 # Each headline checkpoint's config.json (text decoder: num_hidden_layers, num_attention_heads,
 # hidden_size) and its family's frame rule (flmm.lmm.grids): LLaVA-1.5 CLIP-L/336 24 x 24 tokens;
 # NeXT 2 x its 24 base side; DeepSeek-VL SigLIP-L/384 at patch 16: 24; InternVL3 448 px / 14
-# after pixel shuffle 0.5: 16; Qwen2.5-VL the family's fixed 32; OneVision 2 x SigLIP 384/14 = 27;
+# after pixel shuffle 0.5: 16; Qwen2.5-VL, Qwen3-VL and GLM-4V the family's fixed 32; OneVision 2 x SigLIP 384/14 = 27;
 # SmolVLM2 / SmolVLM (Idefics3) crops: the families' fixed 32.
 # Gemma 3 SigLIP 896/14 = 64 pooled 4 x 4: 16; PaliGemma 2 SigLIP 448/14: 32.
 # Mistral 3 (Pixtral) its fixed 32; Aya Vision its fixed 26 (2 x 364 / 28).
@@ -74,6 +74,10 @@ HEADLINE = {
     "paligemma": Shape("google/paligemma2-3b-mix-448", 26, 8, 2304, 32),
     "mistral3": Shape("mistralai/Mistral-Small-3.1-24B-Instruct-2503", 40, 32, 5120, 32),
     "aya_vision": Shape("CohereLabs/aya-vision-8b", 32, 32, 4096, 26, 2),
+    "qwen3_vl": Shape("Qwen/Qwen3-VL-8B-Instruct", 36, 32, 4096, 32),
+    "qwen3_vl_moe": Shape("Qwen/Qwen3-VL-30B-A3B-Instruct", 48, 32, 2048, 32),
+    "glm4v": Shape("zai-org/GLM-4.1V-9B-Thinking", 40, 32, 4096, 32),
+    "glm4v_moe": Shape("zai-org/GLM-4.5V", 46, 96, 4096, 32),
 }
 
 

@@ -33,12 +33,16 @@ CUT = {
     "layer_types",
     "fullatt_block_indexes",
     "global_attn_indexes",
+    "deepstack_visual_indexes",
+    "num_local_experts",
+    "n_routed_experts",
     "vocab_size",
     "bos_token_id",
     "eos_token_id",
     "pad_token_id",
 }
 TOKEN_IDS = {"image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"}
+TOKEN_IDS |= {f"{kind}_{end}_token_id" for kind in ("image", "video") for end in ("start", "end")}
 
 
 def config_class(family: str):
@@ -105,6 +109,12 @@ def test_cut_depth_keeps_the_pattern_of_the_last_layers():
         "global_attn_indexes": [0, 3],
         "layer_types": [8, 9, 10, 11],
     }
+    deepstack = {"depth": 27, "deepstack_visual_indexes": [8, 16, 24]}
+    cut_depth(deepstack, 2)  # DeepStack stays active: the taps move to the first kept layer
+    assert deepstack == {"depth": 2, "deepstack_visual_indexes": [0]}
+    deepstack = {"depth": 27, "deepstack_visual_indexes": [8, 16, 24]}
+    cut_depth(deepstack, 12)
+    assert deepstack == {"depth": 12, "deepstack_visual_indexes": [0, 1, 9]}
     whole = {"num_hidden_layers": 3}
     cut_depth(whole, None)
     assert whole == {"num_hidden_layers": 3}
@@ -114,6 +124,18 @@ def test_cut_depth_keeps_the_pattern_of_the_last_layers():
         ConfigError, match=r"qwen2_5_vl vision_layers \(vision_config\) must be .*32"
     ):
         real_shape_config("qwen2_5_vl", tokenizer("qwen2_5_vl"), 2, 40)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.endswith("_moe")])
+def test_real_shape_cuts_experts_with_the_depth(family):
+    """A cut mixture-of-experts decoder keeps 2 x top-k experts (each of its published shape);
+    the full-depth build keeps them all."""
+    text = get_family(family).text_config
+    cut = getattr(real_shape_config(family, tokenizer(family), 2, 2), text)
+    full = getattr(real_shape_config(family, tokenizer(family), None, None), text)
+    count = "n_routed_experts" if hasattr(full, "n_routed_experts") else "num_experts"
+    assert getattr(cut, count) == 2 * cut.num_experts_per_tok < getattr(full, count)
+    assert cut.moe_intermediate_size == full.moe_intermediate_size
 
 
 def plain(value):

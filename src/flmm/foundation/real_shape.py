@@ -13,7 +13,11 @@ processor setting. What is cut:
 
 - the depth (``text_layers`` / ``vision_layers``; None keeps the published depth). A vision tower
   keeps the layer pattern of its last layers (Qwen2.5-VL's full-attention blocks, SAM's global
-  attention blocks).
+  attention blocks); Qwen3-VL's DeepStack stays active: its taps before the kept layers move to
+  the first kept one.
+- with the depth, the experts of a mixture-of-experts decoder: the first
+  ``2 x num_experts_per_tok`` are kept (:func:`cut_experts`), so routing still chooses among them
+  and every expert keeps its shape.
 - the vocabulary: no tokenizer can be downloaded here, so the word-level tokenizer of the tiny
   models (:func:`flmm.foundation.tiny_models.family_tokenizer`, with the family's real
   special-token strings and chat format) stands in, the embedding and LM head have its size and the
@@ -41,6 +45,8 @@ from flmm.lmm.families import get_family
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUB_CONFIGS = ("text_config", "vision_config", "high_res_vision_config")
 LAYER_INDEX_KEYS = ("fullatt_block_indexes", "global_attn_indexes")
+DEEPSTACK_KEY = "deepstack_visual_indexes"
+EXPERT_KEYS = ("num_local_experts", "n_routed_experts")
 # config fields holding a special token's id, where the name is not "<tokenizer attribute>_id"
 CONFIG_ID_FIELD = {"context_image_token": "image_token_id", "img_patch_token": "image_token_id"}
 
@@ -56,8 +62,10 @@ def cut_depth(sub: dict, layers: int | None, name: str = "layers") -> None:
     """Keep the last ``layers`` layers of a sub-config dict (in place; None: all of them).
 
     The depth is ``depth`` (Qwen2.5-VL's vision tower) or ``num_hidden_layers``; per-layer lists
-    (``layer_types``) and layer-index lists (full / global attention blocks) follow the cut.
-    ``name`` names the setting in the error when ``layers`` is out of range.
+    (``layer_types``) and layer-index lists (full / global attention blocks) follow the cut;
+    DeepStack taps (``deepstack_visual_indexes``) before the kept layers move to the first kept
+    one (merged), so a cut tower still feeds DeepStack features to the decoder. ``name`` names
+    the setting in the error when ``layers`` is out of range.
     """
     key = "depth" if "depth" in sub else "num_hidden_layers"
     total = sub[key]
@@ -70,9 +78,22 @@ def cut_depth(sub: dict, layers: int | None, name: str = "layers") -> None:
     for index_key in LAYER_INDEX_KEYS:
         if sub.get(index_key) is not None:
             sub[index_key] = [i - first for i in sub[index_key] if i >= first]
+    if sub.get(DEEPSTACK_KEY):
+        sub[DEEPSTACK_KEY] = sorted({max(i - first, 0) for i in sub[DEEPSTACK_KEY]})
     if sub.get("layer_types") is not None:
         sub["layer_types"] = sub["layer_types"][first:]
     sub[key] = keep
+
+
+def cut_experts(sub: dict) -> None:
+    """Keep ``2 x num_experts_per_tok`` routed experts of a text sub-config dict (in place).
+
+    The count is ``num_local_experts`` (Qwen3-VL-MoE's ``num_experts``) or GLM-4.5V's
+    ``n_routed_experts``; a dense config is untouched.
+    """
+    for key in EXPERT_KEYS:
+        if sub.get(key) and sub.get("num_experts_per_tok"):
+            sub[key] = min(sub[key], 2 * sub["num_experts_per_tok"])
 
 
 def real_shape_config(
@@ -81,7 +102,8 @@ def real_shape_config(
     text_layers: int | None = 2,
     vision_layers: int | None = 2,
 ):
-    """The family's HF config from its published ``config.json``, depth and vocabulary cut.
+    """The family's HF config from its published ``config.json``, depth, experts and vocabulary
+    cut.
 
     The published dict goes through the config class first, so omitted fields get the class
     defaults and legacy keys are read exactly as when the hub checkpoint loads.
@@ -94,6 +116,8 @@ def real_shape_config(
             text = name == fam.text_config
             layers, arg = (text_layers, "text_layers") if text else (vision_layers, "vision_layers")
             cut_depth(raw[name], layers, f"{family} {arg} ({name})")
+    if text_layers is not None:  # a full-depth build keeps every expert too
+        cut_experts(raw[fam.text_config])
     raw[fam.text_config].update(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,

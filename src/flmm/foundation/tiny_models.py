@@ -16,7 +16,7 @@ import transformers
 from transformers import PreTrainedTokenizerFast
 
 from flmm.data.synthetic.corpus import vocabulary
-from flmm.foundation import tiny_idefics, tiny_mistral
+from flmm.foundation import tiny_idefics, tiny_mistral, tiny_qwen3
 from flmm.foundation.cache import TINY_VERSION, _build_once
 from flmm.foundation.tiny_gemma import (
     GEMMA3_TEMPLATE,
@@ -86,6 +86,7 @@ SPECIAL_TOKENS = {
     "paligemma": {"image_token": "<image>"},
     "mistral3": tiny_mistral.MISTRAL3_TOKENS,
     "aya_vision": tiny_mistral.AYA_VISION_TOKENS,
+    **tiny_qwen3.SPECIAL_TOKENS,
 }
 # a family's further special tokens that name no attribute (crop markers, chat-turn tokens), and
 # plain words its chat format needs (Gemma 3's role ``model``)
@@ -114,6 +115,10 @@ CHAT_TEMPLATES = {
     "paligemma": None,  # as its checkpoints: flmm renders its prefix-LM prompt
     "mistral3": chat_template(*tiny_mistral.MISTRAL3_CHAT),
     "aya_vision": chat_template(*tiny_mistral.AYA_VISION_CHAT),
+    **{
+        family: tiny_qwen3.CHAT_PREFIXES.get(family, "") + chat_template(*chat)
+        for family, chat in tiny_qwen3.CHAT_FORMATS.items()
+    },
 }
 
 
@@ -371,6 +376,10 @@ BUILDERS = {
     "paligemma": tiny_paligemma,
     "mistral3": with_tokenizer("mistral3", tiny_mistral.tiny_mistral3),
     "aya_vision": with_tokenizer("aya_vision", tiny_mistral.tiny_aya_vision),
+    "qwen3_vl": tiny_qwen3.tiny_qwen3_vl,
+    "glm4v": tiny_qwen3.tiny_glm4v,
+    "qwen3_vl_moe": tiny_qwen3.tiny_qwen3_vl_moe,
+    "glm4v_moe": tiny_qwen3.tiny_glm4v_moe,
 }
 
 

@@ -121,6 +121,52 @@ FAMILIES: dict[str, Family] = {
             tiny_grid_size=12,
         ),
         Family(
+            "qwen3_vl",
+            "Qwen3VLForConditionalGeneration",
+            "Qwen3VLProcessor",
+            ("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-2B-Instruct"),
+            # 16 px patches merged 2x2: one token per 32 px; DeepStack adds visual features
+            # into the first decoder layers at the image tokens (their positions stay the grid's)
+            grid="thw",
+            pad_to_square=False,
+            grid_size=32,
+            tiny_grid_size=12,
+        ),
+        Family(
+            "qwen3_vl_moe",
+            "Qwen3VLMoeForConditionalGeneration",
+            "Qwen3VLProcessor",
+            ("Qwen/Qwen3-VL-30B-A3B-Instruct",),
+            # Qwen3-VL's image side (DeepStack included) before a mixture-of-experts decoder
+            grid="thw",
+            pad_to_square=False,
+            grid_size=32,
+            tiny_grid_size=12,
+        ),
+        Family(
+            "glm4v",
+            "Glm4vForConditionalGeneration",
+            "Glm4vProcessor",
+            ("zai-org/GLM-4.1V-9B-Thinking",),
+            # 14 px patches merged 2x2; the image tokens sit between <|begin_of_image|> and
+            # <|end_of_image|>, one per merged token
+            grid="thw",
+            pad_to_square=False,
+            grid_size=32,
+            tiny_grid_size=12,
+        ),
+        Family(
+            "glm4v_moe",
+            "Glm4vMoeForConditionalGeneration",
+            "Glm4vProcessor",
+            ("zai-org/GLM-4.5V",),
+            # GLM-4.1V's image side before a mixture-of-experts decoder
+            grid="thw",
+            pad_to_square=False,
+            grid_size=32,
+            tiny_grid_size=12,
+        ),
+        Family(
             "internvl",
             "InternVLForConditionalGeneration",
             "InternVLProcessor",

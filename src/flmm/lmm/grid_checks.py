@@ -121,6 +121,49 @@ def thw(lmm, enc, cols, counts, layouts) -> None:
                 torch.arange(grid.width)[None].expand(grid.height, -1),
             ),
         )
+    if hasattr(lmm.model.config.vision_config, "deepstack_visual_indexes"):
+        deepstack(lmm, enc, cols, counts)
+
+
+def deepstack(lmm, enc, cols, counts) -> None:
+    """Qwen3-VL's DeepStack: between decoder layers 0 and 1 the model adds its own first
+    DeepStack features at exactly the image tokens, in their order (nothing elsewhere), so the
+    grids that place the image tokens place these features too. The model must have DeepStack
+    active (the check would test nothing otherwise)."""
+    require("DeepStack active", bool(lmm.model.config.vision_config.deepstack_visual_indexes))
+    seen: dict[str, torch.Tensor] = {}
+
+    def output(module, args, out) -> None:
+        seen["out"] = out
+
+    def next_input(module, args, kwargs) -> None:
+        seen["in"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    hooks = [
+        lmm.layers[0].register_forward_hook(output),
+        lmm.layers[1].register_forward_pre_hook(next_input, with_kwargs=True),
+    ]
+    inputs = {k: v for k, v in enc.items() if k not in ("token_phrase", "region")}
+    try:
+        with torch.no_grad():
+            lmm.model(**inputs)
+            own = lmm.model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    added = seen["in"] - seen["out"]
+    tol = 1e-5 * float(seen["out"].abs().max())
+    features = torch.cat(own.deepstack_features[0]).split(counts)
+    for b, count in enumerate(counts):
+        at_image = torch.zeros(added.shape[1], dtype=torch.bool)
+        at_image[cols[b, :count]] = True
+        require("DeepStack adds nothing outside the image", added[b, ~at_image].abs().max() <= tol)
+        require("DeepStack features are not zero", features[b].abs().max() > 100 * tol)
+        own_order = added[b, cols[b, :count]]
+        require(
+            "DeepStack features at the image tokens, in order",
+            (own_order - features[b].to(added)).abs().max() <= tol,
+        )
 
 
 def thw_counts(lmm, enc, layouts) -> None:
