@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 
 from flmm.chat.options import default_checkpoint
 from flmm.entry import CONFIG_PATH, setup_configs
+from flmm.model.module import FLMM
 from flmm.model.pretrained import FLMMHead
 from flmm.types import GroundingBatch
 
@@ -127,7 +128,7 @@ def compare_captures(heads: dict, data, samples: int) -> tuple[dict, dict]:
 
 
 def test_scores(model, data) -> dict[str, float]:
-    """``trainer.test`` of ``model`` on the test split: gIoU / cIoU (x 100), refined and coarse."""
+    """``trainer.test`` of ``model`` (an :class:`FLMMModel`) on the test split: gIoU / cIoU (x 100), refined and coarse."""
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -136,7 +137,7 @@ def test_scores(model, data) -> dict[str, float]:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    metrics = trainer.test(model, datamodule=data, verbose=False)[0]
+    metrics = trainer.test(FLMM(model), datamodule=data, verbose=False)[0]
     return {k: float(metrics[f"test/{k}"]) for k in METRICS}
 
 
