@@ -2,7 +2,7 @@
 for the paper's training mix (PNG + RefCOCO + RefCOCO+ + RefCOCOg). Shapes and dtypes only, no
 GPU and no data.
 
-What :mod:`flmm.training.feature_cache` stores (``split_capture`` / ``to_storage``):
+What :mod:`flmm.model.feature_cache` stores (``split_capture`` / ``to_storage``):
 
     LMM entry, one per sample       maps          K x C x F x F  fp16  (K phrases; C = parts x L x
                                                                        H channels; F x F frame)

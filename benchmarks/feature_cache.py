@@ -1,7 +1,7 @@
 """Per-sample training-step time with and without the frozen-feature cache, and the losses.
 
 F-LMM's LMM and SAM image encoder are frozen, so ``data.cache_dir=`` stores their outputs per
-sample (``flmm.training.feature_cache``) and later epochs run only the trainable part. This benchmark
+sample (``flmm.model.feature_cache``) and later epochs run only the trainable part. This benchmark
 trains on batches of the synthetic world three ways, on the same weights (AdamW with lr 0, so
 every step costs a real optimizer step but leaves the weights as they were):
 

@@ -71,8 +71,8 @@ from flmm.heads import SamRefiner, build_sam
 from flmm.heads.sam_refiner import coarse_boxes, mask_prompt
 from flmm.lmm import FrozenLMM
 from flmm.lmm.families import get_family
+from flmm.model.feature_cache import FeatureCache
 from flmm.model.network import FLMMModel
-from flmm.training.feature_cache import FeatureCache
 from flmm.types import CaptureOutput, GroundingBatch, GroundingSample
 
 CASES = ("reference", "flmm", "cached", "floor")

@@ -15,7 +15,7 @@ from flmm.heads import MaskHead
 from flmm.lmm import FrozenLMM
 from flmm.lmm.families import FAMILIES
 from flmm.lmm.grids import PARTS
-from flmm.training.feature_cache import split_capture, to_storage
+from flmm.model.feature_cache import split_capture, to_storage
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ from conftest import compose_cfg
 from PIL import Image
 
 from flmm.lmm import FrozenLMM
+from flmm.lmm.fingerprint import fingerprint
 from flmm.overlay import LEGEND_ROW, PALETTE, overlay, overlay_row
-from flmm.training.callbacks import MaskOverlays, MetricCurves, fingerprint, label_map
+from flmm.training.callbacks import MaskOverlays, MetricCurves, label_map
 from flmm.training.plots import line_charts
 from flmm.training.trainer import build_trainer, finish_loggers
 

@@ -23,7 +23,7 @@ from flmm.lmm import FrozenLMM
 from flmm.lmm.grids import TokenGrid, to_frame
 from flmm.model.checkpoint import SHAPE_KEYS
 from flmm.model.convert_reference import main
-from flmm.model.module import FLMM
+from flmm.model.loader import load
 from flmm.model.reference import RELEASED, Released, Target, convert, expected_state
 
 LMM_PREFIX = {"llava": "llava", "llava_next": "llava", "deepseek_vl": "deepseek_vl"}
@@ -91,14 +91,14 @@ def attention(target: Target, k: int = 3, side: int = 5) -> torch.Tensor:
 
 @pytest.mark.parametrize("row", list(RELEASED))
 def test_released_row_converts_to_a_strictly_loading_checkpoint(row, tiny_lmm, tmp_path):
-    """Every released row's family: convert, load through ``FLMM.from_checkpoint``, same outputs."""
+    """Every released row's family: convert, load through ``flmm.model.load``, same outputs."""
     lmm = tiny_lmm(RELEASED[row].target.family)
     target = tiny_target(lmm)
     ref = reference_state(target)
     wrapped = {"meta": {"epoch": 8, "iter": 1000}, "state_dict": ref}  # mmengine's layout
     out = saved(tmp_path, convert(saved(tmp_path, wrapped), target), "converted.ckpt")
     sam = build_sam("tiny")
-    model = FLMM.from_checkpoint(str(out), lmm, sam)
+    model = load(str(out), lmm=lmm, sam=sam)
 
     maps = attention(target)
     ours = maps.flatten(1, 3)  # layer, grid, head: flmm.lmm.grids.to_frame

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM
+from flmm.model.feature_cache import FeatureCache, join_capture, split_capture
 from flmm.model.network import FLMMModel
 from flmm.train import train
-from flmm.training.feature_cache import FeatureCache, join_capture, split_capture
 
 
 @pytest.fixture(scope="module")

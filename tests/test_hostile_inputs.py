@@ -764,7 +764,7 @@ def test_frozen_lmm_check_on_a_val_split_smaller_than_its_image_count():
 def test_feature_cache_entry_of_another_format_is_recomputed(tiny_models, tmp_path, caplog):
     import torch
 
-    from flmm.training.feature_cache import FORMAT_VERSION, LMM_FIELDS, EntryStore, lmm_identity
+    from flmm.model.feature_cache import FORMAT_VERSION, LMM_FIELDS, EntryStore, lmm_identity
 
     store = EntryStore(tmp_path, {"format": FORMAT_VERSION}, LMM_FIELDS)
     shapes = {name: (1,) for name in LMM_FIELDS}
@@ -782,7 +782,7 @@ def test_feature_cache_entry_of_the_wrong_shapes_is_recomputed(
     import torch
 
     from flmm.heads import SamRefiner
-    from flmm.training.feature_cache import FeatureCache
+    from flmm.model.feature_cache import FeatureCache
 
     lmm, sam = tiny_models
     cache = FeatureCache(tmp_path, lmm, SamRefiner(sam))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from flmm.model.losses import bce_dice_loss
+from flmm.heads.losses import bce_dice_loss
 from flmm.model.metrics import PNGRecallMetric, ReferSegMetric, png_average_recall
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from flmm.errors import MissingExtraError
 from flmm.foundation.cache import SHIPPED
 from flmm.lmm import FrozenLMM
-from flmm.training.callbacks import fingerprint
+from flmm.lmm.fingerprint import fingerprint
 
 LMM = str(SHIPPED["tiny_llava"])  # pretrained: its attention points at what phrases name
 QUESTION = "what is in the image?"

@@ -52,7 +52,7 @@ class GroundingDataModule(L.LightningDataModule):
             ``test_protocol`` defaults to ``val_protocol``.
         max_train_samples / max_eval_samples: keep only the first samples of each split.
         max_phrases: at most this many phrases per sample (images with more give several).
-        cache_dir: folder of the frozen-feature cache (:mod:`flmm.training.feature_cache`); None: off.
+        cache_dir: folder of the frozen-feature cache (:mod:`flmm.model.feature_cache`); None: off.
     """
 
     name = "grounding"

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
+from flmm.heads.losses import bce_dice_loss
 from flmm.heads.sam_build import build_tiny_sam
 from flmm.heads.sam_refiner import boxes_from_masks, mask_prompt, preprocess_image
-from flmm.model.losses import bce_dice_loss
 
 Scene = tuple[np.ndarray, list[np.ndarray]]  # image H x W x 3 uint8, masks of H x W bool
 PROMPT_MODES = ("box", "points", "mask", "box+mask")

@@ -17,9 +17,10 @@ from torch import nn
 
 from flmm import frame
 from flmm.heads import MaskHead, SamRefiner, TextPrompt
+from flmm.heads.losses import bce_dice_loss
 from flmm.lmm import FrozenLMM
 from flmm.model.checkpoint import load_trainable_state
-from flmm.model.losses import bce_dice_loss
+from flmm.model.feature_cache import FeatureCache
 from flmm.types import CaptureOutput, GroundingBatch
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class FLMMModel(nn.Module):
         mask_head: U-Net from attention maps to coarse mask logits.
         text_prompt: layer-weighted projection of phrase hidden states to SAM prompt tokens.
         refiner: SAM with a frozen image encoder and trainable prompt encoder / mask decoder.
-        feature_cache: a :class:`~flmm.training.feature_cache.FeatureCache` of ``lmm`` and
+        feature_cache: a :class:`~flmm.model.feature_cache.FeatureCache` of ``lmm`` and
             ``refiner``'s frozen outputs (None: computed every time).
     """
 
@@ -77,7 +78,7 @@ class FLMMModel(nn.Module):
         cache_dir: str | Path | None = None,
     ) -> FLMMModel:
         """Build the trainable heads to fit ``lmm`` and ``sam``; with ``cache_dir``, a feature
-        cache of their frozen outputs there (:mod:`flmm.training.feature_cache`)."""
+        cache of their frozen outputs there (:mod:`flmm.model.feature_cache`)."""
         mask_head = MaskHead(lmm.channels, base_channels=base_channels, target_size=target_size)
         text_prompt = TextPrompt(lmm.hidden_size, lmm.num_text_layers, sam.prompt_encoder.embed_dim)
         refiner = SamRefiner(sam)
@@ -85,7 +86,7 @@ class FLMMModel(nn.Module):
 
     def with_feature_cache(self, cache) -> FLMMModel:
         """This model's modules (shared, not copied) with frozen outputs read from ``cache`` (a
-        :class:`~flmm.training.feature_cache.FeatureCache`; None: none)."""
+        :class:`~flmm.model.feature_cache.FeatureCache`; None: none)."""
         return FLMMModel(self.lmm, self.mask_head, self.text_prompt, self.refiner, cache)
 
     # ---------------------------------------------------------------- parameters and checkpoints
@@ -172,12 +173,10 @@ class FLMMModel(nn.Module):
 
 
 def feature_cache(cache_dir: str | Path | None, lmm: FrozenLMM, refiner: SamRefiner):
-    """A :class:`~flmm.training.feature_cache.FeatureCache` at ``cache_dir`` (None or empty:
+    """A :class:`~flmm.model.feature_cache.FeatureCache` at ``cache_dir`` (None or empty:
     None, no cache)."""
     if not cache_dir:
         return None
-    from flmm.training.feature_cache import FeatureCache  # training code: loaded when used
-
     cache = FeatureCache(cache_dir, lmm, refiner)
     log.info(
         "frozen-feature cache at %s (LMM %s, SAM %s)",

@@ -34,7 +34,7 @@ import torch
 
 from flmm.errors import FlmmUserError
 from flmm.files import write_atomic, write_text_atomic
-from flmm.training.callbacks import fingerprint
+from flmm.lmm.fingerprint import fingerprint
 from flmm.types import CaptureOutput, GroundingBatch
 
 log = logging.getLogger(__name__)
