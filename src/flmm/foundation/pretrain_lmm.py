@@ -178,7 +178,7 @@ def pretrain_vision_tower(
     colour and shape shares from the scenes' exact masks, as CLIP is trained before LLaVA.
 
     Language training alone never teaches the tower shape (docs/development/tiny_llava.md,
-    "The vision tower sees no shape"). Scenes come from their own RNG stream
+    "The vision stage"). Scenes come from their own RNG stream
     (``[seed, Stream.VISION]``);
     CUDA when available."""
     torch.manual_seed(seed)
