@@ -3,6 +3,11 @@
 ``FrozenLMM(batch) -> CaptureOutput``: the image and an instruction go in the user turn, the text to
 ground in the assistant turn (teacher forcing); one frozen forward over the whole batch captures the
 phrase-to-image attention of every layer and the phrase tokens' hidden states of the last layers.
+
+The adapter holds the model and runs the forward; its parts live beside it: the prompts and the
+phrases' tokens in :mod:`flmm.lmm.prompts`, the image tokens' grids on the frame in
+:mod:`flmm.lmm.layout`, the hidden-state hooks in :mod:`flmm.lmm.hidden_states`, chat answers in
+:mod:`flmm.lmm.generation`, loading in :mod:`flmm.lmm.loading`.
 """
 
 from __future__ import annotations
