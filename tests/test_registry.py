@@ -25,6 +25,7 @@ from flmm.heads import build_sam
 from flmm.lmm import Family, FrozenLMM, get_family, list_lmms
 from flmm.lmm.grid_checks import GRID_CHECKS
 from flmm.lmm.grids import PARTS
+from flmm.lmm.processing import pad_colour, processor_images
 from flmm.model import load
 from flmm.model.module import FLMM
 from flmm.train import train
@@ -345,13 +346,13 @@ def test_registry_padding_matches_the_processors_own(family, shape, tiny_lmms):
     image[shape[0] // 4 : shape[0] // 2, shape[1] // 4 : shape[1] // 2] = 255
     own = _own_padding_pixels(lmm, image)
     processor = lmm.processor.image_processor
-    fill = lmm._pad_colour()
+    fill = pad_colour(lmm.processor)
 
     def pixels(padded):
         out = processor(images=[padded], return_tensors="pt", input_data_format="channels_last")
         return out["pixel_values"][0]
 
-    ours = pixels(lmm._images([torch.as_tensor(image)])[0][0])
+    ours = pixels(processor_images(lmm.processor, lmm.family, [torch.as_tensor(image)])[0][0])
     side = max(shape)
     top_left = np.empty((side, side, 3), dtype=np.uint8)
     top_left[...] = fill
@@ -374,7 +375,8 @@ def test_registry_object_lands_on_its_cells(family, shape, tiny_lmms):
     target, weight = frame.targets(torch.as_tensor(mask)[None], size)
     region = frame.region(*shape)
     if lmm.family.pad_to_square:
-        seen = torch.as_tensor(lmm._images([torch.as_tensor(image)])[0][0]).float().mean(-1)
+        padded = processor_images(lmm.processor, lmm.family, [torch.as_tensor(image)])[0][0]
+        seen = torch.as_tensor(padded).float().mean(-1)
         seen = torch.nn.functional.interpolate(seen[None, None], (size, size), mode="area")[0]
     else:  # the model sees the image itself; the frame holds it at its region
         seen = frame.place(torch.as_tensor(image).float().mean(-1)[None, None], region, size)[0]

@@ -1,5 +1,6 @@
 """The one call of a family's HF processor, shared by grounding and chat, so that both hand the
-model the same image tokens and pixels for an image; and the one rendering of a conversation."""
+model the same image tokens and pixels for an image; the images it is handed; and the one
+rendering of a conversation."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import torch
 from transformers import BatchFeature
 
+from flmm import frame
 from flmm.lmm.families import Family
 
 # PaliGemma's prompt (its checkpoints ship no chat template): the images, the user turn as the
@@ -89,3 +91,26 @@ def prefix_and_suffix(processor, images, texts: list[str], kwargs: dict) -> Batc
     if len(texts) > 1:
         raise RuntimeError("an unfinished PaliGemma answer is continued one prompt at a time")
     return BatchFeature({k: v if k == "pixel_values" else v[:, :-1] for k, v in enc.items()})
+
+
+def processor_images(
+    processor, family: Family, images: list[torch.Tensor]
+) -> tuple[list[np.ndarray], torch.Tensor]:
+    """Processor-ready ``H x W x 3`` uint8 arrays of ``images`` (padded to a centred square with
+    :func:`pad_colour`, if the family needs it) and their ``B x 4`` regions
+    (:func:`flmm.frame.region`)."""
+    arrays = [img.cpu().numpy() for img in images]
+    region = torch.stack([frame.region(*a.shape[:2]) for a in arrays])
+    if not family.pad_to_square:
+        return arrays, region
+    return [frame.pad_to_square(a, pad_colour(processor)) for a in arrays], region
+
+
+def pad_colour(processor) -> np.ndarray:
+    """The image processor's own padding colour (``background_color``), else its mean colour
+    (``3`` uint8)."""
+    image_processor = processor.image_processor
+    colour = getattr(image_processor, "background_color", None)
+    if colour is None:
+        colour = np.asarray(getattr(image_processor, "image_mean", None) or [0.0] * 3) * 255
+    return np.round(np.asarray(colour)).astype(np.uint8)
