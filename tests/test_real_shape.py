@@ -30,7 +30,7 @@ from flmm.foundation.real_shape import build_real_shape, published
 from flmm.heads import build_sam
 from flmm.lmm import FrozenLMM, list_lmms
 from flmm.lmm.grid_checks import check_grids
-from flmm.model.module import FLMM
+from flmm.model.network import FLMMModel
 from flmm.train import train
 from flmm.types import GroundingBatch, GroundingSample
 
@@ -117,7 +117,7 @@ def test_real_shape_capture_matches_eager(real):
 def test_real_shape_training_step(real):
     """One optimiser step of the full F-LMM; only the head and the refiner learn."""
     torch.manual_seed(0)
-    model = FLMM.build(real.lmm, build_sam("tiny"), base_channels=8, lr=1e-3)
+    model = FLMMModel.build(real.lmm, build_sam("tiny"), base_channels=8)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
@@ -135,7 +135,7 @@ def test_real_shape_training_step(real):
 def test_real_shape_ground_and_chat(real):
     """Grounding and a grounded conversation give masks of the image's size and an answer."""
     torch.manual_seed(0)
-    chat = GroundedChat(FLMM.build(real.lmm, build_sam("tiny"), base_channels=8))
+    chat = GroundedChat(FLMMModel.build(real.lmm, build_sam("tiny"), base_channels=8))
     strip = sample("300x2000").image
     grounding = chat.ground(strip, TEXT, PHRASES)
     assert grounding.refined.shape == (len(PHRASES), *strip.shape[:2])
