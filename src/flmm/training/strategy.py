@@ -32,23 +32,24 @@ class ShardedLMMStrategy(DDPStrategy):
     def model_to_device(self) -> None:
         """Shard the frozen LMM (once), then move the rest of the module to the device."""
         module = self.lightning_module
-        if module.lmm.quantization or module.lmm.placed:
+        frozen = module.model.lmm
+        if frozen.quantization or frozen.placed:
             raise ConfigError(
                 "trainer=fsdp shards the frozen LMM's full-precision layers itself; it cannot "
                 "shard a quantized LMM or one placed by device_map: set model.lmm.quantization="
                 "null and model.lmm.device_map=null, or train the quantized LMM on one device (trainer=gpu)"
             )
-        lmm = module.lmm.model
+        lmm = frozen.model
         if not getattr(lmm, "_flmm_sharded", False):
             mesh = init_device_mesh(self.root_device.type, (self.world_size,))
-            for layer in module.lmm.layers:
+            for layer in frozen.layers:
                 fully_shard(layer, mesh=mesh)
             lmm._flmm_sharded = True
-            sharded = sum(p.numel() for layer in module.lmm.layers for p in layer.parameters())
+            sharded = sum(p.numel() for layer in frozen.layers for p in layer.parameters())
             total = sum(p.numel() for p in lmm.parameters())
             log.info(
                 "frozen LMM: %d decoder layers sharded over %d ranks (%s of %s parameters)",
-                len(module.lmm.layers),
+                len(frozen.layers),
                 self.world_size,
                 f"{sharded:,}",
                 f"{total:,}",
