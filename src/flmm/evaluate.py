@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 
 import hydra
@@ -34,12 +33,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from rich.console import Console
 from rich.progress import track
-from rich.table import Table
 
 from flmm.config_checks import check_numbers
 from flmm.data.datamodule import EvalSet
 from flmm.entry import hydra_entry
 from flmm.errors import USER_ERRORS, ConfigError, DataError, FlmmUserError, exit_on_user_error
+from flmm.evaluation_tables import STAGES, flat_figures, png_table, refer_tables
 from flmm.files import write_text_atomic
 from flmm.lmm.loading import HOW
 from flmm.model.checkpoint import check_family, newest_last, read_checkpoint
@@ -55,10 +54,7 @@ from flmm.types import GroundingBatch
 
 log = logging.getLogger(__name__)
 
-STAGES = ("refined", "coarse")
 PROTOCOLS = ("reference", "per_sentence")
-DISPLAY = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg", "png": "PNG"}
-PNG_COLUMNS = ("all", "things", "stuff", "singular", "plural")
 
 
 def load_model(cfg: DictConfig) -> FLMM:
@@ -171,57 +167,6 @@ def save_overlays(cfg: DictConfig, trainer: L.Trainer, model: FLMM, es: EvalSet)
     wandb = wandb_logger(trainer)
     if wandb is not None:
         log_overlays(wandb, f"overlays/{set_key(es)}", rows)
-
-
-def flat_figures(results: dict) -> dict[str, float]:
-    """``<dataset>/<split>/<protocol>/<stage>/<metric>`` -> value, for ``metrics.json``."""
-    return {
-        f"{name}/{split}/{protocol}/{stage}/{metric}": value
-        for name, splits in results.items()
-        for split, protocols in splits.items()
-        for protocol, scores in protocols.items()
-        for stage in STAGES
-        for metric, value in scores[stage].items()
-    }
-
-
-def refer_tables(results: dict, metric: str) -> Table:
-    """Paper-shaped table: one column per dataset split, one row per protocol and stage."""
-    columns = [
-        (name, split) for name, splits in results.items() if name != "png" for split in splits
-    ]
-    protocols = list(dict.fromkeys(p for n, s in columns for p in results[n][s]))
-    table = Table(title=f"{metric} (x100)")
-    table.add_column("protocol / masks")
-    for name, split in columns:
-        table.add_column(f"{DISPLAY.get(name, name)} {split}", justify="right")
-    for protocol in protocols:
-        for stage in STAGES:
-            row = [
-                _cell(results[n][s].get(protocol, {}).get(stage, {}).get(metric))
-                for n, s in columns
-            ]
-            table.add_row(f"{protocol} / {stage}", *row)
-    return table
-
-
-def png_table(results: dict) -> Table:
-    """PNG average recall (x100) for all / things / stuff / singular / plural, per stage."""
-    table = Table(title="PNG average recall (x100)")
-    table.add_column("split / masks")
-    for column in PNG_COLUMNS:
-        table.add_column(column, justify="right")
-    for split, protocols in results.get("png", {}).items():
-        for stage in STAGES:
-            scores = protocols["reference"][stage]
-            table.add_row(
-                f"{split} / {stage}", *[_cell(scores.get(f"ar/{c}")) for c in PNG_COLUMNS]
-            )
-    return table
-
-
-def _cell(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
 def report(results: dict, skipped: dict, cfg: DictConfig) -> dict[str, float]:
